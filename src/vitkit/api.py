@@ -1,0 +1,270 @@
+"""The Python API behind the CLI verbs: train a run, evaluate a run. The CLI only parses and prints."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitkit.data import DataSplits, ImageDataset, load_eval_data, load_splits, seed_everything
+from vitkit.errors import VitkitError
+from vitkit.io import write_yaml
+from vitkit.models import count_parameters, create_model, model_input_size
+from vitkit.runs import (
+    CONFIG,
+    METRICS,
+    RunInfo,
+    load,
+    prepare_run_dir,
+    read_run,
+    save_model,
+    write_metrics,
+)
+from vitkit.train import TrainConfig, build_config, evaluate, fit, save_confusion_matrix
+from vitkit.train.objectives import Objective
+
+
+@dataclass
+class TrainedRun:
+    path: Path
+    model: nn.Module
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def data_splits_for(cfg: TrainConfig, img_size: int | None) -> DataSplits:
+    return load_splits(
+        cfg.data,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.split_seed,
+        longtail=cfg.longtail,
+        train_size=cfg.train_size,
+        val_size=cfg.val_size,
+        img_size=img_size,
+        strict=cfg.strict_data,
+    )
+
+
+def build_model_for(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_path:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    return create_model(
+        cfg.model,
+        num_classes=num_classes,
+        img_size=cfg.img_size,
+        in_chans=cfg.in_chans,
+        pretrained_file=cfg.pretrained_file,
+        **kwargs,
+    )
+
+
+def _model_img_size(cfg: TrainConfig) -> int:
+    if cfg.img_size:
+        return cfg.img_size
+    probe = create_model(cfg.model, num_classes=1, **cfg.model_kwargs)
+    return model_input_size(probe)[1]
+
+
+def train_model(
+    config: TrainConfig | dict[str, Any],
+    output: str | os.PathLike,
+    *,
+    objective: Objective | None = None,
+    model: nn.Module | None = None,
+    data: DataSplits | None = None,
+    resume: bool = False,
+    force: bool = False,
+    quiet: bool = False,
+    stop_after_epoch: int | None = None,
+) -> TrainedRun:
+    """Train a model into the run directory ``output`` and evaluate it.
+
+    Builds the model and data from ``config`` unless given. ``resume=True`` continues the run in
+    ``output`` from its checkpoint (the config should be the one in its ``config.yaml``).
+    """
+    cfg = config if isinstance(config, TrainConfig) else build_config(**config)
+    out = Path(output)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise VitkitError(f"cannot resume '{out}': no checkpoint.pt there")
+    elif is_main:
+        prepare_run_dir(out, force=force)
+
+    seed_everything(cfg.seed)
+    if data is None:
+        data = data_splits_for(
+            cfg, _model_img_size(cfg) if cfg.data.startswith(("folder:", "csv:")) else cfg.img_size
+        )
+    if resume:
+        _check_resume_classes(out, data)
+    if model is None:
+        seed_everything(cfg.seed)
+        model = build_model_for(cfg, data.train.num_classes)
+    _check_head(model, data.train.num_classes, cfg.model)
+    if is_main:
+        write_yaml(out / CONFIG, cfg.model_dump(mode="json"))
+        write_yaml(
+            out / "classes.yaml",
+            {"classes": data.classes, "task": "multilabel" if data.multilabel else "multiclass"},
+        )
+
+    result = fit(
+        model,
+        data,
+        cfg,
+        objective=objective,
+        run_dir=out,
+        resume=resume,
+        quiet=quiet,
+        stop_after_epoch=stop_after_epoch,
+    )
+    final = result.model
+    counts = data.train.class_counts()
+    metrics = evaluate(
+        final,
+        data.val,
+        device=next(final.parameters()).device,
+        precision=result.precision,
+        class_counts=None if data.multilabel else counts,
+    )
+    task = "multilabel" if data.multilabel else "multiclass"
+    metrics.update(
+        {
+            "split": "val",
+            "train_class_counts": counts,
+            "parameters": count_parameters(final),
+            "trainable_parameters": count_parameters(final, trainable_only=True),
+            "epochs": result.epochs_completed,
+            "train_seconds": round(result.train_seconds, 3),
+            "precision": result.precision,
+            "world_size": result.dist.world_size,
+            "weight_checksums": result.weight_checksums,
+            "data_description": data.description,
+        }
+    )
+    if result.dist.is_main:
+        save_model(out, final, classes=data.classes, task=task, data=data.description)
+        if "confusion_matrix" in metrics:
+            save_confusion_matrix(metrics["confusion_matrix"], data.classes, out / "confusion_matrix.png")
+        write_metrics(out, metrics)
+    return TrainedRun(out, final, metrics, result.history)
+
+
+def _check_head(model: nn.Module, num_classes: int, name: str) -> None:
+    have = getattr(model, "num_classes", None)
+    if have is not None and have != num_classes:
+        raise VitkitError(f"model '{name}' has {have} output classes but the data has {num_classes}")
+
+
+def _check_resume_classes(out: Path, data: DataSplits) -> None:
+    import yaml
+
+    p = out / "classes.yaml"
+    if not p.is_file():
+        return
+    saved = yaml.safe_load(p.read_text()).get("classes", [])
+    if len(saved) != data.train.num_classes:
+        raise VitkitError(
+            f"cannot resume '{out}': it was trained on {len(saved)} classes, the data now has {data.train.num_classes}"
+        )
+
+
+def resume_config(run_dir: str | os.PathLike, **overrides: Any) -> TrainConfig:
+    """The config saved in a run, with overrides (e.g. more epochs) on top."""
+    p = Path(run_dir)
+    if not p.is_dir():
+        raise VitkitError(f"cannot resume '{p}': the directory does not exist")
+    if not (p / CONFIG).is_file():
+        raise VitkitError(f"cannot resume '{p}': no {CONFIG} there (not a vitkit training run)")
+    return build_config(p / CONFIG, **overrides)
+
+
+def _slug(uri: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", uri).strip("_")[:60] or "data"
+
+
+def evaluation_data(info: RunInfo, uri: str | None, img_size: int, strict: bool = False) -> ImageDataset:
+    """The data to evaluate a run on: its own validation split when ``uri`` is its training data (or
+    None), otherwise the whole of ``uri`` (its test/val split when it has one)."""
+    cfg_path = info.path / CONFIG
+    if cfg_path.is_file():
+        cfg = build_config(cfg_path)
+        if uri is None or uri == cfg.data:
+            return data_splits_for(
+                cfg, img_size if cfg.data.startswith(("folder:", "csv:")) else cfg.img_size
+            ).val
+    if uri is None:
+        raise VitkitError(
+            f"run '{info.path}' has no training config: say which data to evaluate on with --data"
+        )
+    data = load_eval_data(uri, img_size=img_size, strict=strict)
+    if info.classes and data.num_classes != info.num_classes:
+        raise VitkitError(
+            f"{uri} has {data.num_classes} classes but run '{info.path}' was trained on {info.num_classes}: num_classes mismatch"
+        )
+    if info.classes and data.classes != info.classes and not all(c.isdigit() for c in data.classes):
+        raise VitkitError(
+            f"{uri}: class names {data.classes[:4]}... differ from the run's {info.classes[:4]}..."
+        )
+    return data
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    data: str | None = None,
+    *,
+    output: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    many_threshold: int = 100,
+    few_threshold: int = 20,
+    strict: bool = False,
+    device: str = "cpu",
+) -> tuple[dict[str, Any], Path]:
+    """Evaluate a run; writes ``metrics.json`` and ``confusion_matrix.png`` into ``output``
+    (default ``RUN/eval-<data>/``). Returns (metrics, output directory)."""
+    model = load(run_dir, device=device)
+    info: RunInfo = model.vitkit_run
+    img = model_input_size(model)[1]
+    dataset = evaluation_data(info, data, img, strict=strict)
+    train_counts = None
+    m = _read_train_metrics(info.path)
+    if m:
+        train_counts = m.get("train_class_counts")
+    metrics = evaluate(
+        model,
+        dataset,
+        batch_size=batch_size,
+        device=device,
+        class_counts=train_counts,
+        many_threshold=many_threshold,
+        few_threshold=few_threshold,
+    )
+    out = Path(output) if output else info.path / f"eval-{_slug(data or dataset.name)}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_metrics(out, {**metrics, "run": str(info.path)})
+    if "confusion_matrix" in metrics:
+        save_confusion_matrix(metrics["confusion_matrix"], dataset.classes, out / "confusion_matrix.png")
+    return metrics, out
+
+
+def _read_train_metrics(path: Path) -> dict[str, Any]:
+    from vitkit.io import read_json
+
+    p = path / METRICS
+    return read_json(p) if p.is_file() else {}
+
+
+def read_run_info(run_dir: str | os.PathLike) -> RunInfo:
+    return read_run(run_dir)
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)

@@ -1,0 +1,201 @@
+"""``vitkit train`` and ``vitkit evaluate``."""
+
+import os
+from pathlib import Path
+
+import typer
+
+from vitkit.cli import app
+from vitkit.errors import VitkitError
+from vitkit.progress import console
+
+Opt = typer.Option
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@app.command(rich_help_panel="Train")
+def train(
+    output: Path | None = Opt(None, "-o", "--output", help="new run directory to write"),
+    config: Path | None = Opt(
+        None, "--config", "-c", help="YAML file of TrainConfig fields; flags override it"
+    ),
+    resume: Path | None = Opt(None, "--resume", help="continue this run directory from its checkpoint"),
+    force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
+    quiet: bool = Opt(False, "--quiet", "-q", help="no progress bar or per-epoch lines"),
+    model: str | None = Opt(None, help="timm or vitkit model name [default: vitkit_micro_p4_16]"),
+    data: str | None = Opt(
+        None, help="digits | fashion-mnist | folder:PATH | csv:PATH | npz:PATH | mosaic:URI"
+    ),
+    img_size: int | None = Opt(None, help="input side in pixels [default: the model's]"),
+    in_chans: int | None = Opt(None, help="input channels [default: the model's]"),
+    pretrained_file: str | None = Opt(None, help="local weights to start from (.safetensors / .pth)"),
+    epochs: int | None = Opt(None, help="[default: 30]"),
+    batch_size: int | None = Opt(None, help="per process [default: 64]"),
+    accum_steps: int | None = Opt(None, help="gradient accumulation steps"),
+    optimizer: str | None = Opt(None, help="any timm optimizer: adamw, sgd, lion, ... [default: adamw]"),
+    lr: float | None = Opt(None, help="peak learning rate [default: adamw 1e-3, lion 1e-4, sgd 0.05]"),
+    weight_decay: float | None = Opt(None, help="[default: adamw 0.05, lion 0.5, sgd 5e-5]"),
+    layer_decay: float | None = Opt(None, help="layer-wise LR decay factor"),
+    sched: str | None = Opt(None, help="timm scheduler [default: cosine]"),
+    warmup_epochs: float | None = Opt(None),
+    min_lr: float | None = Opt(None),
+    clip_grad: float | None = Opt(None),
+    ema_decay: float | None = Opt(None, help="keep and evaluate an EMA of the weights"),
+    drop_path: float | None = Opt(None),
+    label_smoothing: float | None = Opt(None),
+    scale_min: float | None = Opt(None, help="random-resized-crop minimum area"),
+    translate: float | None = Opt(None),
+    hflip: float | None = Opt(None),
+    randaug: str | None = Opt(None, help="timm RandAugment string, e.g. rand-m9-mstd0.5"),
+    mixup: float | None = Opt(None),
+    cutmix: float | None = Opt(None),
+    reprob: float | None = Opt(None),
+    longtail: float | None = Opt(None, help="long-tail imbalance factor ρ (exponential profile)"),
+    val_fraction: float | None = Opt(None),
+    split_seed: int | None = Opt(None),
+    train_size: int | None = Opt(None),
+    val_size: int | None = Opt(None),
+    strict: bool | None = Opt(
+        None, "--strict/--no-strict", help="fail on unreadable images instead of skipping"
+    ),
+    loss: str | None = Opt(None, help="auto | ce | bce"),
+    precision: str | None = Opt(
+        None, help="auto | fp32 | bf16 (auto: bf16 only where the hardware makes it fast)"
+    ),
+    compile: bool | None = Opt(None, "--compile/--no-compile"),
+    device: str | None = Opt(None, help="auto | cpu | cuda[:N]"),
+    threads: int | None = Opt(None),
+    seed: int | None = Opt(None),
+    eval_every: int | None = Opt(None),
+    tensorboard: bool | None = Opt(None, "--tensorboard/--no-tensorboard"),
+) -> None:
+    """Train a model (from scratch or from --pretrained-file) into a new run directory."""
+    from vitkit.api import resume_config, train_model
+    from vitkit.train import TrainingInterrupted, build_config
+
+    overrides = dict(
+        model=model,
+        data=data,
+        img_size=img_size,
+        in_chans=in_chans,
+        pretrained_file=pretrained_file,
+        epochs=epochs,
+        batch_size=batch_size,
+        accum_steps=accum_steps,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        layer_decay=layer_decay,
+        sched=sched,
+        warmup_epochs=warmup_epochs,
+        min_lr=min_lr,
+        clip_grad=clip_grad,
+        ema_decay=ema_decay,
+        drop_path=drop_path,
+        label_smoothing=label_smoothing,
+        scale_min=scale_min,
+        translate=translate,
+        hflip=hflip,
+        randaug=randaug,
+        mixup=mixup,
+        cutmix=cutmix,
+        reprob=reprob,
+        longtail=longtail,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        train_size=train_size,
+        val_size=val_size,
+        strict_data=strict,
+        loss=loss,
+        precision=precision,
+        compile=compile,
+        device=device,
+        threads=threads,
+        seed=seed,
+        eval_every=eval_every,
+        tensorboard=tensorboard,
+    )
+    if resume is not None:
+        if output is not None and Path(output) != Path(resume):
+            raise VitkitError("--resume continues a run in place; drop -o (or give the same directory)")
+        if config is not None:
+            raise VitkitError(
+                "--resume uses the run's own config.yaml; pass changes (e.g. --epochs) as flags"
+            )
+        cfg = resume_config(resume, **overrides)
+        output = resume
+    else:
+        if output is None:
+            raise VitkitError("say where to write the run with -o/--output (e.g. -o runs/a)")
+        cfg = build_config(config, **overrides)
+    try:
+        run = train_model(cfg, output, resume=resume is not None, force=force, quiet=quiet)
+    except TrainingInterrupted as e:
+        if _is_main():
+            console.print(f"[yellow]{e}[/]; continue with: vitkit train --resume {output}")
+        raise typer.Exit(130) from e
+    if _is_main():
+        _print_summary(run.path, run.metrics)
+
+
+def _print_summary(path: Path, metrics: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"run {path}", show_header=True)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for key in (
+        "top1",
+        "top5",
+        "balanced_accuracy",
+        "macro_f1",
+        "ece",
+        "many_shot_accuracy",
+        "medium_shot_accuracy",
+        "few_shot_accuracy",
+        "mean_auroc",
+        "mAP",
+        "parameters",
+        "train_seconds",
+        "precision",
+    ):
+        v = metrics.get(key)
+        if v is None:
+            continue
+        t.add_row(key, f"{v:.4f}" if isinstance(v, float) and key != "train_seconds" else str(v))
+    console.print(t)
+    console.print(
+        f"written: {path}/ (model.json, model.safetensors, metrics.json, history.csv, confusion_matrix.png)"
+    )
+
+
+@app.command(rich_help_panel="Evaluate")
+def evaluate(
+    run: Path = typer.Argument(..., help="run directory"),
+    data: str | None = Opt(None, help="dataset URI [default: the run's own validation split]"),
+    output: Path | None = Opt(
+        None, "-o", "--output", help="where to write metrics.json [default: RUN/eval-DATA]"
+    ),
+    batch_size: int = Opt(256),
+    many: int = Opt(100, help="classes with more training samples than this are many-shot"),
+    few: int = Opt(20, help="classes with fewer training samples than this are few-shot"),
+    strict: bool = Opt(False, "--strict", help="fail on unreadable images instead of skipping"),
+    device: str = Opt("cpu"),
+) -> None:
+    """Evaluate a run: top-1/5, per-class, balanced, many/medium/few-shot, macro-F1, ECE (AUROC/mAP for multi-label)."""
+    from vitkit.api import evaluate_run
+
+    metrics, out = evaluate_run(
+        run,
+        data,
+        output=output,
+        batch_size=batch_size,
+        many_threshold=many,
+        few_threshold=few,
+        strict=strict,
+        device=device,
+    )
+    _print_summary(out, metrics)

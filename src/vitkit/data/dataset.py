@@ -1,0 +1,84 @@
+"""In-memory image datasets: uint8 image tensors plus targets, cheap to index and split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ImageDataset:
+    """Images held in memory as one uint8 tensor.
+
+    Attributes:
+        images: (N, C, H, W) uint8, C is 1 (grayscale) or 3 (RGB).
+        targets: (N,) int64 class indices, or (N, K) float32 multi-hot for multi-label data.
+        classes: class names, index-aligned with the targets.
+        name: the URI the data came from (for reports and error messages).
+    """
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    classes: list[str]
+    name: str = ""
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"{self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if len(self.images) != len(self.targets):
+            raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.targets)} targets")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.targets.ndim == 2
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, indices: torch.Tensor | list[int], name: str | None = None) -> ImageDataset:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return ImageDataset(
+            self.images[idx], self.targets[idx], list(self.classes), name or self.name, dict(self.info)
+        )
+
+    def class_counts(self) -> list[int]:
+        """Samples per class (for multi-label data: positives per class)."""
+        if self.multilabel:
+            return [int(c) for c in self.targets.sum(0).tolist()]
+        return [int(c) for c in torch.bincount(self.targets, minlength=self.num_classes).tolist()]
+
+    def label_indices(self) -> torch.Tensor:
+        """A single label per sample (the first positive for multi-label data), for stratification."""
+        if self.multilabel:
+            return self.targets.argmax(1)
+        return self.targets
+
+
+@dataclass
+class DataSplits:
+    """The splits a training run uses. ``val`` is what the loop evaluates each epoch."""
+
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset | None = None
+    description: dict = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    @property
+    def multilabel(self) -> bool:
+        return self.train.multilabel

@@ -1,0 +1,376 @@
+"""Dataset sources named by URI. Each returns its official splits as in-memory datasets.
+
+| URI              | what                                                                            |
+|------------------|---------------------------------------------------------------------------------|
+| ``digits``       | scikit-learn's bundled UCI handwritten digits: 1,797 real 8x8 images, 10 classes |
+| ``fashion-mnist``| 60k + 10k real 28x28 images from Debian's ``dataset-fashion-mnist`` package      |
+| ``folder:PATH``  | an ImageFolder tree (``PATH/<class>/<image>``; or ``PATH/train`` + ``PATH/val``) |
+| ``csv:PATH``     | image path + label(s) per row; several labels make the set multi-label          |
+| ``npz:PATH``     | arrays ``x`` (images) and ``y`` (labels or multi-hot), optional ``classes``       |
+| ``mosaic:URI``   | 2x2 mosaics of URI's images with multi-hot targets (a multi-label builder)       |
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vitkit.data.dataset import ImageDataset
+from vitkit.errors import VitkitError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+SCHEMES = ("digits", "fashion-mnist", "folder:PATH", "csv:PATH", "npz:PATH", "mosaic:URI")
+
+
+class VitkitDataWarning(UserWarning):
+    """Data problems that were worked around (e.g. corrupt images skipped)."""
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    """Split ``scheme:arg``; plain names (``digits``) have an empty argument."""
+    if uri in ("digits", "fashion-mnist"):
+        return uri, ""
+    scheme, sep, arg = uri.partition(":")
+    if sep and scheme in ("folder", "csv", "npz", "mosaic") and arg:
+        return scheme, arg
+    hint = ""
+    if os.path.isdir(uri):
+        hint = f" (for an image folder write folder:{uri})"
+    elif uri.endswith(".csv") or uri.endswith(".npz"):
+        hint = f" (write {uri.rsplit('.', 1)[1]}:{uri})"
+    raise VitkitError(f"unknown dataset '{uri}': expected one of {', '.join(SCHEMES)}{hint}")
+
+
+def load_source(uri: str, img_size: int | None = None, strict: bool = False) -> dict[str, ImageDataset]:
+    """Load the official splits of a dataset URI: ``{"all": ...}`` or ``{"train": ..., "test": ...}``.
+
+    ``img_size`` resizes files read from disk (folder, csv) at load time; array sources keep their
+    native resolution and are resized per batch.
+    """
+    scheme, arg = parse_uri(uri)
+    if scheme == "digits":
+        return {"all": load_digits()}
+    if scheme == "fashion-mnist":
+        return load_fashion_mnist()
+    if scheme == "folder":
+        return load_folder(arg, img_size=img_size, strict=strict)
+    if scheme == "csv":
+        return {"all": load_csv(arg, img_size=img_size, strict=strict)}
+    if scheme == "npz":
+        return {"all": load_npz(arg)}
+    raise VitkitError(f"'{uri}': mosaic datasets are built by vitkit.data.load_splits, not loaded directly")
+
+
+# -- embedded and packaged datasets -------------------------------------------------------------
+def load_digits() -> ImageDataset:
+    """scikit-learn's bundled digits (the test half of UCI optdigits), no download."""
+    from sklearn.datasets import load_digits as _load
+
+    d = _load()
+    images = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    return ImageDataset(
+        torch.from_numpy(images)[:, None],
+        torch.from_numpy(d.target.astype(np.int64)),
+        [str(i) for i in range(10)],
+        "digits",
+    )
+
+
+def _read_idx(path: Path, offset: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        return np.frombuffer(f.read(), np.uint8, offset=offset)
+
+
+def load_fashion_mnist(root: str | os.PathLike | None = None) -> dict[str, ImageDataset]:
+    root = Path(root or os.environ.get("VITKIT_FASHION_MNIST_ROOT", FASHION_MNIST_ROOT))
+    names = [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ]
+    missing = [n for n in names if not (root / f"{n}.gz").is_file()]
+    if missing:
+        raise VitkitError(
+            f"fashion-mnist: {missing[0]}.gz not found in {root}; install the data with "
+            "`apt-get install dataset-fashion-mnist` (Debian) or set VITKIT_FASHION_MNIST_ROOT to a folder holding the IDX .gz files"
+        )
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)
+        y = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz", 8).astype(np.int64)
+        out[split] = ImageDataset(
+            torch.from_numpy(x.copy()), torch.from_numpy(y), list(FASHION_MNIST_CLASSES), "fashion-mnist"
+        )
+    return out
+
+
+# -- files on disk --------------------------------------------------------------------------------
+def _read_image(path: Path, img_size: int | None) -> np.ndarray:
+    with Image.open(path) as im:
+        im.load()
+        gray = im.mode in ("L", "1", "I", "I;16", "F", "LA")
+        im = im.convert("L" if gray else "RGB")
+        if img_size is not None and im.size != (img_size, img_size):
+            im = im.resize((img_size, img_size), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _read_images(
+    paths: list[Path], img_size: int | None, strict: bool, source: str
+) -> tuple[list[np.ndarray | None], int]:
+    def read(p: Path) -> np.ndarray | None:
+        try:
+            return _read_image(p, img_size)
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            if strict:
+                raise VitkitError(f"{source}: cannot read image '{p}': {e}") from e
+            return None
+
+    from vitkit.progress import track
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        arrays = list(track(pool.map(read, paths), total=len(paths), description=f"reading {source}"))
+    bad = [p for p, a in zip(paths, arrays) if a is None]
+    if bad:
+        warnings.warn(
+            f"{source}: skipped {len(bad)} unreadable image(s), e.g. '{bad[0]}' (use --strict to fail instead)",
+            VitkitDataWarning,
+            stacklevel=3,
+        )
+    return arrays, len(bad)
+
+
+def _stack(arrays: list[np.ndarray], source: str) -> torch.Tensor:
+    channels = max(a.shape[0] for a in arrays)
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) > 1:
+        raise VitkitError(
+            f"{source}: images have different sizes {sorted(shapes)[:3]}; give --img-size so they are resized on load"
+        )
+    if channels == 3:
+        arrays = [np.repeat(a, 3, 0) if a.shape[0] == 1 else a for a in arrays]
+    return torch.from_numpy(np.stack(arrays))
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def load_folder(path: str, img_size: int | None = None, strict: bool = False) -> dict[str, ImageDataset]:
+    root = Path(path)
+    if not root.is_dir():
+        raise VitkitError(f"image folder '{path}' does not exist")
+    split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    if "train" in split_dirs and ("val" in split_dirs or "test" in split_dirs):
+        classes = sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir())
+        return {
+            s: _load_class_folders(d, img_size, strict, f"folder:{d}", classes) for s, d in split_dirs.items()
+        }
+    return {"all": _load_class_folders(root, img_size, strict, f"folder:{path}", None)}
+
+
+def _load_class_folders(
+    root: Path, img_size: int | None, strict: bool, source: str, classes: list[str] | None
+) -> ImageDataset:
+    found = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = classes or found
+    if not classes:
+        raise VitkitError(f"{source}: no class sub-folders (expected {root}/<class name>/<image files>)")
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise VitkitError(
+            f"{source}: class folder '{unknown[0]}' is not among the training classes {classes}"
+        )
+    paths, labels = [], []
+    for i, c in enumerate(classes):
+        if (root / c).is_dir():
+            files = _list_images(root / c)
+            paths += files
+            labels += [i] * len(files)
+    if not paths:
+        raise VitkitError(
+            f"{source}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    arrays, _ = _read_images(paths, img_size, strict, source)
+    keep = [i for i, a in enumerate(arrays) if a is not None]
+    if not keep:
+        raise VitkitError(f"{source}: none of the {len(paths)} image files could be read")
+    images = _stack([arrays[i] for i in keep], source)
+    targets = torch.tensor([labels[i] for i in keep], dtype=torch.long)
+    return ImageDataset(images, targets, list(classes), source, {"files": [str(paths[i]) for i in keep]})
+
+
+_PATH_COLUMNS = ("path", "image", "filename", "file")
+_LABEL_COLUMNS = ("label", "labels")
+_LABEL_SEPARATORS = ("|", ";")
+
+
+def load_csv(path: str, img_size: int | None = None, strict: bool = False) -> ImageDataset:
+    """CSV with a header. Either ``path,label`` (``label`` may hold ``a|b`` for several labels) or
+    ``path,<class 1>,<class 2>,...`` with 0/1 columns (multi-hot). Paths are relative to the CSV."""
+    file = Path(path)
+    source = f"csv:{path}"
+    if not file.is_file():
+        raise VitkitError(f"CSV file '{path}' does not exist")
+    with open(file, newline="") as f:
+        rows = list(csv.DictReader(f))
+        columns = list(rows[0].keys()) if rows else []
+    if not rows:
+        raise VitkitError(f"{source}: no rows (expected a header line and one row per image)")
+    lower = {c.lower().strip(): c for c in columns if c is not None}
+    path_col = next((lower[c] for c in _PATH_COLUMNS if c in lower), None)
+    if path_col is None:
+        raise VitkitError(
+            f"{source}: no image path column (expected one of {', '.join(_PATH_COLUMNS)}; found {columns})"
+        )
+    label_col = next((lower[c] for c in _LABEL_COLUMNS if c in lower), None)
+
+    if label_col is not None:
+        per_row = []
+        for n, r in enumerate(rows, start=2):
+            raw = (r.get(label_col) or "").strip()
+            if not raw:
+                raise VitkitError(f"{source} line {n}: empty '{label_col}'")
+            sep = next((s for s in _LABEL_SEPARATORS if s in raw), None)
+            per_row.append([x.strip() for x in raw.split(sep)] if sep else [raw])
+        classes = sorted({lab for labs in per_row for lab in labs}, key=_natural_key)
+        index = {c: i for i, c in enumerate(classes)}
+        multilabel = any(len(labs) > 1 for labs in per_row)
+        if multilabel:
+            targets = torch.zeros(len(rows), len(classes))
+            for i, labs in enumerate(per_row):
+                targets[i, [index[x] for x in labs]] = 1.0
+        else:
+            targets = torch.tensor([index[labs[0]] for labs in per_row], dtype=torch.long)
+    else:
+        classes = [c for c in columns if c != path_col]
+        if not classes:
+            raise VitkitError(
+                f"{source}: no label column (expected 'label' or one 0/1 column per class; found {columns})"
+            )
+        try:
+            targets = torch.tensor([[float(r[c] or 0) for c in classes] for r in rows])
+        except ValueError as e:
+            raise VitkitError(
+                f"{source}: class columns must hold 0/1 values when there is no 'label' column ({e})"
+            ) from e
+        if not torch.all((targets == 0) | (targets == 1)):
+            raise VitkitError(f"{source}: class columns must hold 0 or 1")
+
+    base = file.parent
+    paths = [
+        (base / r[path_col].strip()) if not os.path.isabs(r[path_col].strip()) else Path(r[path_col].strip())
+        for r in rows
+    ]
+    missing = [(n, p) for n, p in enumerate(paths, start=2) if not p.is_file()]
+    if missing:
+        n, p = missing[0]
+        raise VitkitError(
+            f"{source} line {n}: image '{p}' not found ({len(missing)} missing in all; paths are relative to {base})"
+        )
+    arrays, _ = _read_images(paths, img_size, strict, source)
+    keep = [i for i, a in enumerate(arrays) if a is not None]
+    if not keep:
+        raise VitkitError(f"{source}: none of the {len(paths)} images could be read")
+    return ImageDataset(
+        _stack([arrays[i] for i in keep], source),
+        targets[keep],
+        classes,
+        source,
+        {"files": [str(paths[i]) for i in keep]},
+    )
+
+
+def _natural_key(s: str):
+    return (0, int(s)) if s.isdigit() else (1, s)
+
+
+def load_npz(path: str) -> ImageDataset:
+    """Arrays ``x`` (N,H,W), (N,H,W,C) or (N,C,H,W), uint8 or float in [0, 1]; ``y`` (N,) or (N,K)."""
+    file = Path(path)
+    source = f"npz:{path}"
+    if not file.is_file():
+        raise VitkitError(f"npz file '{path}' does not exist")
+    try:
+        arrays = np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise VitkitError(f"{source}: not a readable .npz archive ({e})") from e
+    with arrays:
+        for key in ("x", "y"):
+            if key not in arrays.files:
+                raise VitkitError(
+                    f"{source}: missing array '{key}' (found {sorted(arrays.files)}; expected 'x' images and 'y' labels)"
+                )
+        x, y = arrays["x"], arrays["y"]
+        names = [str(c) for c in arrays["classes"].tolist()] if "classes" in arrays.files else None
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise VitkitError(
+            f"{source}: 'x' has shape {x.shape}; expected (N,H,W), (N,H,W,C) or (N,C,H,W) with C 1 or 3"
+        )
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.floating) or x.min() < 0 or x.max() > 1:
+            raise VitkitError(
+                f"{source}: 'x' must be uint8 or floats in [0, 1] (got {x.dtype}, range {x.min()}..{x.max()})"
+            )
+        x = np.round(x * 255).astype(np.uint8)
+    if len(y) != len(x):
+        raise VitkitError(f"{source}: 'x' has {len(x)} images but 'y' has {len(y)} labels")
+    if y.ndim == 2:
+        targets = torch.from_numpy(y.astype(np.float32))
+        k = y.shape[1]
+    elif y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        if y.min() < 0:
+            raise VitkitError(f"{source}: 'y' holds negative labels")
+        targets = torch.from_numpy(y.astype(np.int64))
+        k = int(y.max()) + 1
+    else:
+        raise VitkitError(
+            f"{source}: 'y' must be integer labels (N,) or multi-hot (N, K), got {y.dtype} {y.shape}"
+        )
+    classes = names or [str(i) for i in range(k)]
+    if len(classes) != k:
+        raise VitkitError(f"{source}: 'classes' names {len(classes)} classes but 'y' has {k}")
+    return ImageDataset(torch.from_numpy(np.ascontiguousarray(x)), targets, classes, source)
+
+
+def build_mosaic(data: ImageDataset, n: int | None = None, seed: int = 0) -> ImageDataset:
+    """2x2 mosaics of 4 random images with multi-hot targets: a multi-label set from a single-label one."""
+    if data.multilabel:
+        raise VitkitError(f"mosaic:{data.name}: the source is already multi-label")
+    g = torch.Generator().manual_seed(seed)
+    n = n or len(data)
+    idx = torch.randint(0, len(data), (n, 4), generator=g)
+    x = data.images[idx]  # (n, 4, C, H, W)
+    top = torch.cat([x[:, 0], x[:, 1]], dim=-1)
+    bottom = torch.cat([x[:, 2], x[:, 3]], dim=-1)
+    images = torch.cat([top, bottom], dim=-2).contiguous()
+    targets = torch.zeros(n, data.num_classes)
+    targets.scatter_(1, data.targets[idx], 1.0)
+    return ImageDataset(images, targets, list(data.classes), f"mosaic:{data.name}")

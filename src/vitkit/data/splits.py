@@ -1,0 +1,139 @@
+"""Deterministic train/val splits, long-tail subsampling and size limits."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vitkit.data.dataset import DataSplits, ImageDataset
+from vitkit.data.sources import build_mosaic, load_source, parse_uri
+from vitkit.errors import VitkitError
+
+
+def stratified_split(data: ImageDataset, val_fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """Hold out ``val_fraction`` of every class (at least one sample per class with ≥ 2 samples)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise VitkitError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    g = torch.Generator().manual_seed(seed)
+    labels = data.label_indices()
+    train_idx, val_idx = [], []
+    for c in range(data.num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = min(len(idx) - 1, max(1, round(len(idx) * val_fraction))) if len(idx) > 1 else 0
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    tr, va = torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+    return data.subset(tr), data.subset(va)
+
+
+def longtail_counts(counts: list[int], imbalance: float) -> list[int]:
+    """Exponential profile of CIFAR-10-LT / DeiT-LT: class r keeps n_max · ρ^(−r/(C−1)) samples."""
+    c = len(counts)
+    n_max = max(counts)
+    return [
+        min(counts[r], int(n_max * imbalance ** (-r / (c - 1)))) if c > 1 else counts[r] for r in range(c)
+    ]
+
+
+def longtail_subset(data: ImageDataset, imbalance: float, seed: int) -> ImageDataset:
+    """Subsample ``data`` so class 0 is the head and class C−1 has ``n_max/imbalance`` samples."""
+    if data.multilabel:
+        raise VitkitError("--longtail needs single-label data")
+    if imbalance < 1:
+        raise VitkitError(f"longtail imbalance factor must be ≥ 1 (n_max / n_min), got {imbalance}")
+    target = longtail_counts(data.class_counts(), imbalance)
+    g = torch.Generator().manual_seed(seed + 1)
+    keep = []
+    for cls, n in enumerate(target):
+        idx = torch.nonzero(data.targets == cls).flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    out = data.subset(torch.cat(keep).sort().values)
+    out.info["longtail"] = {"imbalance": imbalance, "counts": target}
+    return out
+
+
+def limit_size(data: ImageDataset, n: int | None, seed: int) -> ImageDataset:
+    """A class-stratified subset of about ``n`` samples (all of them when ``n`` is None or larger)."""
+    if n is None or n >= len(data):
+        return data
+    if n <= 0:
+        raise VitkitError(f"size limits must be positive, got {n}")
+    frac = n / len(data)
+    g = torch.Generator().manual_seed(seed + 2)
+    labels = data.label_indices()
+    keep = []
+    for c in range(data.num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=g)[: max(1, math.floor(len(idx) * frac))]])
+    return data.subset(torch.cat(keep).sort().values)
+
+
+def load_splits(
+    uri: str,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    longtail: float | None = None,
+    train_size: int | None = None,
+    val_size: int | None = None,
+    img_size: int | None = None,
+    strict: bool = False,
+) -> DataSplits:
+    """Train and validation splits of a dataset URI.
+
+    * If the source has an official test/val split (Fashion-MNIST, ``folder:`` with ``train/`` and
+      ``val/``), validation is that split; otherwise ``val_fraction`` of every class is held out
+      (deterministic for a given ``seed``).
+    * ``longtail=ρ`` subsamples the training split only (validation stays balanced, as in DeiT-LT).
+    * ``train_size`` / ``val_size`` take class-stratified subsets (for quick runs on large sets).
+    * ``mosaic:URI`` splits URI first, then builds 2x2 multi-label mosaics of each split.
+    """
+    scheme, arg = parse_uri(uri)
+    if scheme == "mosaic":
+        inner = load_splits(
+            arg,
+            val_fraction=val_fraction,
+            seed=seed,
+            img_size=img_size,
+            strict=strict,
+            train_size=train_size,
+            val_size=val_size,
+        )
+        return DataSplits(
+            build_mosaic(inner.train, seed=seed),
+            build_mosaic(inner.val, seed=seed + 1),
+            None,
+            {**inner.description, "uri": uri, "mosaic": True},
+        )
+    sources = load_source(uri, img_size=img_size, strict=strict)
+    if "train" in sources:
+        train = sources["train"]
+        val = sources.get("val") or sources.get("test")
+        how = "official split"
+    else:
+        train, val = stratified_split(sources["all"], val_fraction, seed)
+        how = f"stratified {val_fraction:.0%} hold-out, seed {seed}"
+    if longtail is not None:
+        train = longtail_subset(train, longtail, seed)
+    train = limit_size(train, train_size, seed)
+    val = limit_size(val, val_size, seed)
+    train.name = val.name = uri
+    return DataSplits(
+        train,
+        val,
+        None,
+        {"uri": uri, "validation": how, "train_size": len(train), "val_size": len(val), "longtail": longtail},
+    )
+
+
+def load_eval_data(uri: str, img_size: int | None = None, strict: bool = False) -> ImageDataset:
+    """All of a dataset for evaluation: its test/val split when it has one, else every image."""
+    sources = load_source(uri, img_size=img_size, strict=strict)
+    for key in ("test", "val", "all"):
+        if key in sources:
+            data = sources[key]
+            data.name = uri
+            return data
+    return sources["train"]

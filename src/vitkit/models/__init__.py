@@ -1,0 +1,43 @@
+"""Models: timm's factory, vitkit presets, the unfused attention module and the manifest."""
+
+from vitkit.models.attention import (
+    AttentionMaps,
+    AttentionState,
+    MatMul,
+    Softmax,
+    VitkitAttention,
+    attention_maps,
+    attention_modules,
+    logit_hook,
+    use_vitkit_attention,
+)
+from vitkit.models.factory import (
+    count_parameters,
+    create_model,
+    model_input_size,
+    model_normalization,
+    num_prefix_tokens,
+)
+from vitkit.models.manifest import Manifest, TransformRecord, get_manifest, record_transform, set_manifest
+
+__all__ = [
+    "AttentionMaps",
+    "AttentionState",
+    "Manifest",
+    "MatMul",
+    "Softmax",
+    "TransformRecord",
+    "VitkitAttention",
+    "attention_maps",
+    "attention_modules",
+    "count_parameters",
+    "create_model",
+    "get_manifest",
+    "logit_hook",
+    "model_input_size",
+    "model_normalization",
+    "num_prefix_tokens",
+    "record_transform",
+    "set_manifest",
+    "use_vitkit_attention",
+]

@@ -1,0 +1,115 @@
+"""``create_model``: timm's factory plus vitkit's attention module and manifest."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any
+
+import timm
+from torch import nn
+
+from vitkit.errors import VitkitError
+from vitkit.models import presets  # noqa: F401  (registers the vitkit_* presets into timm)
+from vitkit.models.attention import use_vitkit_attention
+from vitkit.models.manifest import Manifest, set_manifest
+
+
+def _check_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(close)}?)" if close else " (see `timm.list_models('*vit*')`)"
+    raise VitkitError(f"unknown model '{name}': not a timm or vitkit model name{hint}")
+
+
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    in_chans: int | None = None,
+    *,
+    pretrained_file: str | os.PathLike | None = None,
+    unfused_attention: bool = True,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build any timm model (and the ``vitkit_*`` presets) ready for vitkit's techniques.
+
+    Args:
+        name: a timm model name, e.g. ``deit_tiny_distilled_patch16_224`` or ``vitkit_micro_p4_16``.
+        num_classes, img_size, in_chans: passed to timm when given (``img_size`` only to models that
+            take it; CNNs are size-agnostic).
+        pretrained_file: a local checkpoint (``.safetensors`` or a weights-only ``.pth``) loaded through
+            timm's own filter (position embeddings resampled, a head of another size dropped).
+            Nothing is ever downloaded.
+        unfused_attention: swap timm ``Attention`` for :class:`~vitkit.models.VitkitAttention`
+            (numerically identical, with hook points).
+        **kwargs: any other timm constructor argument (``drop_path_rate``, ``qk_norm``, ...).
+
+    The model carries a manifest (``model.vitkit_manifest``) naming how to rebuild it.
+    """
+    _check_name(name)
+    build_kwargs: dict[str, Any] = dict(kwargs)
+    if num_classes is not None:
+        build_kwargs["num_classes"] = int(num_classes)
+    if in_chans is not None:
+        build_kwargs["in_chans"] = int(in_chans)
+    if img_size is not None:
+        build_kwargs["img_size"] = int(img_size)
+
+    load_kwargs: dict[str, Any] = {}
+    if pretrained_file is not None:
+        path = os.fspath(pretrained_file)
+        if not os.path.isfile(path):
+            raise VitkitError(f"pretrained file '{path}' does not exist")
+        load_kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": path}}
+
+    try:
+        model = timm.create_model(name, **build_kwargs, **load_kwargs)
+    except TypeError as e:
+        if "img_size" in str(e) and "img_size" in build_kwargs:
+            # CNNs take any input size and reject the argument: build without it.
+            build_kwargs.pop("img_size")
+            model = timm.create_model(name, **build_kwargs, **load_kwargs)
+        else:
+            raise VitkitError(f"model '{name}' rejected its arguments {sorted(build_kwargs)}: {e}") from e
+    except (RuntimeError, ValueError, AssertionError) as e:
+        if pretrained_file is not None:
+            raise VitkitError(
+                f"could not load '{pretrained_file}' into '{name}': {str(e).splitlines()[0]}"
+            ) from e
+        raise VitkitError(f"could not build '{name}' with {build_kwargs}: {str(e).splitlines()[0]}") from e
+
+    if unfused_attention:
+        use_vitkit_attention(model)
+    set_manifest(model, Manifest(name=name, kwargs=build_kwargs))
+    return model
+
+
+def model_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) the model expects, from its pretrained cfg and patch embedding."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None) is not None:
+        h, w = pe.img_size
+        proj = getattr(pe, "proj", None)
+        if isinstance(proj, nn.Conv2d):
+            c = proj.in_channels
+    return int(c), int(h), int(w)
+
+
+def model_normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the model's inputs are normalized with, from ``pretrained_cfg``."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    return mean, std
+
+
+def num_prefix_tokens(model: nn.Module) -> int:
+    return int(getattr(model, "num_prefix_tokens", 0))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

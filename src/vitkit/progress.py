@@ -1,0 +1,34 @@
+"""Progress bars and console output (rich), quiet when output is not a terminal or when asked."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+
+T = TypeVar("T")
+
+console = Console(stderr=True)
+
+
+def progress_enabled() -> bool:
+    """Bars show on a terminal unless VITKIT_PROGRESS=0; VITKIT_PROGRESS=1 forces them."""
+    flag = os.environ.get("VITKIT_PROGRESS")
+    if flag is not None:
+        return flag not in ("0", "false", "no")
+    return sys.stderr.isatty()
+
+
+def track(
+    items: Iterable[T], total: int | None = None, description: str = "", min_items: int = 200
+) -> Iterator[T]:
+    """rich's ``track`` for long loops; plain iteration for short ones or without a terminal."""
+    if not progress_enabled() or (total is not None and total < min_items):
+        yield from items
+        return
+    from rich.progress import track as rich_track
+
+    yield from rich_track(items, total=total, description=description, console=console, transient=True)

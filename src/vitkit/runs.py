@@ -1,0 +1,185 @@
+"""Run directories: how stages compose. Every stage reads a run directory and writes a new one.
+
+    runs/NAME/
+      model.json         base model (timm name + kwargs), ordered transforms, classes, task, data
+      model.safetensors  weights (never a pickle)
+      config.yaml        the resolved configuration that produced it
+      metrics.json       what was measured
+      history.csv        per-epoch curves (training stages)
+      checkpoint.pt      training state for --resume (tensors only; loaded with weights_only=True)
+
+Every file is written atomically (temp file + rename). A run whose training did not finish has a
+checkpoint but no ``model.safetensors``; :func:`load` says so instead of loading half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vitkit import __version__
+from vitkit.errors import VitkitError
+from vitkit.io import atomic_path, read_json, write_json
+from vitkit.models import Manifest, create_model, get_manifest, set_manifest
+from vitkit.registry import get_transform
+from vitkit.train.checkpoint import CHECKPOINT_NAME, check_compatible
+
+MODEL_JSON = "model.json"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+METRICS = "metrics.json"
+HISTORY = "history.csv"
+
+
+@dataclass
+class RunInfo:
+    """What ``model.json`` says about a run besides the manifest."""
+
+    path: Path
+    manifest: Manifest
+    classes: list[str] = field(default_factory=list)
+    task: str = "multiclass"
+    data: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def prepare_run_dir(path: str | os.PathLike, force: bool = False) -> Path:
+    """Create an empty run directory; refuse to reuse a non-empty one unless ``force``."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise VitkitError(f"output '{p}' exists and is not a directory")
+    if p.exists() and any(p.iterdir()):
+        if not force:
+            hint = " (use --resume to continue it)" if (p / CHECKPOINT_NAME).exists() else ""
+            raise VitkitError(
+                f"output directory '{p}' already exists and is not empty; choose another -o or pass --force{hint}"
+            )
+        shutil.rmtree(p)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def save_weights(path: str | os.PathLike, model: nn.Module) -> None:
+    # Clone so tensors that share storage (tied or sliced weights) become separate entries.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "vitkit": __version__})
+
+
+def save_model(
+    run_dir: str | os.PathLike,
+    model: nn.Module,
+    *,
+    classes: list[str],
+    task: str = "multiclass",
+    data: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model.safetensors`` then ``model.json`` (the manifest last: its presence marks a
+    complete model)."""
+    manifest = get_manifest(model)
+    if manifest is None:
+        raise VitkitError(
+            "the model has no vitkit manifest: build it with vitkit.create_model or vitkit.load"
+        )
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(run_dir / WEIGHTS, model)
+    doc = {
+        **manifest.to_dict(),
+        "vitkit_version": __version__,
+        "classes": list(classes),
+        "task": task,
+        "data": data or {},
+        **({"extra": extra} if extra else {}),
+    }
+    write_json(run_dir / MODEL_JSON, doc)
+    return run_dir
+
+
+def read_run(run_dir: str | os.PathLike) -> RunInfo:
+    p = Path(run_dir)
+    if not p.is_dir():
+        raise VitkitError(f"run directory '{p}' does not exist")
+    mj = p / MODEL_JSON
+    if not mj.is_file():
+        if (p / CHECKPOINT_NAME).is_file():
+            raise VitkitError(
+                f"run '{p}' did not finish training (checkpoint.pt but no model yet); continue it with `vitkit train --resume {p}`"
+            )
+        raise VitkitError(f"'{p}' is not a vitkit run directory (no {MODEL_JSON})")
+    try:
+        doc = read_json(mj)
+        manifest = Manifest.from_dict(doc)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise VitkitError(f"{mj} is not a valid vitkit manifest ({e})") from e
+    return RunInfo(
+        p,
+        manifest,
+        list(doc.get("classes", [])),
+        doc.get("task", "multiclass"),
+        doc.get("data", {}),
+        doc.get("extra", {}),
+    )
+
+
+def build_from_manifest(manifest: Manifest) -> nn.Module:
+    """Create the base model and replay the recorded transforms (structure only, no weights)."""
+    model = create_model(manifest.name, **manifest.kwargs)
+    for t in manifest.transforms:
+        model = get_transform(t.name)(model, dict(t.config))
+    got = get_manifest(model)
+    if got is None or [r.name for r in got.transforms] != [t.name for t in manifest.transforms]:
+        set_manifest(model, Manifest(manifest.name, dict(manifest.kwargs), list(manifest.transforms)))
+    return model
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    p = Path(path)
+    if not p.is_file():
+        raise VitkitError(f"weights file '{p}' is missing")
+    try:
+        state = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise VitkitError(
+            f"'{p}' is truncated or not a safetensors file ({str(e).splitlines()[0][:120]})"
+        ) from e
+    check_compatible(model.state_dict(), state, str(p))
+    model.load_state_dict(state)
+    return model
+
+
+def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a run's model: base model, transforms replayed in order, weights loaded. Eval mode.
+
+    Never unpickles: the structure comes from ``model.json`` and the weights from safetensors.
+    ``model.vitkit_run`` holds the run's :class:`RunInfo` (classes, task, data).
+    """
+    info = read_run(run_dir)
+    model = build_from_manifest(info.manifest)
+    load_weights(model, info.path / WEIGHTS)
+    model.to(device).eval()
+    object.__setattr__(model, "vitkit_run", info)
+    return model
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
+    p = Path(run_dir) / METRICS
+    return read_json(p) if p.is_file() else {}
+
+
+def write_metrics(run_dir: str | os.PathLike, metrics: dict[str, Any]) -> None:
+    write_json(Path(run_dir) / METRICS, metrics)

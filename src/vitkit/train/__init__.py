@@ -1,0 +1,45 @@
+"""The one training loop, its configuration, objectives and evaluation."""
+
+from vitkit.train.config import TrainConfig, build_config, format_validation_error
+from vitkit.train.evaluate import (
+    classification_metrics,
+    evaluate,
+    expected_calibration_error,
+    multilabel_metrics,
+    predict,
+    save_confusion_matrix,
+)
+from vitkit.train.loop import (
+    FitResult,
+    TrainingInterrupted,
+    fit,
+    resolve_device,
+    resolve_precision,
+    weight_checksum,
+)
+from vitkit.train.objectives import ClassificationObjective, Objective, ObjectiveOutput
+from vitkit.train.optim import build_optimizer, build_scheduler, lion_from_adamw
+
+__all__ = [
+    "ClassificationObjective",
+    "FitResult",
+    "Objective",
+    "ObjectiveOutput",
+    "TrainConfig",
+    "TrainingInterrupted",
+    "build_config",
+    "build_optimizer",
+    "build_scheduler",
+    "classification_metrics",
+    "evaluate",
+    "expected_calibration_error",
+    "fit",
+    "format_validation_error",
+    "lion_from_adamw",
+    "multilabel_metrics",
+    "predict",
+    "resolve_device",
+    "resolve_precision",
+    "save_confusion_matrix",
+    "weight_checksum",
+]

@@ -1,0 +1,469 @@
+"""The one training loop. Techniques plug in as objectives (the loss) and model transforms (the model);
+nothing here knows about any particular technique."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitkit.data import AugmentConfig, BatchTransform, DataSplits
+from vitkit.errors import NonFiniteLossError, VitkitError
+from vitkit.io import write_text
+from vitkit.models import model_input_size, model_normalization
+from vitkit.progress import console, progress_enabled
+from vitkit.train.checkpoint import (
+    CHECKPOINT_NAME,
+    capture_rng,
+    check_compatible,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from vitkit.train.config import TrainConfig
+from vitkit.train.distributed import DistInfo, all_gather_objects, init_distributed
+from vitkit.train.evaluate import autocast_context, classification_metrics, multilabel_metrics, predict
+from vitkit.train.objectives import ClassificationObjective, Objective
+from vitkit.train.optim import build_optimizer, build_scheduler
+
+
+class TrainingInterrupted(Exception):
+    """Raised after Ctrl-C once the checkpoint is safely written."""
+
+    def __init__(self, checkpoint: Path | None, epoch: int, step: int):
+        where = f"; checkpoint saved to {checkpoint}" if checkpoint else ""
+        super().__init__(f"training interrupted in epoch {epoch + 1} after step {step}{where}")
+        self.checkpoint, self.epoch, self.step = checkpoint, epoch, step
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # the weights to keep (the EMA when one was kept)
+    history: list[dict[str, Any]]
+    val_metrics: dict[str, Any]
+    epochs_completed: int
+    train_seconds: float
+    precision: str
+    dist: DistInfo = field(default_factory=DistInfo)
+    weight_checksums: list[float] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise VitkitError(f"unknown device '{device}' (expected auto, cpu, cuda, cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VitkitError(f"device '{device}' asked for, but no CUDA device is available")
+    return dev
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 pays off on GPUs with bf16 and on CPUs with AMX or AVX-512 BF16; elsewhere it is emulated
+    and several times slower than fp32 (measured on an AVX2-only EPYC: 7x slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    avx512_bf16 = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return bool(amx or avx512_bf16)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if bf16_is_fast(device) else "fp32"
+    return precision
+
+
+def default_objective(cfg: TrainConfig, multilabel: bool) -> Objective:
+    loss = cfg.loss if cfg.loss != "auto" else ("bce" if multilabel else "ce")
+    if loss == "ce" and multilabel:
+        raise VitkitError("loss 'ce' was asked for, but the data is multi-label: use --loss bce")
+    if loss == "bce" and not multilabel:
+        raise VitkitError(
+            "loss 'bce' needs multi-label data (e.g. csv with several labels per row, or mosaic:URI)"
+        )
+    return ClassificationObjective(loss, label_smoothing=cfg.label_smoothing)
+
+
+def augment_config(cfg: TrainConfig) -> AugmentConfig:
+    return AugmentConfig(
+        scale=(cfg.scale_min, 1.0),
+        translate=cfg.translate,
+        hflip=cfg.hflip,
+        randaug=cfg.randaug,
+        mixup=cfg.mixup,
+        cutmix=cfg.cutmix,
+        reprob=cfg.reprob,
+    )
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**31)
+
+
+class _Interrupt:
+    """First Ctrl-C asks the loop to stop at the next update boundary; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class _History:
+    """Per-epoch rows in history.csv (rewritten atomically) and TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path | None, rows: list[dict], tensorboard: bool):
+        self.run_dir, self.rows = run_dir, rows
+        self.writer = None
+        if run_dir is not None and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
+                self.writer = None
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.run_dir is None:
+            return
+        keys: list[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.rows)
+        write_text(self.run_dir / "history.csv", buf.getvalue())
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.writer.add_scalar(k, v, row["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def validate(
+    model: nn.Module,
+    objective: Objective,
+    data: DataSplits,
+    transform: BatchTransform,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Per-epoch validation: the objective's own ``validate`` if it has one, else classification metrics."""
+    custom = getattr(objective, "validate", None)
+    if custom is not None:
+        return custom(model, data.val, transform, device, precision, batch_size)
+    logits = predict(
+        model, data.val, batch_size=batch_size, device=device, precision=precision, transform=transform
+    )
+    if data.val.multilabel:
+        m = multilabel_metrics(logits, data.val.targets)
+        return {"val_loss": m["loss"], "val_mean_auroc": m["mean_auroc"], "val_mAP": m["mAP"]}
+    m = classification_metrics(logits, data.val.targets)
+    return {"val_loss": m["loss"], "val_top1": m["top1"], "val_balanced_accuracy": m["balanced_accuracy"]}
+
+
+def fit(
+    model: nn.Module,
+    data: DataSplits,
+    cfg: TrainConfig,
+    *,
+    objective: Objective | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    stop_after_epoch: int | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``data.train``, validating on ``data.val`` every ``cfg.eval_every`` epochs.
+
+    Writes ``checkpoint.pt`` (atomically, every epoch), ``history.csv`` and TensorBoard logs into
+    ``run_dir`` when given; ``resume=True`` continues from ``run_dir/checkpoint.pt`` exactly.
+    ``stop_after_epoch=k`` stops after epoch k as if interrupted there (used by tests and schedules).
+    Under ``torchrun`` each process trains on its shard of every epoch's permutation (DDP).
+    """
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    precision = resolve_precision(cfg.precision, device)
+    dist = init_distributed(device)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    objective = objective or default_objective(cfg, data.multilabel)
+    show = progress_enabled() and not quiet and dist.is_main
+
+    c, h, w = model_input_size(model)
+    mean, std = model_normalization(model)
+    num_classes = data.train.num_classes
+    train_tf = BatchTransform(
+        cfg.img_size or (h, w),
+        c,
+        mean,
+        std,
+        train=True,
+        augment=augment_config(cfg),
+        num_classes=num_classes,
+        label_smoothing=cfg.label_smoothing,
+        multilabel=data.multilabel,
+    )
+    eval_tf = BatchTransform(cfg.img_size or (h, w), c, mean, std, train=False)
+
+    raw_model = model.to(device)
+    train_model: nn.Module = raw_model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            raw_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    n = len(data.train)
+    per_rank = n // dist.world_size
+    batch = min(cfg.batch_size, per_rank)
+    if batch < 1:
+        raise VitkitError(
+            f"{data.train.name}: {n} training images cannot be shared by {dist.world_size} processes"
+        )
+    steps_per_epoch = per_rank // batch
+    updates_per_epoch = max(1, steps_per_epoch // cfg.accum_steps)
+
+    optimizer = build_optimizer(raw_model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
+    ema = None
+    if cfg.ema_decay is not None:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(raw_model, decay=cfg.ema_decay, device=device)
+
+    start_epoch, start_step, update = 0, 0, 0
+    history_rows: list[dict] = []
+    ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
+    resume_rng = None
+    if resume:
+        if ckpt_path is None:
+            raise VitkitError("resume=True needs a run directory holding checkpoint.pt")
+        state = load_checkpoint(ckpt_path)
+        check_compatible(raw_model.state_dict(), state["model"], str(ckpt_path))
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, start_step, update = state["epoch"], state["step_in_epoch"], state["update"]
+        history_rows = list(state.get("history", []))
+        resume_rng = state["rng"]
+        if start_epoch >= cfg.epochs:
+            raise VitkitError(
+                f"{ckpt_path} already finished {start_epoch} of {cfg.epochs} epochs; raise --epochs to train longer"
+            )
+    scheduler.step_update(update)
+
+    history = _History(run_dir if dist.is_main else None, history_rows, cfg.tensorboard)
+    aug_gen = torch.Generator()
+    last_val: dict[str, Any] = {}
+    t_train = 0.0
+    epoch = start_epoch
+    step = start_step
+
+    def checkpoint_state(epoch_done: int, step_in_epoch: int) -> dict[str, Any]:
+        return {
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "epoch": epoch_done,
+            "step_in_epoch": step_in_epoch,
+            "update": update,
+            "rng": capture_rng(aug_gen),
+            "history": history.rows,
+            "config": cfg.model_dump(mode="json"),
+        }
+
+    progress = None
+    if show:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"
+            ),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        progress.start()
+
+    try:
+        with _Interrupt() as interrupt:
+            for epoch in range(start_epoch, cfg.epochs):
+                objective.on_epoch_start(epoch, cfg.epochs)
+                g = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
+                perm = torch.randperm(n, generator=g)[dist.rank :: dist.world_size][:per_rank]
+                first = 0
+                if resume_rng is not None and epoch == start_epoch:
+                    restore_rng(resume_rng, aug_gen)
+                    first = start_step
+                if first == 0:
+                    # Augmentation randomness is re-seeded per epoch, so an epoch replays exactly on resume.
+                    seed = _epoch_seed(cfg.seed, epoch, dist.rank)
+                    aug_gen.manual_seed(seed)
+                    random.seed(seed)
+                    np.random.seed(seed)
+                raw_model.train()
+                task = (
+                    progress.add_task(
+                        "",
+                        total=steps_per_epoch,
+                        completed=first,
+                        epoch=f"{epoch + 1}/{cfg.epochs}",
+                        loss=float("nan"),
+                        lr=optimizer.param_groups[0]["lr"],
+                        ips=0.0,
+                    )
+                    if progress
+                    else None
+                )
+                loss_sum, loss_n, seen, t0 = 0.0, 0, 0, time.perf_counter()
+                for step in range(first, steps_per_epoch):
+                    idx = perm[step * batch : (step + 1) * batch]
+                    x, y = train_tf(data.train.images[idx], data.train.targets[idx], aug_gen)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    boundary = (step + 1) % cfg.accum_steps == 0 or step + 1 == steps_per_epoch
+                    sync = dist.enabled and not boundary
+                    with (
+                        train_model.no_sync()
+                        if sync and hasattr(train_model, "no_sync")
+                        else contextlib.nullcontext()
+                    ):
+                        with autocast_context(device, precision):
+                            out = objective(train_model, x, y)
+                        loss = out.loss
+                        if not torch.isfinite(loss):
+                            kept = (
+                                f"the last good checkpoint (end of epoch {epoch}) is kept in {ckpt_path}"
+                                if (ckpt_path and epoch > 0)
+                                else "no checkpoint was written yet"
+                            )
+                            raise NonFiniteLossError(
+                                f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (update {update + 1}); "
+                                f"training stopped and {kept}. Lower --lr or set --clip-grad.",
+                                epoch + 1,
+                                step + 1,
+                            )
+                        (loss / cfg.accum_steps).backward()
+                    if boundary:
+                        if cfg.clip_grad is not None:
+                            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        update += 1
+                        scheduler.step_update(update)
+                        if ema is not None:
+                            ema.update(raw_model, step=update)
+                    loss_sum += loss.item()
+                    loss_n += 1
+                    seen += len(x)
+                    if task is not None:
+                        progress.update(
+                            task,
+                            advance=1,
+                            loss=loss_sum / loss_n,
+                            lr=optimizer.param_groups[0]["lr"],
+                            ips=seen / max(time.perf_counter() - t0, 1e-9),
+                        )
+                    if interrupt.requested and boundary and step + 1 < steps_per_epoch:
+                        saved = None
+                        if ckpt_path is not None and dist.is_main:
+                            saved = save_checkpoint(ckpt_path, checkpoint_state(epoch, step + 1))
+                        raise TrainingInterrupted(saved, epoch, step + 1)
+                epoch_time = time.perf_counter() - t0
+                t_train += epoch_time
+                if task is not None:
+                    progress.remove_task(task)
+
+                row: dict[str, Any] = {
+                    "epoch": epoch + 1,
+                    "train_loss": loss_sum / max(loss_n, 1),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "img_per_s": seen * dist.world_size / max(epoch_time, 1e-9),
+                    "epoch_seconds": epoch_time,
+                }
+                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    eval_model = ema.module if ema is not None else raw_model
+                    last_val = validate(
+                        eval_model, objective, data, eval_tf, device, precision, max(256, batch)
+                    )
+                    row.update(last_val)
+                history.add(row)
+                if dist.is_main and not quiet:
+                    console.print(_format_row(row, cfg.epochs))
+                if ckpt_path is not None and dist.is_main:
+                    save_checkpoint(ckpt_path, checkpoint_state(epoch + 1, 0))
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, row)
+                if interrupt.requested:
+                    raise TrainingInterrupted(ckpt_path if dist.is_main else None, epoch + 1, 0)
+                if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
+                    raise TrainingInterrupted(ckpt_path if dist.is_main else None, epoch + 1, 0)
+    finally:
+        if progress is not None:
+            progress.stop()
+        history.close()
+
+    final = ema.module if ema is not None else raw_model
+    checksums = all_gather_objects(weight_checksum(final), dist)
+    return FitResult(final, history.rows, last_val, cfg.epochs, t_train, precision, dist, checksums)
+
+
+def weight_checksum(model: nn.Module) -> float:
+    """A float64 fingerprint of all parameters (equal weights ⇒ equal checksums)."""
+    with torch.no_grad():
+        return float(sum(p.double().sum().item() * (i + 1) for i, p in enumerate(model.parameters())))
+
+
+def _format_row(row: dict, epochs: int) -> str:
+    parts = [f"epoch {row['epoch']:>3}/{epochs}", f"loss {row['train_loss']:.4f}"]
+    for k in ("val_top1", "val_mean_auroc", "val_loss"):
+        if k in row and row[k] is not None and not (isinstance(row[k], float) and math.isnan(row[k])):
+            parts.append(f"{k} {row[k]:.4f}")
+            break
+    parts.append(f"{row['img_per_s']:.0f} img/s")
+    return "  ".join(parts)
