@@ -24,7 +24,12 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from vitkit.cli import bench, demo, train  # noqa: F401  (each module adds its verbs to `app`)
+    """Import every module of this package: each adds its verbs to ``app`` (one module per verb group)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
