@@ -98,7 +98,7 @@ def _onnx_to_timm_state(onnx_path: Path) -> dict[str, np.ndarray]:
 def resample_grid(pos_embed: torch.Tensor, grid: int, num_prefix: int = 1) -> torch.Tensor:
     """Bicubic resampling of a square position grid (no antialias), as the source ONNX graph does."""
     prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
-    old = int(round(patches.shape[1] ** 0.5))
+    old = round(patches.shape[1] ** 0.5)
     if old == grid:
         return pos_embed
     p = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2)
