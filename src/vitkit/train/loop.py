@@ -225,6 +225,8 @@ def fit(
     dist = init_distributed(device)
     run_dir = Path(run_dir) if run_dir is not None else None
     objective = objective or default_objective(cfg, data.multilabel)
+    # Optional, so objectives written as plain duck-typed classes keep working.
+    after_update = getattr(objective, "after_update", None)
     show = progress_enabled() and not quiet and dist.is_main
 
     c, h, w = model_input_size(model)
@@ -395,6 +397,9 @@ def fit(
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                         update += 1
+                        if after_update is not None:
+                            with torch.no_grad():
+                                after_update(raw_model, update)
                         scheduler.step_update(update)
                         if ema is not None:
                             ema.update(raw_model, step=update)

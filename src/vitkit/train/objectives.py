@@ -2,7 +2,8 @@
 
 An objective runs the forward pass itself (``model(images)``) so that techniques with special
 outputs (distillation tokens, MAE reconstructions, exit heads) need no second loop. Techniques
-subclass :class:`Objective`; the loop calls ``on_epoch_start`` before every epoch.
+subclass :class:`Objective`; the loop calls ``on_epoch_start`` before every epoch and ``after_update``
+after every optimizer step.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class Objective:
 
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         """Called before each epoch (0-based): schedules such as deferred re-weighting live here."""
+
+    def after_update(self, model: nn.Module, update: int) -> None:
+        """Called after every optimizer step (``update`` counts from 1), under ``torch.no_grad()``,
+        with the unwrapped model (not DDP), before the EMA sees the new weights. Per-iteration weight
+        edits live here (e.g. experts weights averaging); under DDP every process runs it alike."""
 
     def describe(self) -> dict:
         return {"name": type(self).__name__}
