@@ -94,7 +94,10 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
     if pe is not None and getattr(pe, "img_size", None) is not None:
         h, w = pe.img_size
         proj = getattr(pe, "proj", None)
-        if isinstance(proj, nn.Conv2d):
+        if getattr(pe, "in_chans", None):
+            # hybrid embeddings (a CNN before ``proj``) say it themselves: proj sees features, not pixels
+            c = pe.in_chans
+        elif isinstance(proj, nn.Conv2d):
             c = proj.in_channels
     return int(c), int(h), int(w)
 
