@@ -15,6 +15,7 @@ from vitkit.data import DataSplits, ImageDataset, load_eval_data, load_splits, s
 from vitkit.errors import VitkitError
 from vitkit.io import write_yaml
 from vitkit.models import count_parameters, create_model, model_input_size
+from vitkit.registry import get_train_transform
 from vitkit.runs import (
     CONFIG,
     METRICS,
@@ -26,6 +27,7 @@ from vitkit.runs import (
     write_metrics,
 )
 from vitkit.train import TrainConfig, build_config, evaluate, fit, save_confusion_matrix
+from vitkit.train.loop import default_objective
 from vitkit.train.objectives import Objective
 
 
@@ -87,8 +89,13 @@ def train_model(
 
     Builds the model and data from ``config`` unless given. ``resume=True`` continues the run in
     ``output`` from its checkpoint (the config should be the one in its ``config.yaml``).
+    ``config.transforms`` (``vitkit train --transform``) are applied to the model before training,
+    in order (see :class:`vitkit.registry.TrainTransform`); their ``finalize`` steps run on the
+    trained model before it is evaluated and saved.
     """
     cfg = config if isinstance(config, TrainConfig) else build_config(**config)
+    # Resolved first, so a bad transform option fails before anything is written.
+    transforms = [get_train_transform(spec) for spec in cfg.transforms]
     out = Path(output)
     is_main = int(os.environ.get("RANK", "0")) == 0
     if resume:
@@ -107,6 +114,10 @@ def train_model(
     if model is None:
         seed_everything(cfg.seed)
         model = build_model_for(cfg, data.train.num_classes)
+    for t in transforms:
+        model = t.apply(model)
+        if t.wrap_objective is not None:
+            objective = t.wrap_objective(objective or default_objective(cfg, data.multilabel))
     _check_head(model, data.train.num_classes, cfg.model)
     if is_main:
         write_yaml(out / CONFIG, cfg.model_dump(mode="json"))
@@ -126,6 +137,9 @@ def train_model(
         stop_after_epoch=stop_after_epoch,
     )
     final = result.model
+    for t in transforms:
+        if t.finalize is not None:
+            final = t.finalize(final)
     counts = data.train.class_counts()
     metrics = evaluate(
         final,

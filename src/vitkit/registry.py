@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from vitkit.errors import VitkitError
+
+if TYPE_CHECKING:
+    from vitkit.train.objectives import Objective
 
 ReplayFn = Callable[[nn.Module, dict], nn.Module]
 
@@ -43,3 +48,66 @@ def get_transform(name: str) -> ReplayFn:
 
 def known_transforms() -> list[str]:
     return sorted(_TRANSFORMS)
+
+
+# -- transforms a training run applies by name (``vitkit train --transform NAME:key=value,...``) ------
+@dataclass
+class TrainTransform:
+    """What one ``--transform`` spec does to a training run (``vitkit.api.train_model`` runs it).
+
+    ``apply`` edits the freshly built model before training (and records itself in the manifest);
+    ``wrap_objective`` wraps the objective (per-update work such as weight averaging);
+    ``finalize`` runs on the trained model before it is evaluated and saved (e.g. merging).
+    """
+
+    apply: Callable[[nn.Module], nn.Module]
+    wrap_objective: Callable[[Objective], Objective] | None = None
+    finalize: Callable[[nn.Module], nn.Module] | None = None
+
+
+TrainTransformFactory = Callable[[dict[str, str]], TrainTransform]
+
+_TRAIN_TRANSFORMS: dict[str, str | TrainTransformFactory] = {
+    # name: "vitkit.package.module:factory"  with factory(options: dict[str, str]) -> TrainTransform
+}
+
+
+def register_train_transform(name: str, target: str | TrainTransformFactory) -> None:
+    """Register a factory (or its import path) that ``--transform name:...`` resolves to."""
+    _TRAIN_TRANSFORMS[name] = target
+
+
+def known_train_transforms() -> list[str]:
+    return sorted(_TRAIN_TRANSFORMS)
+
+
+def parse_transform_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"gmm:k=5,form=additive"`` -> ``("gmm", {"k": "5", "form": "additive"})``; values stay strings
+    (the technique's own config validates and converts them)."""
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    if not name:
+        raise VitkitError(f"transform '{spec}': expected NAME or NAME:key=value,... (e.g. gmm:k=5)")
+    options: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise VitkitError(f"transform '{spec}': option '{item}' is not key=value")
+        options[key.strip()] = value.strip()
+    return name, options
+
+
+def get_train_transform(spec: str) -> TrainTransform:
+    """Resolve a ``--transform`` spec to its :class:`TrainTransform` (options validated here)."""
+    name, options = parse_transform_spec(spec)
+    target = _TRAIN_TRANSFORMS.get(name)
+    if target is None:
+        raise VitkitError(
+            f"transform '{name}' is not one vitkit train can apply "
+            f"(known: {', '.join(known_train_transforms()) or 'none'})"
+        )
+    factory: Any = target
+    if not callable(target):
+        module, _, attr = target.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+    return factory(options)

@@ -24,6 +24,10 @@ class TrainConfig(BaseModel):
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm constructor arguments")
     drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth rate")
     pretrained_file: str | None = Field(None, description="local weights to start from (.safetensors/.pth)")
+    transforms: list[str] = Field(
+        default_factory=list,
+        description="model transforms applied before training, in order: 'name' or 'name:key=value,...'",
+    )
 
     # data
     data: str = Field(
@@ -82,6 +86,18 @@ class TrainConfig(BaseModel):
         if v.lower() not in names:
             raise ValueError(f"unknown optimizer '{v}' (timm knows e.g. adamw, sgd, lion, lamb, adan)")
         return v.lower()
+
+    @field_validator("transforms")
+    @classmethod
+    def _known_transforms(cls, v: list[str]) -> list[str]:
+        from vitkit.registry import known_train_transforms, parse_transform_spec
+
+        known = known_train_transforms()
+        for spec in v:
+            name, _ = parse_transform_spec(spec)
+            if name not in known:
+                raise ValueError(f"unknown transform '{name}' (known: {', '.join(known) or 'none'})")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
