@@ -113,3 +113,8 @@ def vitkit_micro_distilled_p4_16(pretrained: bool = False, **kwargs) -> VisionTr
 def vitkit_tiny_distilled_p4_32(pretrained: bool = False, **kwargs) -> VisionTransformerDistilled:
     """The tiny preset with a DeiT distillation token and head."""
     return _build("vitkit_tiny_distilled_p4_32", "tiny", True, pretrained, **kwargs)
+
+
+# Technique model families registered into timm's registry alongside the presets (imports nothing of
+# vitkit but vitkit.errors, so no cycle): the DHVT family of issue 9.
+from vitkit.smalldata import dhvt as _dhvt  # noqa: E402, F401
