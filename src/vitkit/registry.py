@@ -25,6 +25,7 @@ ReplayFn = Callable[[nn.Module, dict], nn.Module]
 
 _TRANSFORMS: dict[str, str | ReplayFn] = {
     # name: "vitkit.package.module:function"   (technique issues add their entries here)
+    "gmm": "vitkit.smalldata.gmm:replay_gmm",
 }
 
 
@@ -69,6 +70,7 @@ TrainTransformFactory = Callable[[dict[str, str]], TrainTransform]
 
 _TRAIN_TRANSFORMS: dict[str, str | TrainTransformFactory] = {
     # name: "vitkit.package.module:factory"  with factory(options: dict[str, str]) -> TrainTransform
+    "gmm": "vitkit.smalldata.gmm:train_transform",
 }
 
 
