@@ -26,6 +26,8 @@ ReplayFn = Callable[[nn.Module, dict], nn.Module]
 _TRANSFORMS: dict[str, str | ReplayFn] = {
     # name: "vitkit.package.module:function"   (technique issues add their entries here)
     "gmm": "vitkit.smalldata.gmm:replay_gmm",
+    "ewa": "vitkit.smalldata.ewa:replay_ewa",
+    "ewa_merge": "vitkit.smalldata.ewa:replay_ewa_merge",
 }
 
 
@@ -71,6 +73,7 @@ TrainTransformFactory = Callable[[dict[str, str]], TrainTransform]
 _TRAIN_TRANSFORMS: dict[str, str | TrainTransformFactory] = {
     # name: "vitkit.package.module:factory"  with factory(options: dict[str, str]) -> TrainTransform
     "gmm": "vitkit.smalldata.gmm:train_transform",
+    "ewa": "vitkit.smalldata.ewa:train_transform",
 }
 
 
