@@ -28,6 +28,7 @@ _TRANSFORMS: dict[str, str | ReplayFn] = {
     "gmm": "vitkit.smalldata.gmm:replay_gmm",
     "ewa": "vitkit.smalldata.ewa:replay_ewa",
     "ewa_merge": "vitkit.smalldata.ewa:replay_ewa_merge",
+    "stem": "vitkit.smalldata.stem:replay_stem",
 }
 
 
@@ -74,6 +75,7 @@ _TRAIN_TRANSFORMS: dict[str, str | TrainTransformFactory] = {
     # name: "vitkit.package.module:factory"  with factory(options: dict[str, str]) -> TrainTransform
     "gmm": "vitkit.smalldata.gmm:train_transform",
     "ewa": "vitkit.smalldata.ewa:train_transform",
+    "stem": "vitkit.smalldata.stem:train_transform",
 }
 
 
