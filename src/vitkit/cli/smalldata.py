@@ -1,0 +1,117 @@
+"""``vitkit rank-configs``: As-ViT's training-free ranking of ViT configurations (issue 9).
+
+The other small-data techniques need no verb of their own: DHVT models are timm names
+(``vitkit train --model vitkit_dhvt_tiny_p4_32``) and GMM, EWA and the compressed stem are train
+transforms (``vitkit train --transform gmm:k=5``, ``--transform ewa:share=0.3``,
+``--transform stem:compression=2``).
+"""
+
+import csv
+import io
+from pathlib import Path
+
+import typer
+
+from vitkit.cli import app
+from vitkit.errors import VitkitError
+from vitkit.progress import console
+
+Opt = typer.Option
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise VitkitError(f"--{option}: expected comma-separated integers like 1,2,4, got '{text}'") from e
+
+
+@app.command("rank-configs", rich_help_panel="Analyze")
+def rank_configs_cmd(
+    depths: str = Opt("1,2,4", help="comma-separated depths"),
+    widths: str = Opt("32,64", help="comma-separated embedding widths"),
+    heads: str = Opt("2,4", help="comma-separated head counts (must divide every width)"),
+    patches: str = Opt("2,4", help="comma-separated patch sizes (must divide --img-size)"),
+    img_size: int = Opt(16, help="input side in pixels"),
+    base_model: str = Opt("vitkit_micro_p4_16", help="preset whose depth/width/heads/patch are overridden"),
+    repeats: int = Opt(3, help="initialisations (and input curves) averaged per configuration"),
+    points: int = Opt(128, help="points on the input circle (As-ViT: 500)"),
+    train_epochs: int = Opt(0, help="also train each configuration this many epochs and report Kendall-τ"),
+    train_seeds: int = Opt(1, help="training seeds averaged per configuration"),
+    data: str = Opt("digits", help="dataset URI for --train-epochs"),
+    lr: float = Opt(2e-3, help="learning rate of the short trainings"),
+    seed: int = Opt(0),
+    threads: int | None = Opt(None, help="torch threads for the short trainings"),
+    output: Path | None = Opt(
+        None, "-o", "--output", help="write ranking.json, ranking.csv (and ranking.png) here"
+    ),
+    force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
+) -> None:
+    """Rank (depth, width, heads, patch) ViT configurations by As-ViT's complexity proxy at init."""
+    from vitkit.smalldata.rank import config_grid, plot_ranking, rank_configs
+
+    specs = config_grid(
+        _ints(depths, "depths"),
+        _ints(widths, "widths"),
+        _ints(heads, "heads"),
+        _ints(patches, "patches"),
+        img_size,
+    )
+    cfg = dict(
+        base_model=base_model,
+        img_size=img_size,
+        repeats=repeats,
+        complexity={"points": points, "seed": seed},
+        train_epochs=train_epochs,
+        train_seeds=train_seeds,
+        data=data,
+        lr=lr,
+        seed=seed,
+        threads=threads,
+    )
+    out = None
+    if output is not None:
+        from vitkit.runs import prepare_run_dir
+
+        out = prepare_run_dir(output, force=force)
+    result = rank_configs(specs, cfg)
+    _print(result)
+    if out is not None:
+        from vitkit.io import write_json, write_text
+
+        write_json(out / "ranking.json", result.to_dict())
+        write_text(out / "ranking.csv", _csv(result.rows))
+        written = "ranking.json, ranking.csv"
+        if result.kendall_tau is not None:
+            plot_ranking(result, out / "ranking.png")
+            written += ", ranking.png"
+        console.print(f"written: {out}/ ({written})")
+
+
+def _print(result) -> None:
+    from rich.table import Table
+
+    trained = any("val_top1" in r for r in result.rows)
+    t = Table(title="configurations ranked by As-ViT complexity at init (higher first)")
+    for col in ("rank", "config", "parameters", "complexity") + (("val top-1",) if trained else ()):
+        t.add_column(col, justify="right" if col != "config" else "left")
+    for i, r in enumerate(result.rows, 1):
+        cells = [str(i), r["name"], f"{r['parameters']:,}", f"{r['complexity']:.4g}"]
+        if trained:
+            cells.append(f"{r['val_top1']:.3f}")
+        t.add_row(*cells)
+    console.print(t)
+    if result.kendall_tau is not None:
+        console.print(
+            f"Kendall-τ (complexity vs val top-1): {result.kendall_tau:.3f} (p = {result.p_value:.3g}); "
+            f"parameter count vs val top-1: {result.params_kendall_tau:.3f}"
+        )
+
+
+def _csv(rows: list[dict]) -> str:
+    keys = [k for k in rows[0] if k != "complexity_repeats"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
