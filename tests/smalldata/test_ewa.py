@@ -142,3 +142,17 @@ def test_cli_share_rate_outside_unit_interval_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "share rate must be in [0, 1]" in err and "\n" not in err.strip()
     assert not (tmp_path / "r").exists()
+
+
+def test_ewa_run_resumes_with_its_experts_and_merges_at_the_end(tmp_path, quick):
+    from vitkit.api import resume_config, train_model
+    from vitkit.train import TrainingInterrupted
+
+    out = tmp_path / "r"
+    cfg = quick(model="vitkit_nano_p4_16", epochs=2, train_size=256, transforms=["ewa:experts=2"])
+    with pytest.raises(TrainingInterrupted):
+        train_model(cfg, out, quiet=True, stop_after_epoch=1)
+    # the checkpoint holds the MoE state: the resumed run rebuilds the experts from config.yaml
+    run = train_model(resume_config(out), out, resume=True, quiet=True)
+    assert run.metrics["parameters"] == 19626 and not ewa_layers(run.model)
+    assert len(run.history) == 2
