@@ -3,7 +3,7 @@ matched size trained the same way in the same script, plus As-ViT's Kendall-τ o
 
     python bench/smalldata.py accuracy --datasets digits,digits-lt10 --seeds 0,1,2 --epochs 30
     python bench/smalldata.py throughput
-    python bench/smalldata.py rank --epochs 8 --train-seeds 2
+    python bench/smalldata.py rank --epochs 5 --train-seeds 1 --patches 4   # 12 configurations
     python bench/smalldata.py report          # markdown tables from the JSON files
 
 Every variant trains through ``vitkit.api.train_model`` with ``TrainConfig.transforms`` (exactly what
@@ -59,7 +59,7 @@ def run_accuracy(args) -> None:
 
     variants = args.variants.split(",")
     for ds in args.datasets.split(","):
-        path = OUT / f"accuracy_{ds}.json"
+        path = OUT / f"accuracy_{ds}{args.tag}.json"
         results = json.loads(path.read_text()) if path.is_file() and not args.fresh else []
         done = {(r["variant"], r["seed"]) for r in results}
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -131,7 +131,7 @@ def run_throughput(args) -> None:
 def run_rank(args) -> None:
     from vitkit.smalldata.rank import config_grid, plot_ranking, rank_configs
 
-    specs = config_grid([1, 2, 4], [32, 64], [2, 4], [2, 4], 16)
+    specs = config_grid([1, 2, 4], [32, 64], [2, 4], [int(v) for v in args.patches.split(",")], 16)
     res = rank_configs(
         specs,
         {
@@ -156,9 +156,11 @@ def _mean_std(xs: list[float]) -> str:
 
 
 def report(args) -> None:
-    for path in sorted(OUT.glob("accuracy_*.json")):
-        rows = json.loads(path.read_text())
-        ds = rows[0]["dataset"]
+    by_dataset: dict[str, list] = {}
+    for path in sorted(OUT.glob("accuracy_*.json")):  # one file per dataset and --tag
+        for r in json.loads(path.read_text()):
+            by_dataset.setdefault(r["dataset"], []).append(r)
+    for ds, rows in by_dataset.items():
         base = {r["seed"]: r for r in rows if r["variant"] == "vit"}
         print(f"\n{ds} ({rows[0]['epochs']} epochs, seeds {sorted(base)})\n")
         print(
@@ -213,9 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument(
+        "--patches",
+        default="2,4",
+        help="rank: patch sizes of the grid (depth 1,2,4 x width 32,64 x heads 2,4)",
+    )
     p.add_argument("--train-seeds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="1 trains best on a shared 2-core machine")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--tag", default="", help="suffix of the result file, to run seeds in parallel processes")
     p.add_argument("--fresh", action="store_true", help="ignore results already in the JSON file")
     args = p.parse_args(argv)
     if args.part == "throughput" and args.threads == 1:
