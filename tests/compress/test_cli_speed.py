@@ -12,7 +12,23 @@ from vitkit.io import read_json
 
 def test_reduce_prune_reparam_compare(trained_run, tmp_path):
     a = str(trained_run)
-    assert main(["reduce-tokens", a, "--method", "evit", "--keep", "0.9", "--at", "1,2", "-o", str(tmp_path / "e")]) == 0
+    assert (
+        main(
+            [
+                "reduce-tokens",
+                a,
+                "--method",
+                "evit",
+                "--keep",
+                "0.9",
+                "--at",
+                "1,2",
+                "-o",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 0
+    )
     assert main(["reduce-tokens", a, "--method", "tome", "--r", "2", "-o", str(tmp_path / "t")]) == 0
     assert main(["prune", a, "--method", "dimap", "--sparsity", "0.3", "-o", str(tmp_path / "d")]) == 0
     e = read_json(tmp_path / "e" / "metrics.json")
@@ -52,6 +68,8 @@ def test_bad_inputs_exit_2_with_one_line(trained_run, tmp_path, capsys, args, me
 
 def test_train_with_exits_beyond_the_depth(tmp_path, capsys):
     out = tmp_path / "x"
-    assert main(["train", "--model", "vitkit_nano_p4_16", "--exits", "2", "--epochs", "1", "-o", str(out)]) == 2
+    assert (
+        main(["train", "--model", "vitkit_nano_p4_16", "--exits", "2", "--epochs", "1", "-o", str(out)]) == 2
+    )
     assert "the model has 2 blocks" in " ".join(capsys.readouterr().err.split())
     assert not out.exists()

@@ -98,7 +98,9 @@ def test_bad_exit_blocks():
     torch.manual_seed(0)
     m = create_model("vitkit_micro_p4_16")
     for exits in ([4], [0], [2, 9]):
-        with pytest.raises(VitkitError, match=r"the model has 4 blocks; an exit goes after k blocks with k in 1\.\.3"):
+        with pytest.raises(
+            VitkitError, match=r"the model has 4 blocks; an exit goes after k blocks with k in 1\.\.3"
+        ):
             apply_exits(copy.deepcopy(m), {"exits": exits})
     with pytest.raises(VitkitError, match="at least one exit"):
         apply_exits(copy.deepcopy(m), {"exits": []})

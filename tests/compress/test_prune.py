@@ -68,7 +68,9 @@ def test_taylor_importance_needs_data_and_uses_gradients(digits):
     m = _model()
     with pytest.raises(VitkitError, match="needs labelled calibration data"):
         apply_structured_prune(copy.deepcopy(m), {"heads": 0.25, "importance": "taylor"})
-    apply_structured_prune(m, {"heads": 0.25, "mlp": 0.25, "importance": "taylor"}, digits.train, calib_batches=1)
+    apply_structured_prune(
+        m, {"heads": 0.25, "mlp": 0.25, "importance": "taylor"}, digits.train, calib_batches=1
+    )
     assert m.blocks[0].attn.num_heads == 3
     assert all(p.grad is None for p in m.parameters())
 

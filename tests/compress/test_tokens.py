@@ -92,7 +92,10 @@ def test_prefix_tokens_are_never_merged_or_dropped(name, kw):
     base = _model(name, kw)
     P = base.num_prefix_tokens
     x = torch.randn(2, 3, 16, 16)
-    for reduced, n_out in ((apply_tome(copy.deepcopy(base), {"r": [8, 0, 0, 0]}), P + 8), (apply_evit(copy.deepcopy(base), {"keep": 0.25, "at": [0]}), P + 4 + 1)):
+    for reduced, n_out in (
+        (apply_tome(copy.deepcopy(base), {"r": [8, 0, 0, 0]}), P + 8),
+        (apply_evit(copy.deepcopy(base), {"keep": 0.25, "at": [0]}), P + 4 + 1),
+    ):
         inp, out = _block_io(reduced, 0, x)
         assert out.shape[1] == n_out
         # the plain timm block on the same input: prefix tokens see the same attention and MLP
@@ -111,7 +114,7 @@ def test_tome_token_counts_and_avg_pool_is_size_weighted():
     last.last = False  # expose the merged state of the last block
     try:
         with torch.no_grad():
-            tokens, size, source = m.blocks(m.norm_pre(m._pos_embed(m.patch_embed(x))))
+            tokens, size, _source = m.blocks(m.norm_pre(m._pos_embed(m.patch_embed(x))))
     finally:
         last.last = True
     assert tokens.shape[1] == P + 16 - 8 and size.sum(1).eq(16).all()
@@ -162,7 +165,11 @@ def test_reentrant_and_batch_independent():
 @pytest.mark.parametrize("method", ["tome", "evit"])
 def test_reloads_from_the_manifest(tmp_path, method):
     m = _model("vitkit_micro_p4_16", {})
-    m = apply_tome(m, {"r": 2, "prop_attn": False}) if method == "tome" else apply_evit(m, {"keep": 0.6, "at": [1, 3]})
+    m = (
+        apply_tome(m, {"r": 2, "prop_attn": False})
+        if method == "tome"
+        else apply_evit(m, {"keep": 0.6, "at": [1, 3]})
+    )
     save_model(tmp_path / "r", m, classes=[str(i) for i in range(10)])
     back = load(tmp_path / "r")
     x = torch.randn(2, 3, 16, 16)

@@ -5,7 +5,6 @@ Each transforming verb reads a run and writes a new one (``-o``); the logic is i
 """
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -30,15 +29,17 @@ def _summary(path: Path, m: dict, keys: tuple[str, ...]) -> None:
 @app.command("reduce-tokens", rich_help_panel=PANEL)
 def reduce_tokens(
     run: Path = typer.Argument(..., help="run directory to reduce"),
-    output: Optional[Path] = Opt(None, "-o", "--output", help="new run directory"),
+    output: Path | None = Opt(None, "-o", "--output", help="new run directory"),
     method: str = Opt("evit", help="evit (keep the attended tokens) | tome (merge similar tokens)"),
     keep: float = Opt(0.7, help="EViT: fraction of tokens kept at each reducing block, in (0, 1]"),
-    at: Optional[str] = Opt(None, help="EViT: 0-based reducing blocks, e.g. 3,6,9 [default: quarters of the depth]"),
+    at: str | None = Opt(
+        None, help="EViT: 0-based reducing blocks, e.g. 3,6,9 [default: quarters of the depth]"
+    ),
     r: str = Opt("8", help="ToMe: token pairs merged per block (one int, or one per block: 4,4,2,2)"),
     prop_attn: bool = Opt(True, "--prop-attn/--no-prop-attn", help="ToMe: proportional attention"),
     finetune: int = Opt(0, help="fine-tune this many epochs after the transform (0: off the shelf)"),
-    lr: Optional[float] = Opt(None, help="fine-tuning lr [default: the run's lr / 4]"),
-    keep_warmup: Optional[float] = Opt(None, help="EViT: epochs of the keep-rate cosine from 1 [default: half]"),
+    lr: float | None = Opt(None, help="fine-tuning lr [default: the run's lr / 4]"),
+    keep_warmup: float | None = Opt(None, help="EViT: epochs of the keep-rate cosine from 1 [default: half]"),
     force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
 ) -> None:
     """Token reduction: EViT (top-k by class attention + fused token) or ToMe (bipartite merging)."""
@@ -60,8 +61,10 @@ def reduce_tokens(
 @app.command(rich_help_panel=PANEL)
 def prune(
     run: Path = typer.Argument(..., help="run directory to prune"),
-    output: Optional[Path] = Opt(None, "-o", "--output", help="new run directory"),
-    method: str = Opt("structured", help="structured (smaller dense model) | lpvit (tile masks) | dimap (masks)"),
+    output: Path | None = Opt(None, "-o", "--output", help="new run directory"),
+    method: str = Opt(
+        "structured", help="structured (smaller dense model) | lpvit (tile masks) | dimap (masks)"
+    ),
     heads: float = Opt(0.0, help="structured: fraction of attention heads removed per block"),
     mlp: float = Opt(0.0, help="structured: fraction of MLP hidden channels removed per block"),
     importance: str = Opt("magnitude", help="structured/lpvit: magnitude | taylor"),
@@ -70,7 +73,7 @@ def prune(
     power: bool = Opt(True, "--power/--no-power", help="lpvit: hardware-aware power term"),
     sparsity: float = Opt(0.5, help="dimap: fraction of block-linear weights removed"),
     finetune: int = Opt(0, help="fine-tune this many epochs after pruning"),
-    lr: Optional[float] = Opt(None, help="fine-tuning lr [default: the run's lr / 4]"),
+    lr: float | None = Opt(None, help="fine-tuning lr [default: the run's lr / 4]"),
     force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
 ) -> None:
     """Prune a run: heads + MLP channels (real speed), LPViT tiles or DIMAP weights (FLOPs only on CPU)."""
@@ -92,7 +95,7 @@ def prune(
 @app.command(rich_help_panel=PANEL)
 def reparam(
     run: Path = typer.Argument(..., help="run trained with --repavit"),
-    output: Optional[Path] = Opt(None, "-o", "--output", help="new run directory"),
+    output: Path | None = Opt(None, "-o", "--output", help="new run directory"),
     force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
 ) -> None:
     """RePaViT: fold the channel-idle FFN (and its BatchNorms) into its smaller inference form."""
@@ -108,7 +111,7 @@ def reparam(
 @app.command(rich_help_panel=PANEL)
 def compare(
     runs: list[Path] = typer.Argument(..., help="run directories; the first is the baseline"),
-    output: Optional[Path] = Opt(None, "-o", "--output", help="write compare.json and compare.png here"),
+    output: Path | None = Opt(None, "-o", "--output", help="write compare.json and compare.png here"),
     threads: int = Opt(2, help="torch threads (fixed and recorded)"),
     repeats: int = Opt(5, help="timed rounds, interleaved"),
     batch: int = Opt(64, help="throughput batch size"),

@@ -220,7 +220,8 @@ def evaluate(
     strict: bool = Opt(False, "--strict", help="fail on unreadable images instead of skipping"),
     device: str = Opt("cpu"),
     exit_threshold: float | None = Opt(
-        None, help="early exit: each image leaves at the first exit head this confident (runs trained with --exits)"
+        None,
+        help="early exit: each image leaves at the first exit head this confident (runs trained with --exits)",
     ),
 ) -> None:
     """Evaluate a run: top-1/5, per-class, balanced, many/medium/few-shot, macro-F1, ECE (AUROC/mAP for multi-label)."""

@@ -53,7 +53,7 @@ HEAD_KINDS = ("local", "local_light", "global")
 
 # -- heads --------------------------------------------------------------------------------------
 def _tokens_to_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    B, N, C = x.shape
+    B, _, C = x.shape
     return x.transpose(1, 2).reshape(B, C, grid[0], grid[1])
 
 
@@ -184,7 +184,9 @@ def check_exits(exits: Sequence[int], depth: int) -> list[int]:
 def _grid(model: nn.Module) -> tuple[int, int]:
     g = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if not g:
-        raise VitkitError(f"exit heads need a patch grid; {type(model).__name__} has no patch_embed.grid_size")
+        raise VitkitError(
+            f"exit heads need a patch grid; {type(model).__name__} has no patch_embed.grid_size"
+        )
     return int(g[0]), int(g[1])
 
 
@@ -197,7 +199,9 @@ def apply_exits(model: nn.Module, cfg: ExitConfig | dict) -> nn.Module:
     heads = list(cfg.heads) or [default_head(k, depth)[0] for k in exits]
     strides = list(cfg.strides) or [default_head(k, depth)[1] for k in exits]
     if len(heads) != len(exits) or len(strides) != len(exits):
-        raise VitkitError(f"exits: {len(exits)} exits need as many head kinds and strides (got {heads}, {strides})")
+        raise VitkitError(
+            f"exits: {len(exits)} exits need as many head kinds and strides (got {heads}, {strides})"
+        )
     bad = [h for h in heads if h not in HEAD_KINDS]
     if bad:
         raise VitkitError(f"exit heads {bad}: expected one of {', '.join(HEAD_KINDS)}")
@@ -299,7 +303,9 @@ class _ExitValidation:
         precision: str,
         batch_size: int,
     ) -> dict:
-        final, per_exit = all_exit_logits(model, val, transform=transform, device=device, batch_size=batch_size)
+        final, per_exit = all_exit_logits(
+            model, val, transform=transform, device=device, batch_size=batch_size
+        )
         m = classification_metrics(final, val.targets)
         out = {"val_loss": m["loss"], "val_top1": m["top1"]}
         for k, lg in per_exit.items():
@@ -376,7 +382,9 @@ class ExitDistillObjective(_ExitValidation, Objective):
         last_tokens = outs.final_tokens.detach()[:, self.num_prefix :]
         last_local = max((i for i, k in enumerate(outs.kinds) if k != "global"), default=None)
         last_global = max((i for i, k in enumerate(outs.kinds) if k == "global"), default=None)
-        for i, (lg, feats, kind, stride) in enumerate(zip(outs.logits, outs.features, outs.kinds, outs.strides)):
+        for i, (lg, feats, kind, stride) in enumerate(
+            zip(outs.logits, outs.features, outs.kinds, outs.strides)
+        ):
             ce = ce + self.ce.compute(lg, targets)
             kd = kd + F.kl_div(
                 F.log_softmax(lg.float() / T, dim=-1), F.log_softmax(teacher / T, dim=-1), log_target=True,
@@ -389,7 +397,9 @@ class ExitDistillObjective(_ExitValidation, Objective):
             if kind != "global" and last_local is not None and i != last_local:
                 homo = homo + F.mse_loss(feats.float(), outs.features[last_local].detach().float())
             if kind == "global" and last_global is not None and i != last_global:
-                homo = homo + F.mse_loss(_gram(feats.float()), _gram(outs.features[last_global].detach().float()))
+                homo = homo + F.mse_loss(
+                    _gram(feats.float()), _gram(outs.features[last_global].detach().float())
+                )
         loss = (1 - self.alpha) * ce + self.alpha * kd + self.hetero_weight * hetero + self.homo_weight * homo
         logs = {"exit_ce": ce.item(), "exit_kd": kd.item(), "hetero": hetero.item(), "homo": homo.item()}
         return ObjectiveOutput(loss, final, logs)
@@ -567,6 +577,9 @@ def threshold_sweep(
         row["latency_ms"] = statistics.median(ee)
         row["backbone_latency_ms"] = statistics.median(base)
         row["latency_ratio"] = row["latency_ms"] / row["backbone_latency_ms"]
-        row["latency_ratio_spread"] = (min(e / b for e, b in zip(ee, base)), max(e / b for e, b in zip(ee, base)))
+        row["latency_ratio_spread"] = (
+            min(e / b for e, b in zip(ee, base)),
+            max(e / b for e, b in zip(ee, base)),
+        )
         rows.append(row)
     return rows

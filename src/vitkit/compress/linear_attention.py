@@ -31,7 +31,13 @@ from torch import nn
 
 from vitkit.compress._blocks import parse_int_list
 from vitkit.errors import VitkitError
-from vitkit.models import AttentionState, VitkitAttention, attention_modules, num_prefix_tokens, record_transform
+from vitkit.models import (
+    AttentionState,
+    VitkitAttention,
+    attention_modules,
+    num_prefix_tokens,
+    record_transform,
+)
 
 DENOM_CLAMP = 100.0  # L2ViT's clamp on the normaliser ("makes training stable", per their code)
 
@@ -50,7 +56,7 @@ class LocalConcentration(nn.Module):
         nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
+        B, _, C = x.shape
         y = x.transpose(1, 2).reshape(B, C, *self.grid)
         y = self.conv2(self.bn(self.act(self.conv1(y))))
         return y.flatten(2).transpose(1, 2)
@@ -63,14 +69,20 @@ class LinearAttention(VitkitAttention):
         super().__init__(source)
         self.num_prefix = int(num_prefix)
         w = self.qkv.weight
-        self.temperature = nn.Parameter(torch.full((self.num_heads, 1, 1), self.head_dim**-0.5, device=w.device, dtype=w.dtype))
+        self.temperature = nn.Parameter(
+            torch.full((self.num_heads, 1, 1), self.head_dim**-0.5, device=w.device, dtype=w.dtype)
+        )
         dim = self.proj.out_features
         self.lcm = LocalConcentration(dim, grid, lcm_kernel).to(w.device, w.dtype) if lcm_kernel else None
         self.train(source.training)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
         if attn_mask is not None or is_causal or self._bias_hooks or self._logit_hooks:
-            raise VitkitError("linear attention has no attention logits: masks, biases and logit hooks do not apply")
+            raise VitkitError(
+                "linear attention has no attention logits: masks, biases and logit hooks do not apply"
+            )
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -97,7 +109,9 @@ class LinearAttention(VitkitAttention):
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, linear (ReLU, clamp {DENOM_CLAMP:g})"
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+def linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor
+) -> torch.Tensor:
     """Keys-and-values first: (B, H, N, D) → (B, H, N, D) in O(N·D²)."""
     q, k = F.relu(q), F.relu(k)
     kv = (k.transpose(-2, -1) @ v) * temperature  # (B, H, D, D)
@@ -132,15 +146,21 @@ def apply_linear_attention(model: nn.Module, cfg: LinearAttentionConfig | dict |
     chosen = parse_int_list(cfg.blocks, "linear attention blocks") or list(range(len(mods)))
     bad = [i for i in chosen if not 0 <= i < len(mods)]
     if bad:
-        raise VitkitError(f"linear attention blocks {bad}: the model has {len(mods)} attention layers (0..{len(mods) - 1})")
+        raise VitkitError(
+            f"linear attention blocks {bad}: the model has {len(mods)} attention layers (0..{len(mods) - 1})"
+        )
     done = [i for i in chosen if type(mods[i]) is not VitkitAttention]
     if done:
-        raise VitkitError(f"linear attention blocks {done}: already {type(mods[done[0]]).__name__}, not the softmax attention")
+        raise VitkitError(
+            f"linear attention blocks {done}: already {type(mods[done[0]]).__name__}, not the softmax attention"
+        )
     if cfg.lcm_kernel < 0 or (cfg.lcm_kernel and cfg.lcm_kernel % 2 == 0):
         raise VitkitError(f"linear attention lcm_kernel must be 0 or an odd size, got {cfg.lcm_kernel}")
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if cfg.lcm_kernel and not grid:
-        raise VitkitError("the local concentration module needs a patch grid (patch_embed.grid_size); use lcm_kernel=0")
+        raise VitkitError(
+            "the local concentration module needs a patch grid (patch_embed.grid_size); use lcm_kernel=0"
+        )
     targets = {id(mods[i]) for i in chosen}
     P = num_prefix_tokens(model)
     for parent in list(model.modules()):

@@ -44,7 +44,9 @@ class TokenBatchNorm(nn.BatchNorm1d):
 class ChannelIdleMlp(nn.Module):
     """``fc2(BN2(φ_a(fc1(x))))`` with GELU on the first ``act_channels`` hidden channels only."""
 
-    def __init__(self, fc1: nn.Linear, fc2: nn.Linear, act_channels: int, act_layer: type[nn.Module] = nn.GELU):
+    def __init__(
+        self, fc1: nn.Linear, fc2: nn.Linear, act_channels: int, act_layer: type[nn.Module] = nn.GELU
+    ):
         super().__init__()
         self.fc1, self.fc2 = fc1, fc2
         self.act_channels = int(act_channels)
@@ -109,8 +111,14 @@ def apply_repavit(model: nn.Module, cfg: RePaViTConfig | dict | None = None) -> 
     if not blocks:
         raise VitkitError(f"RePaViT needs timm transformer Blocks; {type(model).__name__} has none")
     for i, blk in enumerate(blocks):
-        if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.fc1, nn.Linear) or not isinstance(blk.mlp.norm, nn.Identity):
-            raise VitkitError(f"RePaViT: block {i} FFN is {type(blk.mlp).__name__}; expected timm's plain Mlp")
+        if (
+            type(blk.mlp) is not Mlp
+            or not isinstance(blk.mlp.fc1, nn.Linear)
+            or not isinstance(blk.mlp.norm, nn.Identity)
+        ):
+            raise VitkitError(
+                f"RePaViT: block {i} FFN is {type(blk.mlp).__name__}; expected timm's plain Mlp"
+            )
         if not isinstance(blk.norm2, nn.LayerNorm):
             raise VitkitError(f"RePaViT: block {i} norm2 is {type(blk.norm2).__name__}; expected a LayerNorm")
         hidden = blk.mlp.fc1.out_features
@@ -178,7 +186,9 @@ def _reparam_structure(model: nn.Module, fold: bool) -> int:
             new = fold_block(blk)
         else:
             w = blk.mlp.fc1.weight
-            new = ReparamMlp(w.shape[1], blk.mlp.act_channels, act_layer=type(blk.mlp.act)).to(w.device, w.dtype)
+            new = ReparamMlp(w.shape[1], blk.mlp.act_channels, act_layer=type(blk.mlp.act)).to(
+                w.device, w.dtype
+            )
         blk.mlp, blk.norm2, blk.ls2 = new, nn.Identity(), nn.Identity()
         n += 1
     return n
@@ -191,7 +201,9 @@ def reparameterize(model: nn.Module) -> nn.Module:
     """
     manifest = get_manifest(model)
     if manifest is None or not any(t.name == "repavit" for t in manifest.transforms):
-        raise VitkitError("reparameterize: the model has no RePaViT channel-idle FFN (train it with apply_repavit first)")
+        raise VitkitError(
+            "reparameterize: the model has no RePaViT channel-idle FFN (train it with apply_repavit first)"
+        )
     model.eval()
     if _reparam_structure(model, fold=True) == 0:
         raise VitkitError("reparameterize: the model's FFNs are already reparameterized")

@@ -65,7 +65,11 @@ def finetune_config(cfg: TrainConfig, epochs: int, lr: float | None) -> TrainCon
     if epochs < 1:
         raise VitkitError(f"--finetune: the number of fine-tuning epochs must be >= 1, got {epochs}")
     return cfg.model_copy(
-        update={"epochs": int(epochs), "warmup_epochs": 0.0, "lr": lr if lr is not None else cfg.resolved_lr() / 4}
+        update={
+            "epochs": int(epochs),
+            "warmup_epochs": 0.0,
+            "lr": lr if lr is not None else cfg.resolved_lr() / 4,
+        }
     )
 
 
@@ -186,7 +190,9 @@ def reduce_tokens_run(
             return {"method": "tome", "r": tcfg.schedule, "prop_attn": prop_attn}
 
         stage = {"stage": "reduce-tokens", "method": "tome", "r": r, "prop_attn": prop_attn}
-        return derive_run(source, output, transform, stage, finetune=finetune, lr=lr, force=force, quiet=quiet)
+        return derive_run(
+            source, output, transform, stage, finetune=finetune, lr=lr, force=force, quiet=quiet
+        )
     raise VitkitError(f"--method: expected evit or tome, got '{method}'")
 
 
@@ -223,12 +229,24 @@ def prune_run(
     def structured(model: nn.Module, data: DataSplits) -> dict:
         before = count_parameters(model)
         apply_structured_prune(model, StructuredPruneConfig(heads, mlp, importance), data.train)
-        return {"method": "structured", "heads": heads, "mlp": mlp, "importance": importance, "parameters_before": before}
+        return {
+            "method": "structured",
+            "heads": heads,
+            "mlp": mlp,
+            "importance": importance,
+            "parameters_before": before,
+        }
 
     def lpvit(model: nn.Module, data: DataSplits) -> dict:
-        apply_lpvit(model, LPViTConfig(flops=flops, block=block, power=power, importance=importance_lp), data.train)
+        apply_lpvit(
+            model, LPViTConfig(flops=flops, block=block, power=power, importance=importance_lp), data.train
+        )
         rep = sparsity_report(model, model_input_size(model))
-        return {"method": "lpvit", "flops_target": flops, **{k: v for k, v in rep.items() if k != "layer_sparsity"}}
+        return {
+            "method": "lpvit",
+            "flops_target": flops,
+            **{k: v for k, v in rep.items() if k != "layer_sparsity"},
+        }
 
     def dimap(model: nn.Module, data: DataSplits) -> dict:
         apply_dimap(model, DIMAPConfig(sparsity=sparsity))
@@ -324,7 +342,12 @@ def train_compressed(
     metrics = dict(run.metrics)
     if n2:
         cfg2 = cfg.model_copy(
-            update={"epochs": n2, "warmup_epochs": 0.0, "lr": distill_lr or cfg.resolved_lr() / 2, "ema_decay": None}
+            update={
+                "epochs": n2,
+                "warmup_epochs": 0.0,
+                "lr": distill_lr or cfg.resolved_lr() / 2,
+                "ema_decay": None,
+            }
         )
         grid = tuple(model.patch_embed.grid_size)
         from vitkit.models import num_prefix_tokens
@@ -334,7 +357,9 @@ def train_compressed(
             fit(model, data, cfg2, objective=stage2, run_dir=out / "stage2", quiet=quiet)
     model.eval()
     final, per_exit = all_exit_logits(model, data.val)
-    metrics["exit_top1"] = {str(k): (lg.argmax(1) == data.val.targets).float().mean().item() for k, lg in per_exit.items()}
+    metrics["exit_top1"] = {
+        str(k): (lg.argmax(1) == data.val.targets).float().mean().item() for k, lg in per_exit.items()
+    }
     metrics["final_top1"] = (final.argmax(1) == data.val.targets).float().mean().item()
     metrics["exit_sweep"] = [evaluate_early_exit(model, data.val, t) for t in DEFAULT_THRESHOLDS]
     metrics["exit_stage2_epochs"] = n2
@@ -393,7 +418,9 @@ def compare_runs(
         model = load(r)
         s = model_input_size(model)
         if shape is not None and s != shape:
-            raise VitkitError(f"compare: run '{r}' takes {s} inputs, '{runs[0]}' takes {shape}; compare runs of one input size")
+            raise VitkitError(
+                f"compare: run '{r}' takes {s} inputs, '{runs[0]}' takes {shape}; compare runs of one input size"
+            )
         shape = s
         info = read_run(r)
         data = evaluation_data(model.vitkit_run, None, s[1])
@@ -456,7 +483,13 @@ def plot_comparison(rows: list[dict[str, Any]], path: str | os.PathLike) -> None
     ):
         for row in rows:
             ax.scatter(row[key], 100 * row["top1"], s=30)
-            ax.annotate(row["name"], (row[key], 100 * row["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                row["name"],
+                (row[key], 100 * row["top1"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)

@@ -70,7 +70,9 @@ def apply_dimap(model: nn.Module, cfg: DIMAPConfig | dict | None = None) -> nn.M
     """Data-free module-aware unstructured pruning of every block linear (in place); records ``dimap``."""
     cfg = DIMAPConfig(**cfg) if isinstance(cfg, dict) else (cfg or DIMAPConfig())
     if isinstance(cfg.sparsity, bool) or not 0.0 < float(cfg.sparsity) < 1.0:
-        raise VitkitError(f"DIMAP sparsity: the fraction of weights removed must be in (0, 1), got {cfg.sparsity!r}")
+        raise VitkitError(
+            f"DIMAP sparsity: the fraction of weights removed must be in (0, 1), got {cfg.sparsity!r}"
+        )
     if int(cfg.blocks_per_module) < 1:
         raise VitkitError(f"DIMAP blocks_per_module must be >= 1, got {cfg.blocks_per_module}")
     if cfg.scores not in ("dimap", "magnitude"):
@@ -83,7 +85,7 @@ def apply_dimap(model: nn.Module, cfg: DIMAPConfig | dict | None = None) -> nn.M
             names += [n for n, _ in group]
             scores += sc
         flat = torch.cat([s.flatten() for s in scores])
-        k = int(round(float(cfg.sparsity) * flat.numel()))
+        k = round(float(cfg.sparsity) * flat.numel())
         # exactly k weights go: the k lowest scores (ties broken by position)
         prune_idx = flat.argsort()[:k]
         keep = torch.ones_like(flat)

@@ -137,12 +137,20 @@ def derivative(xs: np.ndarray, ys: np.ndarray, h: int) -> np.ndarray:
             res.append((ys[i + 1] - ys[i - 1]) / (xs[i + 1] - xs[i - 1]))
         else:
             h2 = hh // 2
-            res.append((-ys[i + hh] + 8 * ys[i + h2] - 8 * ys[i - h2] + ys[i - hh]) / (6 * (xs[i + hh] - xs[i])))
+            res.append(
+                (-ys[i + hh] + 8 * ys[i + h2] - 8 * ys[i - h2] + ys[i - hh]) / (6 * (xs[i + hh] - xs[i]))
+            )
     return np.asarray(res)
 
 
 def distortion_curve(
-    w: torch.Tensor, g: torch.Tensor, order: torch.Tensor, rates: np.ndarray, block: int, second_order: bool, damp: float
+    w: torch.Tensor,
+    g: torch.Tensor,
+    order: torch.Tensor,
+    rates: np.ndarray,
+    block: int,
+    second_order: bool,
+    damp: float,
 ) -> np.ndarray:
     """``D(p)`` for every rate, from per-tile sums accumulated in pruning order (exact, cheap)."""
     o, i = w.shape
@@ -187,7 +195,9 @@ def apply_lpvit(
     layers = prunable_linears(model)
     for name, lin in layers:
         if b < 1 or lin.weight.shape[0] % b or lin.weight.shape[1] % b:
-            raise VitkitError(f"LPViT block={b}: {name} is {tuple(lin.weight.shape)}, not a multiple of the tile size")
+            raise VitkitError(
+                f"LPViT block={b}: {name} is {tuple(lin.weight.shape)}, not a multiple of the tile size"
+            )
     if data is None:
         raise VitkitError("LPViT needs calibration images (its gradients need no labels)")
     shape = model_input_size(model)
@@ -204,7 +214,9 @@ def apply_lpvit(
             score = (w * g).abs() if cfg.importance == "taylor" else w.abs()
             orders[name] = order = tile_order(score, b)
             d = ema_smooth(distortion_curve(w, g, order, rates, b, cfg.second_order, cfg.damp), cfg.smooth)
-            d = np.maximum.accumulate(d)  # distortion cannot fall as more is pruned (their make_nondecreasing)
+            d = np.maximum.accumulate(
+                d
+            )  # distortion cannot fall as more is pruned (their make_nondecreasing)
             curves.append(d)
             nt = order.numel()
             kept = np.asarray([int((1.0 - p) * nt) for p in rates], dtype=float)
@@ -246,7 +258,7 @@ def apply_lpvit(
     assert best is not None
     masked = dict(use_masked_linears(model))
     with torch.no_grad():
-        for (name, lin), p in zip(layers, best):
+        for (name, _lin), p in zip(layers, best):
             m = masked[name]
             m.weight_mask.copy_(tile_mask(tuple(m.weight.shape), orders[name].to(m.weight.device), p, b))
     cfg.rates = {name: round(p, 4) for (name, _), p in zip(layers, best)}
@@ -264,7 +276,7 @@ def is_tile_constant(mask: torch.Tensor, block: int) -> bool:
     """True when every ``block × block`` tile of ``mask`` is all zeros or all ones."""
     o, i = mask.shape
     t = mask.reshape(o // block, block, i // block, block)
-    return bool(((t.amin(dim=(1, 3)) == t.amax(dim=(1, 3)))).all())
+    return bool((t.amin(dim=(1, 3)) == t.amax(dim=(1, 3))).all())
 
 
 __all__ = ["LPViTConfig", "MaskedLinear", "apply_lpvit", "is_tile_constant", "replay_lpvit"]

@@ -119,7 +119,9 @@ def _check_block(i: int, blk: nn.Module) -> None:
             f"structured pruning: block {i} attention is {type(blk.attn).__name__}; build the model with vitkit.create_model"
         )
     if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.fc1, nn.Linear):
-        raise VitkitError(f"structured pruning: block {i} FFN is {type(blk.mlp).__name__}; expected timm's plain Mlp")
+        raise VitkitError(
+            f"structured pruning: block {i} FFN is {type(blk.mlp).__name__}; expected timm's plain Mlp"
+        )
 
 
 def _group_scores(blk: nn.Module, importance: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +175,9 @@ def taylor_gradients(model: nn.Module, data: ImageDataset, batches: int = 4, bat
 def _apply_shapes(model: nn.Module, shapes: list[dict], scores: list[tuple] | None) -> None:
     blocks = all_blocks(model)
     if len(shapes) != len(blocks):
-        raise VitkitError(f"structured pruning: {len(shapes)} recorded block shapes for a model with {len(blocks)} blocks")
+        raise VitkitError(
+            f"structured pruning: {len(shapes)} recorded block shapes for a model with {len(blocks)} blocks"
+        )
     for i, (blk, shape) in enumerate(zip(blocks, shapes)):
         _check_block(i, blk)
         h, m = int(shape["num_heads"]), int(shape["mlp_hidden"])
@@ -203,10 +207,14 @@ def apply_structured_prune(
     cfg = StructuredPruneConfig(**cfg) if isinstance(cfg, dict) else cfg
     heads_r, mlp_r = _ratio(cfg.heads, "heads"), _ratio(cfg.mlp, "mlp")
     if cfg.importance not in IMPORTANCES:
-        raise VitkitError(f"prune importance: expected one of {', '.join(IMPORTANCES)}, got '{cfg.importance}'")
+        raise VitkitError(
+            f"prune importance: expected one of {', '.join(IMPORTANCES)}, got '{cfg.importance}'"
+        )
     blocks = all_blocks(model)
     if not blocks:
-        raise VitkitError(f"structured pruning needs timm transformer Blocks; {type(model).__name__} has none")
+        raise VitkitError(
+            f"structured pruning needs timm transformer Blocks; {type(model).__name__} has none"
+        )
     shapes = []
     for i, blk in enumerate(blocks):
         _check_block(i, blk)

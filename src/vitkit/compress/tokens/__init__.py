@@ -9,7 +9,13 @@ from vitkit.compress.tokens.evit import (
     scheduled_keep_rate,
     set_keep_rate,
 )
-from vitkit.compress.tokens.tome import ToMeBlock, ToMeConfig, apply_tome, bipartite_soft_matching, replay_tome
+from vitkit.compress.tokens.tome import (
+    ToMeBlock,
+    ToMeConfig,
+    apply_tome,
+    bipartite_soft_matching,
+    replay_tome,
+)
 
 __all__ = [
     "EViTBlock",

@@ -127,7 +127,9 @@ def apply_evit(model: nn.Module, cfg: EViTConfig | dict | None = None) -> nn.Mod
     at = parse_int_list(cfg.at, "EViT at") or default_locations(depth)
     bad = [i for i in at if not 0 <= i < depth]
     if bad:
-        raise VitkitError(f"EViT at: block indices {bad} are outside the model's {depth} blocks (0..{depth - 1})")
+        raise VitkitError(
+            f"EViT at: block indices {bad} are outside the model's {depth} blocks (0..{depth - 1})"
+        )
     if getattr(model, "cls_token", None) is None:
         raise VitkitError(
             f"EViT scores tokens by the class token's attention, and {type(model).__name__} has no class token "

@@ -175,7 +175,9 @@ def resolve_r(r: int | Sequence[int], depth: int) -> list[int]:
     else:
         sched = [int(v) for v in r]
         if len(sched) != depth:
-            raise VitkitError(f"ToMe r: a per-block list needs {depth} entries (one per block), got {len(sched)}")
+            raise VitkitError(
+                f"ToMe r: a per-block list needs {depth} entries (one per block), got {len(sched)}"
+            )
     if any(v < 0 for v in sched):
         raise VitkitError(f"ToMe r must be >= 0, got {sched}")
     return sched
@@ -217,4 +219,3 @@ def replay_tome(model: nn.Module, config: dict) -> nn.Module:
     if schedule:
         config["r"] = schedule
     return apply_tome(model, ToMeConfig(**config))
-
