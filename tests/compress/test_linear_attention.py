@@ -42,6 +42,8 @@ def _flops(n_tokens: int, linear: bool) -> int:
     attn = m.blocks[0].attn
     if linear:
         attn = LinearAttention(attn, (1, n_tokens - 1), 1, lcm_kernel=0)
+    else:
+        attn.force_unfused = True  # FlopCounterMode has no formula for the CPU fused SDPA kernel
     x = torch.randn(1, n_tokens, 32)
     with FlopCounterMode(display=False) as c, torch.no_grad():
         attn(x)
