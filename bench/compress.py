@@ -220,6 +220,72 @@ def section_linear(args) -> list[dict]:
     return rows
 
 
+# -- markdown for bench/RESULTS.md ----------------------------------------------------------------
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def report(out: Path) -> str:
+    """Markdown tables from the section JSON files written to ``out``."""
+    lines: list[str] = []
+
+    def load(name: str):
+        f = out / f"{name}.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    if d := load("deit"):
+        lines += [f"deit_small-sized (random init, 224 px), {d['meta']['threads']} thread(s); load before/after: "
+                  f"`{d['uptime_before']}` / `{d['uptime_after']}`", "",
+                  "| model | GFLOPs | params | throughput ratio (spread) | batch-1 latency ratio |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in d["result"]:
+            lo, hi = r["throughput_ratio_spread"]
+            lines.append(f"| {r['name']} | {r['gflops']:.2f} | {r['parameters'] / 1e6:.1f}M | "
+                         f"{r['throughput_ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['latency_ratio']:.2f}x |")  # fmt: skip
+        lines.append("")
+    if d := load("demo"):
+        res = d["result"]
+        lines += [f"demo model (vitkit_micro_p4_16, digits, source top-1 {_pct(res['source_top1'])}%), fine-tune "
+                  f"{res['finetune_epochs']} epochs; load before/after: `{d['uptime_before']}` / `{d['uptime_after']}`", "",
+                  "| variant | top-1 off the shelf | top-1 fine-tuned | MFLOPs | params | throughput ratio (spread) | latency ratio |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in res["rows"]:
+            lo, hi = r["throughput_ratio_spread"]
+            lines.append(f"| {r['name']} | {_pct(r['off_the_shelf_top1'])} | {_pct(r['finetuned_top1'])} | "
+                         f"{r['gflops'] * 1e3:.2f} | {r['parameters']:,} | {r['throughput_ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | "
+                         f"{r['latency_ratio']:.2f}x |")  # fmt: skip
+        lines.append("")
+    if d := load("exits"):
+        res = d["result"]
+        lines += [f"LGViT exits after blocks 1,2,3 of 4 (demo model); exit top-1 {res['exit_top1']}, final "
+                  f"{_pct(res['final_top1'])}%; load: `{d['uptime_before']}`", "",
+                  "| threshold | top-1 | mean blocks | batch-1 latency ratio vs backbone (spread) |", "|---|---|---|---|"]  # fmt: skip
+        for r in res["sweep"]:
+            lo, hi = r["latency_ratio_spread"]
+            lines.append(f"| {r['threshold']:g} | {_pct(r['top1'])} | {r['mean_blocks']:.2f} / {r['depth']} | "
+                         f"{r['latency_ratio']:.2f} ({lo:.2f}-{hi:.2f}) |")  # fmt: skip
+        lines.append("")
+    if d := load("repavit"):
+        res = d["result"]
+        f = res["ffn"]
+        lines += [f"RePaViT θ=0.75: FFN alone (C={f['dim']}, {f['tokens']} tokens, batch {f['batch']}) "
+                  f"{f['speedup_median']:.2f}x faster ({f['speedup_spread'][0]:.2f}-{f['speedup_spread'][1]:.2f}); "
+                  f"load: `{d['uptime_before']}`", "",
+                  "| seed | baseline top-1 | RePaViT top-1 | after reparam | params baseline → reparam |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in res["accuracy"]:
+            lines.append(f"| {r['seed']} | {_pct(r['baseline_top1'])} | {_pct(r['repavit_top1'])} | {_pct(r['reparam_top1'])} | "
+                         f"{r['parameters_baseline']:,} → {r['parameters_reparam']:,} |")  # fmt: skip
+        lines.append("")
+    if d := load("linear"):
+        lines += [f"Attention alone (C=384, 6 heads, batch 1, {d['meta']['threads']} thread(s)); load: `{d['uptime_before']}`", "",
+                  "| tokens | softmax SDPA ms | softmax explicit ms | linear ms | linear growth | SDPA growth | linear vs SDPA |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in d["result"]:
+            lines.append(f"| {r['tokens']} | {r['softmax_sdpa_ms']:.1f} | {r['softmax_explicit_ms']:.1f} | {r['linear_ms']:.1f} | "
+                         f"{r['linear_growth']:.1f}x | {r['sdpa_growth']:.1f}x | {r['linear_speedup_vs_sdpa']:.2f}x |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default="deit,demo,exits,repavit,linear")
@@ -233,7 +299,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="deit: token reduction only")
     p.add_argument("--out", type=Path, default=Path("bench/out/compress"))
+    p.add_argument("--report", action="store_true", help="print markdown tables from --out and exit")
     args = p.parse_args()
+    if args.report:
+        print(report(args.out))
+        return
     os.environ.setdefault("VITKIT_PROGRESS", "0")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
