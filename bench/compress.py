@@ -173,7 +173,7 @@ def section_repavit(args, work: Path) -> dict:
            "speedup_spread": [min(ratios), max(ratios)]}  # fmt: skip
 
     seeds = []
-    for seed in range(args.seeds):
+    for seed in range(args.seed, args.seed + args.seeds):
         base = train_model(_demo_config(seed=seed), work / f"rp_base{seed}", quiet=True)
         rp = train_compressed(_demo_config(seed=seed), work / f"rp{seed}", repavit=0.75, quiet=True)
         folded = reparam_run(rp.path, work / f"rp{seed}_reparam")
