@@ -235,7 +235,7 @@ def train_denoiser(
     *,
     steps: int = 300,
     lr: float = 1e-3,
-    batch_size: int = 32,
+    batch_size: int = 16,
     seed: int = 0,
 ) -> Denoiser:
     """Fit a :class:`Denoiser` from raw features to denoised targets, both (N, gh, gw, d)."""

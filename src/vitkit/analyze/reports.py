@@ -45,6 +45,12 @@ def default_output(model: nn.Module, name: str, output: str | os.PathLike | None
     return Path(info.path) / name
 
 
+def _slug(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
 def _header(model: nn.Module, data: ImageDataset) -> dict[str, Any]:
     return {"model": model_label(model), "data": data.name, "images": len(data)}
 
@@ -253,7 +259,7 @@ def run_similarity(
         **res.to_dict(),
     }
     if output is None and getattr(a, "vitkit_run", None) is not None:
-        output = str(Path(a.vitkit_run.path) / f"similarity-{Path(str(spec_b)).name}")
+        output = str(Path(a.vitkit_run.path) / f"similarity-{_slug(Path(str(spec_b)).name)}")
     out = default_output(a, "similarity", output)
     with output_dir(out) as tmp:
         write_json(tmp / "similarity.json", doc)
