@@ -56,3 +56,19 @@ def test_measure_artifacts_on_a_trained_vit(micro, digits):
     assert -1 <= res.shift["position_locked"] <= 1 and -1 <= res.shift["content_aligned"] <= 1
     # subtracting Ĝ fitted on other images removes most position-locked variance of held-out ones
     assert res.pas_heldout_corrected < res.pas
+
+
+def test_the_learned_denoiser_removes_a_planted_pattern_from_unseen_features():
+    from vitkit.analyze.artifacts import train_denoiser
+
+    g = torch.Generator().manual_seed(3)
+    h, w, d = 4, 4, 64
+    pattern = torch.randn(h, w, d, generator=g)
+    content = torch.randn(160, h, w, d, generator=g)
+    fit, test = content[:128], content[128:]
+    den = train_denoiser(fit + pattern, fit, steps=150, lr=3e-3, batch_size=16, seed=0)
+    with torch.no_grad():
+        out = den(test + pattern)
+    before = F.mse_loss(test + pattern, test)
+    after = F.mse_loss(out, test)
+    assert after < 0.2 * before  # a denoiser that ignored positions could not beat ~1.0x
