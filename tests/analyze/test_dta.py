@@ -21,9 +21,19 @@ def test_the_feature_attack_lowers_the_cosine_at_its_block(micro, val_pixels):
 
 def test_dta_searches_every_block_and_beats_noise_on_a_downstream_model(micro, digits):
     res = measure_dta(
-        micro, {"self": micro}, digits.val, DTAConfig(n=64, steps=5, search_n=16, search_steps=2)
+        micro,
+        {"self": micro},
+        digits.val,
+        DTAConfig(n=64, steps=10, alpha=2 / 255, search_n=16, search_steps=2),
     )
     assert sorted(res.layer_scores) == [0, 1, 2, 3]
     assert res.layer == max(res.layer_scores, key=res.layer_scores.get)
     r = res.downstream["self"]
     assert r["dta"]["attack_success_rate"] > r["uniform_noise"]["attack_success_rate"] + 0.2
+
+
+def test_dta_at_the_last_block_is_exactly_the_last_layer_baseline(micro, digits):
+    res = measure_dta(micro, {"self": micro}, digits.val, DTAConfig(n=16, steps=2, layer=-1))
+    r = res.downstream["self"]
+    assert res.layer == 3 and res.layer_scores == {}
+    assert r["dta"] == r["last_layer"]

@@ -201,7 +201,10 @@ def measure_dta(
         xs_all.append(xb)
         ys.append(rest.targets[i : i + cfg.batch_size].to(device))
         for k, li in attacks.items():
-            adv[k].append(cosine_attack(pm, xb, li, cfg, generator=g))
+            # the same random start for every attack: when the search picks the last block, "dta"
+            # and "last_layer" are the same attack and must give the same numbers
+            start = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
+            adv[k].append(cosine_attack(pm, xb, li, cfg, generator=start))
         noise = (torch.rand(xb.shape, generator=g) * 2 - 1).to(xb) * cfg.eps
         adv["uniform_noise"].append((xb + noise).clamp(0, 1))
     x = torch.cat(xs_all)
