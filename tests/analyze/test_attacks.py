@@ -16,7 +16,7 @@ from vitkit.errors import VitkitError
 
 @pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
 def test_pgd_stays_in_the_eps_ball_and_the_image_box(micro, val_pixels, norm, eps):
-    x, y = val_pixels[0][:64], val_pixels[1][:64]
+    x, y = val_pixels[0][:64].clone(), val_pixels[1][:64]  # the fixture is shared: don't edit it
     x[:, :, :2] = 0.0  # pixels on the box's faces must stay inside it
     x[:, :, -2:] = 1.0
     pm = PixelModel(micro)

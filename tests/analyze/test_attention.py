@@ -6,12 +6,14 @@ from vitkit.errors import VitkitError
 from vitkit.models import create_model
 
 
-def test_rollout_of_uniform_attention_is_uniform_and_rows_sum_to_one():
+def test_rollout_of_uniform_attention_matches_the_closed_form_and_rows_sum_to_one():
     n = 5
     u = torch.full((2, 3, n, n), 1 / n)
     r = rollout([u, u, u])
     assert torch.allclose(r.sum(-1), torch.ones(2, n, dtype=torch.float64))
-    assert torch.allclose(r, torch.full_like(r, 1 / n))
+    # each layer is 0.5·U + 0.5·I (residual); U is idempotent, so three layers give 0.125·I + 0.875·U
+    eye = torch.eye(n, dtype=torch.float64)
+    assert torch.allclose(r, (0.125 * eye + 0.875 / n).expand(2, n, n))
     eye = torch.eye(n).expand(2, 3, n, n)
     assert torch.allclose(rollout([eye, eye]), torch.eye(n, dtype=torch.float64).expand(2, n, n))
 

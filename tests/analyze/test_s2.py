@@ -46,6 +46,7 @@ def test_with_an_identity_model_the_2x_scale_is_the_area_resized_upsampled_input
 
 
 def test_probe_trains_only_the_head(micro):
+    micro.zero_grad(set_to_none=True)  # earlier tests backpropagated through the shared fixture
     clf = S2Classifier(S2Wrapper(micro, scales=(1, 2)), num_classes=10)
     loss = clf(torch.randn(4, 3, 16, 16)).logsumexp(1).sum()
     loss.backward()
