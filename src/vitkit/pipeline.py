@@ -90,7 +90,9 @@ def _refs(value: Any) -> list[str]:
     import re
 
     if isinstance(value, str):
-        return [m for m in re.findall(r"\{([A-Za-z0-9_.-]+)\}", value) if m not in ("workdir", "input", "name")]
+        return [
+            m for m in re.findall(r"\{([A-Za-z0-9_.-]+)\}", value) if m not in ("workdir", "input", "name")
+        ]
     if isinstance(value, list):
         return [r for v in value for r in _refs(v)]
     return []

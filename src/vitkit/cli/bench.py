@@ -1,7 +1,6 @@
 """``vitkit bench``: latency and throughput of runs in every runtime, next to plain timm, in one process."""
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,13 +19,15 @@ def bench(
     latency_calls: int = Opt(20, help="timed batch-1 calls per round"),
     precision: str = Opt("fp32", help="fp32 | bf16 | both: bf16 adds an eager bf16-autocast row"),
     compile: bool = Opt(False, "--compile/--no-compile", help="also time torch.compile (slow to warm up)"),
-    onnx: bool = Opt(True, "--onnx/--no-onnx", help="also time RUN/model.onnx and model.int8.onnx if present"),
+    onnx: bool = Opt(
+        True, "--onnx/--no-onnx", help="also time RUN/model.onnx and model.int8.onnx if present"
+    ),
     memory: bool = Opt(True, "--memory/--no-memory", help="peak resident memory of one batch call"),
     baseline: bool = Opt(
         True, "--baseline/--no-baseline", help="also time plain timm of the same architecture"
     ),
     save: bool = Opt(True, "--save/--no-save", help="write RUN/bench.json and RUN/bench.png"),
-    output: Optional[Path] = Opt(None, "-o", "--output", help="write all runs' results as JSON here"),
+    output: Path | None = Opt(None, "-o", "--output", help="write all runs' results as JSON here"),
 ) -> None:
     """Latency (batch 1, p50/p90), throughput, memory, parameters and FLOPs in each runtime, vs plain timm."""
     from rich.table import Table
@@ -36,9 +37,7 @@ def bench(
     from vitkit.io import write_json
 
     check_bench_options(repeats, batch, threads, precision)
-    cfg = BenchConfig(
-        threads=threads, repeats=repeats, throughput_batch=batch, latency_calls=latency_calls
-    )
+    cfg = BenchConfig(threads=threads, repeats=repeats, throughput_batch=batch, latency_calls=latency_calls)
     report = {"config": cfg.__dict__, "runs": {}}
     table = Table(title=f"bench ({threads} threads, median of {repeats} rounds, spread = min–max)")
     for col in ("run", "runtime", "params", "MFLOPs/img", "lat p50 ms", "lat p90 ms",

@@ -1,7 +1,6 @@
 """``vitkit export``, ``vitkit report`` and ``vitkit pipeline``."""
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,11 +16,11 @@ def export(
     format: str = Opt("onnx", "--format", help="onnx"),
     exporter: str = Opt("torchscript", help="torchscript (faster graphs here) | dynamo"),
     opt_level: str = Opt("all", help="onnxruntime graph optimization: none | basic | extended | all"),
-    threads: Optional[int] = Opt(None, help="torch and onnxruntime threads"),
-    int8: Optional[str] = Opt(None, help="dynamic: also write model.int8.onnx (onnxruntime dynamic INT8)"),
+    threads: int | None = Opt(None, help="torch and onnxruntime threads"),
+    int8: str | None = Opt(None, help="dynamic: also write model.int8.onnx (onnxruntime dynamic INT8)"),
     images: int = Opt(256, help="real validation images for the parity check"),
     bound: float = Opt(1e-4, help="max |logit difference| vs PyTorch allowed"),
-    data: Optional[str] = Opt(None, help="parity data [default: the run's validation split]"),
+    data: str | None = Opt(None, help="parity data [default: the run's validation split]"),
 ) -> None:
     """Export a run to ONNX (dynamic batch) with a parity check on its own validation images."""
     from vitkit.deploy.export import export_run

@@ -114,9 +114,7 @@ def bench_run(
     run_dir = Path(run_dir)
     shape = model_input_size(model)
     torch.set_num_threads(cfg.threads)
-    models = runtime_variants(
-        model, run_dir, bf16=bf16, compile=compile, onnx=onnx, threads=cfg.threads
-    )
+    models = runtime_variants(model, run_dir, bf16=bf16, compile=compile, onnx=onnx, threads=cfg.threads)
     if baseline:
         models[BASELINE] = timm_baseline(model)
     res = compare(models, shape, cfg, measure_flops=False)

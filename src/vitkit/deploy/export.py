@@ -216,9 +216,7 @@ def export_run(
         "dynamic_batch": True,
         "input_shape": list(input_shape),
         "transforms": [t.name for t in info.manifest.transforms],
-        "prepared": [
-            t.name for t in info.manifest.transforms if _EXPORT_RULES[t.name].prepare is not None
-        ],
+        "prepared": [t.name for t in info.manifest.transforms if _EXPORT_RULES[t.name].prepare is not None],
         "ort_optimization": opt_level,
         "threads": threads,
         "parity_data": dataset.name,
