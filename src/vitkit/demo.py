@@ -76,7 +76,7 @@ def demo_pipeline(workdir: str | os.PathLike = "runs/demo", *, quick: bool = Fal
                 "repeats": 5,
                 "batch": 16 if quick else 64,
                 "latency_calls": 10 if quick else 20,
-            },  # fmt: skip
+            },
             {"stage": "report", "input": "all"},
         ],
     }

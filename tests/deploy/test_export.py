@@ -9,9 +9,9 @@ from torch import nn
 from vitkit.cli import main
 from vitkit.deploy import OnnxModel
 from vitkit.deploy.export import (
+    _EXPORT_RULES,
     AS_IS,
     ExportRule,
-    _EXPORT_RULES,
     export_run,
     not_exportable,
     prepare_for_export,
@@ -162,4 +162,4 @@ def test_bad_options(tmp_path):
 
 
 def test_rule_table_shapes():
-    assert AS_IS == ExportRule() and _EXPORT_RULES["lora"].prepare == "vitkit.adapt.lora:merge_lora"
+    assert ExportRule() == AS_IS and _EXPORT_RULES["lora"].prepare == "vitkit.adapt.lora:merge_lora"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -248,8 +249,14 @@ def _quantize_dynamic(
 
     from vitkit.io import atomic_path
 
-    with atomic_path(dst) as tmp:
-        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime logs a "consider pre-processing" advice on every call
+    try:
+        with atomic_path(dst) as tmp:
+            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     got = logits_of(dst)
     return {
         "file": INT8_NAME,
