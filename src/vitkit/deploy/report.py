@@ -154,12 +154,16 @@ def pareto_points(runs: list[RunData]) -> list[dict[str, Any]]:
             if name.startswith("timm"):
                 continue  # the baseline has the run's weights only where shapes fit: no accuracy
             acc = r.metrics.get("top1")
+            size = 4 * b["parameters"]  # fp32 weights
+            if r.export and name == "onnxruntime fp32":
+                size = r.export.get("size_bytes") or size
             if r.export and name == "onnxruntime int8" and r.export.get("int8"):
                 acc = r.export["int8"].get("top1") or acc
+                size = r.export["int8"].get("size_bytes") or size
             if acc is None:
                 continue
-            pts.append({"label": f"{r.label} · {name}", "accuracy": acc,
-                        "latency_ms": b["latency_ms_p50"], "parameters": b["parameters"]})  # fmt: skip
+            pts.append({"label": f"{r.label} · {name}", "accuracy": acc, "latency_ms": b["latency_ms_p50"],
+                        "parameters": b["parameters"], "size_mb": size / 1e6})  # fmt: skip
     return pts
 
 
@@ -182,15 +186,15 @@ def pareto_png(pts: list[dict[str, Any]]) -> str:
     plt = _plt()
     front = set(pareto_front(pts))
     fig, ax = plt.subplots(figsize=(7, 4))
-    biggest = max(p["parameters"] for p in pts) or 1
+    biggest = max(p["size_mb"] for p in pts) or 1
     for i, p in enumerate(pts):
-        ax.scatter(p["latency_ms"], p["accuracy"], s=30 + 400 * p["parameters"] / biggest,
+        ax.scatter(p["latency_ms"], p["accuracy"], s=30 + 400 * p["size_mb"] / biggest,
                    color="tab:red" if i in front else "tab:gray", alpha=0.6)  # fmt: skip
-        ax.annotate(p["label"], (p["latency_ms"], p["accuracy"]), fontsize=6)
+        ax.annotate(f"{p['label']} ({p['size_mb']:.2f} MB)", (p["latency_ms"], p["accuracy"]), fontsize=6)
     ax.set_xscale("log")
     ax.set_xlabel("latency, batch 1, p50 (ms, log)")
     ax.set_ylabel("top-1")
-    ax.set_title("accuracy vs latency (marker area ∝ parameters; red: Pareto front)", fontsize=9)
+    ax.set_title("accuracy vs latency (marker area ∝ model size in MB; red: Pareto front)", fontsize=9)
     fig.tight_layout()
     return _png(fig)
 
