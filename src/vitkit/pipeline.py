@@ -156,8 +156,11 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
                 if n not in produced:
                     raise VitkitError(f"{where}: input '{n}' is not the output of an earlier run-producing "
                                       f"stage (earlier: {', '.join(produced) or 'none'})")  # fmt: skip
-            if len(inputs) > 1 and args[0].nargs == 1:
-                raise VitkitError(f"{where}: `vitkit {verb}` takes one run, got input {inputs}")
+            if args[0].nargs == 1:  # one run per positional argument (e.g. similarity A B)
+                need = sum(bool(a.required) for a in args)
+                if not need <= len(inputs) <= len(args):
+                    raise VitkitError(f"{where}: `vitkit {verb}` takes {need}–{len(args)} input runs "
+                                      f"({', '.join(a.name for a in args)}), got {inputs}")  # fmt: skip
         elif "input" in raw:
             raise VitkitError(f"{where}: `vitkit {verb}` reads no run directory; drop 'input'")
         refs = _refs(list(options.values()))

@@ -70,6 +70,7 @@ def test_pipeline_runs_then_skips_unchanged_stages(tmp_path):
             "'{cnn}' names no earlier run-producing stage",
         ),
         ([TRAIN, {**TRAIN}], "another stage is already named 'base'"),
+        ([TRAIN, {"stage": "export", "input": ["base", "base"]}], "takes 1–1 input runs (run)"),
     ],
 )
 def test_errors_are_reported_before_any_stage_runs(tmp_path, capsys, stages, message):
