@@ -1,4 +1,4 @@
-"""``vitkit bench``: latency and throughput of runs next to plain timm, in the same process."""
+"""``vitkit bench``: latency and throughput of runs in every runtime, next to plain timm, in one process."""
 
 from pathlib import Path
 
@@ -13,66 +13,68 @@ Opt = typer.Option
 @app.command(rich_help_panel="Deploy")
 def bench(
     runs: list[Path] = typer.Argument(..., help="run directories"),
-    threads: int = Opt(2, help="torch threads (fixed and recorded)"),
+    threads: int = Opt(2, help="torch and onnxruntime threads (fixed and recorded)"),
     repeats: int = Opt(5, help="timed rounds (≥ 5 recommended)"),
     batch: int = Opt(64, help="throughput batch size"),
-    precision: str = Opt("fp32", help="fp32 | bf16"),
+    latency_calls: int = Opt(20, help="timed batch-1 calls per round"),
+    precision: str = Opt("fp32", help="fp32 | bf16 | both: bf16 adds an eager bf16-autocast row"),
+    compile: bool = Opt(False, "--compile/--no-compile", help="also time torch.compile (slow to warm up)"),
+    onnx: bool = Opt(
+        True, "--onnx/--no-onnx", help="also time RUN/model.onnx and model.int8.onnx if present"
+    ),
+    memory: bool = Opt(True, "--memory/--no-memory", help="peak resident memory of one batch call"),
     baseline: bool = Opt(
         True, "--baseline/--no-baseline", help="also time plain timm of the same architecture"
     ),
-    output: Path | None = Opt(None, "-o", "--output", help="write the results as JSON here"),
+    save: bool = Opt(True, "--save/--no-save", help="write RUN/bench.json and RUN/bench.png"),
+    output: Path | None = Opt(None, "-o", "--output", help="write all runs' results as JSON here"),
 ) -> None:
-    """Latency (batch 1, p50/p90) and throughput (batch 64), parameters and FLOPs, vs plain timm."""
+    """Latency (batch 1, p50/p90), throughput, memory, parameters and FLOPs in each runtime, vs plain timm."""
     from rich.table import Table
 
-    from vitkit.deploy import BenchConfig, compare, timm_baseline
-    from vitkit.errors import VitkitError
+    from vitkit.deploy import BenchConfig
+    from vitkit.deploy.benchmark import BENCH_JSON, BENCH_PNG, bench_run, check_bench_options, plot_bench
     from vitkit.io import write_json
-    from vitkit.models import model_input_size
-    from vitkit.runs import load
 
-    if repeats < 1 or batch < 1 or threads < 1:
-        raise VitkitError("--repeats, --batch and --threads must be positive")
-    if precision not in ("fp32", "bf16"):
-        raise VitkitError(f"--precision must be fp32 or bf16, got '{precision}'")
-    cfg = BenchConfig(threads=threads, repeats=repeats, throughput_batch=batch, precision=precision)
+    check_bench_options(repeats, batch, threads, precision)
+    cfg = BenchConfig(threads=threads, repeats=repeats, throughput_batch=batch, latency_calls=latency_calls)
     report = {"config": cfg.__dict__, "runs": {}}
-    table = Table(title=f"bench ({threads} threads, {precision}, median of {repeats} rounds)")
-    for col in (
-        "model",
-        "params",
-        "MFLOPs/img",
-        "lat p50 ms",
-        "lat p90 ms",
-        f"img/s @{batch}",
-        "spread",
-        "vs timm",
-    ):
-        table.add_column(col, justify="right" if col != "model" else "left")
+    table = Table(title=f"bench ({threads} threads, median of {repeats} rounds, spread = min–max)")
+    for col in ("run", "runtime", "params", "MFLOPs/img", "lat p50 ms", "lat p90 ms",
+                f"img/s @{batch}", "spread", "vs timm", "peak MB"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("run", "runtime") else "right")
     for run in runs:
-        model = load(run)
-        models = {str(run): model}
-        if baseline:
-            models["timm " + model.vitkit_manifest.name] = timm_baseline(model)
-        res = compare(models, model_input_size(model), cfg)
-        names = list(res)
-        ratio = res[names[0]].throughput / res[names[1]].throughput if baseline else None
-        report["runs"][str(run)] = {
-            "results": {k: v.to_dict() for k, v in res.items()},
-            "throughput_ratio_vs_timm": ratio,
-        }
-        for k, r in res.items():
+        doc = bench_run(
+            run,
+            cfg,
+            baseline=baseline,
+            bf16=precision in ("bf16", "both"),
+            compile=compile,
+            onnx=onnx,
+            memory=memory,
+        )
+        report["runs"][str(run)] = doc
+        if save:
+            write_json(Path(run) / BENCH_JSON, doc)
+            plot_bench(doc, Path(run) / BENCH_PNG)
+        for k, r in doc["results"].items():
+            ratio = r.get("throughput_vs_timm")
+            mem = r.get("peak_memory_mb")
             table.add_row(
+                Path(run).name,
                 k,
-                f"{r.parameters:,}",
-                f"{r.flops / 1e6:.1f}",
-                f"{r.latency_ms_p50:.2f}",
-                f"{r.latency_ms_p90:.2f}",
-                f"{r.throughput:.0f}",
-                f"{r.throughput_spread[0]:.0f}–{r.throughput_spread[1]:.0f}",
-                f"{ratio:.3f}x" if (ratio is not None and k == names[0]) else "",
+                f"{r['parameters']:,}",
+                f"{r['flops'] / 1e6:.1f}",
+                f"{r['latency_ms_p50']:.2f}",
+                f"{r['latency_ms_p90']:.2f}",
+                f"{r['throughput']:.0f}",
+                f"{r['throughput_spread'][0]:.0f}–{r['throughput_spread'][1]:.0f}",
+                f"{ratio:.2f}x" if ratio is not None else "",
+                f"{mem:.1f}" if mem is not None else "",
             )
     console.print(table)
+    if save:
+        console.print(f"written: RUN/{BENCH_JSON} and RUN/{BENCH_PNG} for each run")
     if output is not None:
         write_json(output, report)
         console.print(f"written: {output}")

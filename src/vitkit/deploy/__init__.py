@@ -1,4 +1,4 @@
-"""Deployment: benchmarking (and, in later issues, ONNX export and INT8 runtimes)."""
+"""Deployment: ONNX export (onnx.py, export.py), benchmarks (bench.py, benchmark.py), the HTML report."""
 
 from vitkit.deploy.bench import BenchConfig, BenchResult, compare, count_flops, timm_baseline
 from vitkit.deploy.onnx import ExportResult, OnnxModel, export_onnx, parity

@@ -87,9 +87,11 @@ def compare(
     input_shape: tuple[int, int, int],
     cfg: BenchConfig | None = None,
     forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+    measure_flops: bool = True,
 ) -> dict[str, BenchResult]:
     """Time every model on the same inputs, interleaved round by round. ``forward`` defaults to
-    ``model(x)`` under no_grad and the configured precision."""
+    ``model(x)`` under no_grad and the configured precision. ``measure_flops=False`` leaves FLOPs at 0
+    (for wrapped runtimes such as onnxruntime or compiled graphs that the flop counter cannot see)."""
     cfg = cfg or BenchConfig()
     torch.set_num_threads(cfg.threads)
     g = torch.Generator().manual_seed(0)
@@ -129,7 +131,7 @@ def compare(
         out[name] = BenchResult(
             name=name,
             parameters=sum(p.numel() for p in m.parameters()),
-            flops=count_flops(m, x1),
+            flops=count_flops(m, x1) if measure_flops else 0,
             latency_ms_p50=_percentile(lat[name], 0.5),
             latency_ms_p90=_percentile(lat[name], 0.9),
             latency_ms_spread=(min(lat_round[name]), max(lat_round[name])),

@@ -1,0 +1,190 @@
+"""Benchmark a run directory in every runtime it can be deployed with, next to plain timm.
+
+For one run, in one process and interleaved round by round (``vitkit.deploy.bench.compare``):
+plain ``timm.create_model`` of the run's base architecture (the baseline, fp32 eager), the run in
+PyTorch eager fp32, optionally eager bf16 (autocast) and ``torch.compile``, and onnxruntime on
+``RUN/model.onnx`` and ``RUN/model.int8.onnx`` when ``vitkit export`` wrote them. Peak memory is the
+rise of the process's resident set during one throughput-batch call, sampled every millisecond
+(a coarse number: allocator caches and onnxruntime arenas count once they are first touched).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitkit.deploy.bench import BenchConfig, compare, count_flops, timm_baseline
+from vitkit.errors import VitkitError
+
+BENCH_JSON = "bench.json"
+BENCH_PNG = "bench.png"
+BASELINE = "timm fp32 eager"
+
+
+class _Autocast(nn.Module):
+    """The model under CPU bf16 autocast."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(x)
+
+
+class _Runtime(nn.Module):
+    """Any callable (an onnxruntime session, a compiled function) as a module, for ``compare``."""
+
+    def __init__(self, fn: Any):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory_mb(model: nn.Module, x: torch.Tensor) -> float | None:
+    """Rise of resident memory during one call (MB), sampled every ms; None where /proc is missing."""
+    if not Path("/proc/self/statm").exists():
+        return None
+    base = _rss_bytes()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    with torch.no_grad():
+        model(x)
+    stop.set()
+    t.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    return (peak[0] - base) / 1e6
+
+
+def runtime_variants(
+    model: nn.Module, run_dir: Path, *, bf16: bool, compile: bool, onnx: bool, threads: int
+) -> dict[str, nn.Module]:
+    from vitkit.deploy.export import INT8_NAME, ONNX_NAME, prepare_for_export
+    from vitkit.deploy.onnx import OnnxModel
+
+    variants: dict[str, nn.Module] = {"vitkit fp32 eager": model}
+    if bf16:
+        variants["vitkit bf16 eager"] = _Autocast(model)
+    if compile:
+        variants["vitkit fp32 compile"] = _Runtime(torch.compile(prepare_for_export(model)))
+    if onnx:
+        for name, label in ((ONNX_NAME, "onnxruntime fp32"), (INT8_NAME, "onnxruntime int8")):
+            if (run_dir / name).is_file():
+                variants[label] = _Runtime(OnnxModel(run_dir / name, threads=threads))
+    return variants
+
+
+def bench_run(
+    run_dir: str | os.PathLike,
+    cfg: BenchConfig,
+    *,
+    baseline: bool = True,
+    bf16: bool = False,
+    compile: bool = False,
+    onnx: bool = True,
+    memory: bool = True,
+) -> dict[str, Any]:
+    """Benchmark one run (see the module docstring). Returns the JSON-able document."""
+    from vitkit.models import model_input_size
+    from vitkit.runs import load
+
+    model = load(run_dir)
+    run_dir = Path(run_dir)
+    shape = model_input_size(model)
+    torch.set_num_threads(cfg.threads)
+    models = runtime_variants(model, run_dir, bf16=bf16, compile=compile, onnx=onnx, threads=cfg.threads)
+    if baseline:
+        models[BASELINE] = timm_baseline(model)
+    res = compare(models, shape, cfg, measure_flops=False)
+    example = torch.zeros(1, *shape)
+    flops = count_flops(model, example)
+    params = sum(p.numel() for p in model.parameters())
+    for name, r in res.items():
+        if name == BASELINE:
+            r.flops = count_flops(models[name], example)
+            r.parameters = sum(p.numel() for p in models[name].parameters())
+        else:
+            r.flops, r.parameters = flops, params
+    mem: dict[str, float | None] = {}
+    if memory:
+        xb = torch.zeros(cfg.throughput_batch, *shape)
+        for name, m in models.items():
+            mem[name] = peak_memory_mb(m, xb)
+    base = res.get(BASELINE)
+    results = {}
+    for name, r in res.items():
+        d = r.to_dict()
+        d["peak_memory_mb"] = mem.get(name)
+        if base is not None:
+            d["throughput_vs_timm"] = r.throughput / base.throughput
+            d["latency_vs_timm"] = base.latency_ms_p50 / r.latency_ms_p50  # > 1: faster
+        results[name] = d
+    first = res["vitkit fp32 eager"]
+    return {
+        "run": str(run_dir),
+        "input_shape": list(shape),
+        "config": dict(cfg.__dict__),
+        "torch_threads": torch.get_num_threads(),
+        "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "baseline": BASELINE if base is not None else None,
+        "results": results,
+        "throughput_ratio_vs_timm": first.throughput / base.throughput if base is not None else None,
+    }
+
+
+def plot_bench(doc: dict[str, Any], path: str | os.PathLike) -> None:
+    """Throughput (with the min–max spread of rounds) and batch-1 latency of every runtime."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vitkit.io import atomic_path
+
+    names = list(doc["results"])
+    rs = [doc["results"][n] for n in names]
+    thr = [r["throughput"] for r in rs]
+    err = [
+        [r["throughput"] - r["throughput_spread"][0] for r in rs],
+        [r["throughput_spread"][1] - r["throughput"] for r in rs],
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(names) + 1.8))
+    axes[0].barh(names, thr, xerr=err, color="tab:blue")
+    axes[0].set_xlabel(f"images/s at batch {doc['config']['throughput_batch']} (min–max of rounds)")
+    axes[1].barh(names, [r["latency_ms_p50"] for r in rs], color="tab:orange")
+    axes[1].set_xlabel("latency at batch 1, p50 (ms)")
+    axes[1].set_yticks([])
+    fig.suptitle(f"{doc['run']} · {doc['config']['threads']} threads", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def check_bench_options(repeats: int, batch: int, threads: int, precision: str) -> None:
+    if repeats < 1 or batch < 1 or threads < 1:
+        raise VitkitError("--repeats, --batch and --threads must be positive")
+    if precision not in ("fp32", "bf16", "both"):
+        raise VitkitError(f"--precision must be fp32, bf16 or both, got '{precision}'")

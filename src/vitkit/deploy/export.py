@@ -1,0 +1,268 @@
+"""Export a run directory to ONNX: the per-transform export contract, parity on the run's own images.
+
+The contract (docs/ARCHITECTURE.md, "Export"): every transform a run's manifest can name declares how
+it exports, in ``_EXPORT_RULES`` below (technique issues add their line, as in ``registry.py``):
+
+- ``AS_IS``: the transformed module graph traces as it is (prompt tokens, pruned shapes, ...);
+- ``prepare_with("pkg.module:function")``: ``function(model) -> model`` turns the model into its
+  deployable form first (LoRA merged into the base weights, EWA experts averaged, ...);
+- ``not_exportable("reason")``: export stops with one line naming the transform and the reason.
+
+A transform the table does not name also stops the export with one line: nothing is exported on
+trust. Whatever the rules say, the exported graph is then checked against PyTorch on real images of
+the run's validation data (max |logit difference| against a stated bound): a rule that is wrong
+cannot produce a silently different model.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitkit.errors import VitkitError
+
+PrepareFn = Callable[[nn.Module], nn.Module]
+
+ONNX_NAME = "model.onnx"
+INT8_NAME = "model.int8.onnx"
+EXPORT_JSON = "export.json"
+
+
+@dataclass(frozen=True)
+class ExportRule:
+    """How one transform exports: as it is, after a prepare hook, or not at all (with the reason)."""
+
+    prepare: str | PrepareFn | None = None  # "module:function" or a callable; None = as it is
+    not_exportable: str | None = None
+
+    def resolve(self) -> PrepareFn | None:
+        if self.prepare is None or callable(self.prepare):
+            return self.prepare
+        module, _, attr = self.prepare.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+AS_IS = ExportRule()
+
+
+def prepare_with(target: str | PrepareFn) -> ExportRule:
+    return ExportRule(prepare=target)
+
+
+def not_exportable(reason: str) -> ExportRule:
+    return ExportRule(not_exportable=reason)
+
+
+# Transforms from the technique branches (issues 3, 4, 6, 7, 9) are declared here so that their runs
+# export once merged; the parity check at export time is what verifies each of them.
+_EXPORT_RULES: dict[str, ExportRule] = {
+    # issue 3, distillation: the distillation token is a parameter, the eval head averages both heads
+    "dist_token": AS_IS,
+    # issue 4, adaptation: LoRA adapters fold into the base weights (a plain timm model again)
+    "lora": prepare_with("vitkit.adapt.lora:merge_lora"),
+    "lora-qv": prepare_with("vitkit.adapt.lora:merge_lora"),
+    "explora": prepare_with("vitkit.adapt.lora:merge_lora"),
+    "vpt": AS_IS,
+    "dvpt": AS_IS,
+    # issue 6, compression: token reduction, pruning, exits (full path), reparameterised FFNs
+    "tome": AS_IS,
+    "evit": AS_IS,
+    "exits": AS_IS,
+    "repavit": AS_IS,
+    "repavit_reparam": AS_IS,
+    "prune_structured": AS_IS,
+    "lpvit": AS_IS,
+    "dimap": AS_IS,
+    "linear_attention": AS_IS,
+    # issue 7, analysis: attention temperature defence (a logit hook with a constant)
+    "attention_temperature": AS_IS,
+    # issue 9, small data: EWA experts merge into one FFN; the others are plain modules
+    "ewa": prepare_with("vitkit.smalldata.ewa:merge_ewa"),
+    "ewa_merge": AS_IS,
+    "gmm": AS_IS,
+    "stem": AS_IS,
+}
+
+
+def register_export_rule(name: str, rule: ExportRule) -> None:
+    """Declare how runs with transform ``name`` export (see the module docstring)."""
+    _EXPORT_RULES[name] = rule
+
+
+def export_rule(name: str) -> ExportRule:
+    rule = _EXPORT_RULES.get(name)
+    if rule is None:
+        raise VitkitError(
+            f"transform '{name}' declares no export rule, so it cannot be exported (add it to "
+            f"vitkit.deploy.export._EXPORT_RULES: AS_IS, prepare_with(...) or not_exportable(...))"
+        )
+    if rule.not_exportable:
+        raise VitkitError(f"transform '{name}' is not exportable: {rule.not_exportable}")
+    return rule
+
+
+def check_exportable(transform_names: list[str]) -> None:
+    """Raise one line for the first transform that cannot be exported."""
+    for name in transform_names:
+        export_rule(name)
+
+
+def prepare_for_export(model: nn.Module) -> nn.Module:
+    """A deployable copy of ``model``: every recorded transform's prepare hook applied, in order."""
+    from vitkit.models import get_manifest
+
+    manifest = get_manifest(model)
+    names = [t.name for t in manifest.transforms] if manifest is not None else []
+    check_exportable(names)
+    out = copy.deepcopy(model).eval()
+    done: set[str | Callable] = set()
+    for name in names:
+        rule = _EXPORT_RULES[name]
+        if rule.prepare is not None and rule.prepare not in done:  # one merge folds all LoRA kinds
+            out = rule.resolve()(out)
+            done.add(rule.prepare)
+    return out.eval()
+
+
+# -- exporting a run --------------------------------------------------------------------------------
+@dataclass
+class RunExport:
+    path: Path
+    doc: dict[str, Any]
+
+
+def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float | None:
+    if targets.ndim != 1:
+        return None
+    return float((logits.argmax(1) == targets).float().mean())
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    *,
+    fmt: str = "onnx",
+    exporter: str = "torchscript",
+    opt_level: str = "all",
+    threads: int | None = None,
+    int8: str | None = None,
+    images: int = 256,
+    bound: float = 1e-4,
+    int8_agreement: float = 0.9,
+    data: str | None = None,
+) -> RunExport:
+    """Write ``RUN/model.onnx`` (and ``model.int8.onnx`` with ``int8="dynamic"``) and ``export.json``.
+
+    Parity: max |logit difference| between PyTorch and onnxruntime on up to ``images`` real images of
+    the run's validation split; above ``bound`` the export fails (nothing is left behind). The INT8
+    graph is an approximation: its logit difference is reported, and it fails when its top-1 agreement
+    with PyTorch falls below ``int8_agreement``.
+    """
+    from vitkit.api import evaluation_data
+    from vitkit.deploy.onnx import OnnxModel, export_onnx
+    from vitkit.io import write_json
+    from vitkit.models import model_input_size
+    from vitkit.runs import load, read_run
+    from vitkit.train.evaluate import predict
+
+    if fmt != "onnx":
+        raise VitkitError(f"--format must be 'onnx', got '{fmt}'")
+    if int8 not in (None, "dynamic"):
+        raise VitkitError(f"--int8 must be 'dynamic', got '{int8}'")
+    if images < 1:
+        raise VitkitError("--images must be positive")
+    info = read_run(run_dir)  # a clear line for a missing/unfinished run before anything heavy
+    check_exportable([t.name for t in info.manifest.transforms])
+    model = load(run_dir)
+    deployable = prepare_for_export(model)
+    input_shape = model_input_size(deployable)
+    dataset = evaluation_data(info, data, input_shape[1])
+    dataset = dataset.subset(torch.arange(min(images, len(dataset))))
+    if threads:
+        torch.set_num_threads(threads)
+    ref = predict(deployable, dataset)
+
+    onnx_path = info.path / ONNX_NAME
+    t0 = time.perf_counter()
+    result = export_onnx(deployable, onnx_path, input_shape, exporter=exporter)
+    export_seconds = time.perf_counter() - t0
+
+    def onnx_logits(path: Path) -> torch.Tensor:
+        session = OnnxModel(path, threads=threads, optimization=opt_level)
+        return predict(deployable, dataset, forward=lambda _m, x: session(x))
+
+    got = onnx_logits(onnx_path)
+    diff = float((ref - got).abs().max())
+    if not diff <= bound:
+        onnx_path.unlink(missing_ok=True)
+        raise VitkitError(
+            f"{onnx_path}: onnxruntime logits differ from PyTorch by {diff:.2e} on {len(dataset)} "
+            f"images of {dataset.name} (bound {bound:.0e}); the export was removed"
+        )
+    doc: dict[str, Any] = {
+        "run": str(info.path),
+        "format": "onnx",
+        "file": ONNX_NAME,
+        "exporter": exporter,
+        "opset": result.opset,
+        "dynamic_batch": True,
+        "input_shape": list(input_shape),
+        "transforms": [t.name for t in info.manifest.transforms],
+        "prepared": [t.name for t in info.manifest.transforms if _EXPORT_RULES[t.name].prepare is not None],
+        "ort_optimization": opt_level,
+        "threads": threads,
+        "parity_data": dataset.name,
+        "parity_images": len(dataset),
+        "max_abs_logit_diff": diff,
+        "bound": bound,
+        "top1_pytorch": _accuracy(ref, dataset.targets),
+        "top1_onnx": _accuracy(got, dataset.targets),
+        "size_bytes": onnx_path.stat().st_size,
+        "export_seconds": export_seconds,
+    }
+    if int8:
+        doc["int8"] = _quantize_dynamic(onnx_path, info.path / INT8_NAME, onnx_logits, ref, dataset)
+        if doc["int8"]["top1_agreement"] < int8_agreement:
+            (info.path / INT8_NAME).unlink(missing_ok=True)
+            raise VitkitError(
+                f"{info.path / INT8_NAME}: dynamic INT8 agrees with PyTorch on only "
+                f"{doc['int8']['top1_agreement']:.1%} of top-1 predictions (bound {int8_agreement:.0%}); removed"
+            )
+    write_json(info.path / EXPORT_JSON, doc)
+    return RunExport(onnx_path, doc)
+
+
+def _quantize_dynamic(
+    src: Path, dst: Path, logits_of: Callable[[Path], torch.Tensor], ref: torch.Tensor, dataset
+) -> dict[str, Any]:
+    """onnxruntime's dynamic quantization (INT8 weights, activations quantized per batch at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from vitkit.io import atomic_path
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime logs a "consider pre-processing" advice on every call
+    try:
+        with atomic_path(dst) as tmp:
+            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    got = logits_of(dst)
+    return {
+        "file": INT8_NAME,
+        "method": "onnxruntime quantize_dynamic (QInt8 weights, dynamic activations)",
+        "max_abs_logit_diff": float((ref - got).abs().max()),
+        "top1_agreement": float((ref.argmax(1) == got.argmax(1)).float().mean()),
+        "top1": _accuracy(got, dataset.targets),
+        "size_bytes": dst.stat().st_size,
+    }
