@@ -1,0 +1,1 @@
+"""Compression techniques: quantization (``compress.quant``), and others added by later issues."""
