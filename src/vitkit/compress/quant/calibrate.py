@@ -112,7 +112,9 @@ def _capture_blocks(model: nn.Module, points: list[QuantPoint], images: torch.Te
             handles.append(b.register_forward_hook(lambda m, a, o, i=i: block_out[i].append(o.detach())))
     for p in points:
         if p.block is None:
-            handles.append(p.module.register_forward_pre_hook(lambda m, a, n=p.name: global_in[n].append(a[0].detach())))
+            handles.append(
+                p.module.register_forward_pre_hook(lambda m, a, n=p.name: global_in[n].append(a[0].detach()))
+            )
     dev = _device(model)
     try:
         for x in _batches(images, bs):
@@ -180,7 +182,12 @@ def _calibrate_weight(layer: QuantLinear | QuantConv2d, cfg: QuantConfig) -> Non
 
 
 def _post_ln(
-    model: nn.Module, p: QuantPoint, layer: QuantLinear, x: torch.Tensor, cfg: QuantConfig, report: CalibrationReport
+    model: nn.Module,
+    p: QuantPoint,
+    layer: QuantLinear,
+    x: torch.Tensor,
+    cfg: QuantConfig,
+    report: CalibrationReport,
 ) -> tuple[torch.Tensor, bool]:
     """SmoothQuant-with-bias or RepQ reparameterization of p.norm → layer. Returns the layer's new
     input x' and whether its input quantizer was already set (RepQ: the reparameterized (s̃, z̃))."""
@@ -193,8 +200,12 @@ def _post_ln(
     assert spec.reparam is not None
     q = layer.input_quantizer
     per_channel = UniformQuantizer(q.bits, symmetric=False, channels=x.shape[-1], axis=-1)
-    per_channel.calibrate(x, method="percentile" if spec.act_calib != "minmax" else "minmax", percentile=cfg.percentile)
-    s_t, z_t, r, b = reparam_post_ln(norm, layer, per_channel.scale, per_channel.zero_point, target=spec.reparam)
+    per_channel.calibrate(
+        x, method="percentile" if spec.act_calib != "minmax" else "minmax", percentile=cfg.percentile
+    )
+    s_t, z_t, r, b = reparam_post_ln(
+        norm, layer, per_channel.scale, per_channel.zero_point, target=spec.reparam
+    )
     report.reparameterized.append(p.name)
     x_new = x / r - b
     if isinstance(q, UniformQuantizer) and q.channels == 1 and not spec.output_loss and not q.symmetric:
@@ -262,7 +273,9 @@ def _calibrate_point(model, p: QuantPoint, captured: dict, values: dict, cfg: Qu
         if isinstance(q, AdaLogQuantizer):
             q.calibrate(sp, loss=loss, fixed_scale=1.0)  # AdaLog: s = 1 for probabilities
         elif isinstance(q, UniformQuantizer):
-            q.calibrate(sp if loss else probs, loss=loss, method=cfg.spec.act_calib, percentile=cfg.percentile)
+            q.calibrate(
+                sp if loss else probs, loss=loss, method=cfg.spec.act_calib, percentile=cfg.percentile
+            )
         elif isinstance(q, Quantizer):
             q.calibrate(sp, loss=loss)
     else:
@@ -291,7 +304,11 @@ def _calibrate_linear_like(model, p: QuantPoint, x: torch.Tensor, cfg: QuantConf
     if isinstance(layer, QuantConv2d):
         q.calibrate(x, method=cfg.spec.act_calib, percentile=cfg.percentile)
         return
-    weight = layer.quantized_weight() if bool(getattr(layer.weight_quantizer, "calibrated", True)) else layer.weight
+    weight = (
+        layer.quantized_weight()
+        if bool(getattr(layer.weight_quantizer, "calibrated", True))
+        else layer.weight
+    )
     _calibrate_input(q, x, cfg, weight)
 
 
@@ -357,16 +374,16 @@ def _quant_block_inputs(model: nn.Module, block: nn.Module, images: torch.Tensor
     try:
         with torch.no_grad():
             for x in _batches(images, bs):
-                try:
+                with contextlib.suppress(_Stop):
                     model(x.to(dev))
-                except _Stop:
-                    pass
     finally:
         h.remove()
     return torch.cat(got)
 
 
-def reconstruct_blocks(model: nn.Module, images: torch.Tensor, cfg: QuantConfig, report: CalibrationReport) -> None:
+def reconstruct_blocks(
+    model: nn.Module, images: torch.Tensor, cfg: QuantConfig, report: CalibrationReport
+) -> None:
     """AdaRound block reconstruction of every transformer block (see module docstring)."""
     t0 = time.perf_counter()
     was_training = model.training
@@ -390,7 +407,8 @@ def reconstruct_blocks(model: nn.Module, images: torch.Tensor, cfg: QuantConfig,
             layers = [
                 m
                 for m in block.modules()
-                if isinstance(m, (QuantLinear, QuantConv2d)) and isinstance(m.weight_quantizer, UniformQuantizer)
+                if isinstance(m, (QuantLinear, QuantConv2d))
+                and isinstance(m.weight_quantizer, UniformQuantizer)
             ]
             if not layers:
                 continue
@@ -434,4 +452,3 @@ def _block_mse(block: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int) -> f
         total += float((out - y[i : i + bs]).pow(2).sum())
         n += out.numel()
     return total / max(n, 1)
-

@@ -40,11 +40,20 @@ METHODS: dict[str, Method] = {
     "ptq4vit": Method("PTQ4ViT (ECCV 2022)", "mse", "mse", "twin", "twin", symmetric=True, output_loss=True),
     "repq": Method("RepQ-ViT (ICCV 2023)", "percentile", "percentile", "logsqrt2", "uniform", reparam="mean"),
     "adalog": Method(
-        "AdaLog (ECCV 2024)", "mse", "mse", "adalog", "adalog", reparam="mean", per_head=True, output_loss=True
+        "AdaLog (ECCV 2024)",
+        "mse",
+        "mse",
+        "adalog",
+        "adalog",
+        reparam="mean",
+        per_head=True,
+        output_loss=True,
     ),
     "ias": Method("I&S-ViT (2023)", "percentile", "percentile", "shiftlog2", "uniform", reparam="mean"),
     "dopq": Method("DopQ-ViT (2024)", "percentile", "percentile", "tan", "uniform", reparam="median"),
-    "ivit": Method("I-ViT (ICCV 2023)", "minmax", "minmax", "int", "uniform", symmetric=True, integer_ops=True),
+    "ivit": Method(
+        "I-ViT (ICCV 2023)", "minmax", "minmax", "int", "uniform", symmetric=True, integer_ops=True
+    ),
 }
 
 # Points whose activation may be quantized per channel by the plain uniform methods.
@@ -64,7 +73,9 @@ class QuantConfig(BaseModel):
     head_a_bits: int | None = Field(None, description="bits of the classifier input (default: a_bits)")
     w_granularity: Literal["channel", "tensor"] = "channel"
     a_granularity: Literal["tensor", "channel"] = "tensor"
-    percentile: float | None = Field(None, gt=0.5, le=1.0, description="fixed percentile (percentile methods)")
+    percentile: float | None = Field(
+        None, gt=0.5, le=1.0, description="fixed percentile (percentile methods)"
+    )
     layer_bits: dict[str, int] = Field(default_factory=dict, description="{module pattern: bits}")
     calib_size: int = Field(128, gt=0, description="calibration images")
     calib_batch: int = Field(32, gt=0)

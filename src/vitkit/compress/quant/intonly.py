@@ -11,6 +11,7 @@ Simplified / our reading:
 * post-training (min-max scales), no QAT; the linear layers around them are simulated uniform
   symmetric quantizers (``layers.py``), so the model is integer-only *inside* the non-linear ops;
 * I-LayerNorm applies γ/β in float after the integer normalisation (I-ViT folds them into the scale);
+  its mean is exact and rows are pre-shifted for sqrt precision (our own fix, see ``int_layernorm``);
 * fixes of the public code: the integer square root starts Newton from 2^⌈bitlen(V)/2⌉ and iterates
   to convergence (theirs starts at 2^16 for 10 steps: isqrt(1) = 64); Shiftmax outputs 16 bits by
   default (8-bit output floors small probabilities to 0, rows then sum well below 1); ShiftGELU uses
@@ -54,20 +55,26 @@ def requantize(i: torch.Tensor, multiplier: int, shift: int, bits: int = 8) -> t
     return out.clamp(-lim + 1, lim - 1)
 
 
+def bit_length(v: torch.Tensor) -> torch.Tensor:
+    """Bit length of int64 ``v`` ≥ 0 (0 for 0), by binary search on shifts (integer only)."""
+    _int(v)
+    bitlen = torch.zeros_like(v)
+    t = v.clone()
+    for s in (32, 16, 8, 4, 2, 1):
+        big = t >= (1 << s)
+        bitlen = torch.where(big, bitlen + s, bitlen)
+        t = torch.where(big, t >> s, t)
+    return bitlen + (t > 0).to(torch.int64)
+
+
 def isqrt(v: torch.Tensor) -> torch.Tensor:
     """⌊√v⌋ for int64 v ≥ 0: Newton from above, starting at 2^⌈bitlen(v)/2⌉ (≥ √v), to convergence."""
     _int(v)
     v = v.clamp_min(0)
-    bitlen = torch.zeros_like(v)
-    t = v.clone()
-    for s in (32, 16, 8, 4, 2, 1):  # bit length by binary search on shifts (integer only)
-        big = t >= (1 << s)
-        bitlen = torch.where(big, bitlen + s, bitlen)
-        t = torch.where(big, t >> s, t)
-    bitlen = bitlen + (t > 0).to(torch.int64)
-    k = torch.ones_like(v) << ((bitlen + 1) >> 1)
+    safe = v.clamp_min(1)  # Newton on 0 would reach k = 0 and divide by it
+    k = torch.ones_like(v) << ((bit_length(safe) + 1) >> 1)
     for _ in range(64):
-        nxt = (k + v // k) >> 1
+        nxt = (k + safe // k) >> 1
         if bool((nxt >= k).all()):
             break
         k = torch.minimum(nxt, k)
@@ -87,7 +94,9 @@ def int_exp_shift(i: torch.Tensor, scale: float, n: int) -> torch.Tensor:
     return e.clamp_min(0)
 
 
-def shiftmax(i: torch.Tensor, scale: float, output_bits: int = 16, n: int = 15, dim: int = -1) -> torch.Tensor:
+def shiftmax(
+    i: torch.Tensor, scale: float, output_bits: int = 16, n: int = 15, dim: int = -1
+) -> torch.Tensor:
     """Integer softmax of int64 logits ``i`` (scale ``scale``); output codes with scale 2^−(bits−1)."""
     _int(i)
     i = i - i.amax(dim=dim, keepdim=True)
@@ -97,7 +106,9 @@ def shiftmax(i: torch.Tensor, scale: float, output_bits: int = 16, n: int = 15, 
     return (e * factor) >> (31 - output_bits + 1)
 
 
-def shift_gelu(i: torch.Tensor, scale: float, output_bits: int = 8, n: int = 23) -> tuple[torch.Tensor, float]:
+def shift_gelu(
+    i: torch.Tensor, scale: float, output_bits: int = 8, n: int = 23
+) -> tuple[torch.Tensor, float]:
     """Integer GELU(x) ≈ x·σ(1.702x) of int64 ``i`` (scale ``scale``); returns (codes, their scale)."""
     _int(i)
     s_sig = scale * 1.702
@@ -111,15 +122,22 @@ def shift_gelu(i: torch.Tensor, scale: float, output_bits: int = 8, n: int = 23)
 
 
 def int_layernorm(i: torch.Tensor) -> torch.Tensor:
-    """Integer normalisation over the last axis: codes y with x̂ = y·√D/2^30 ≈ (x − μ)/σ."""
+    """Integer normalisation over the last axis: codes y with x̂ = y·√D/2^30 ≈ (x − μ)/σ.
+
+    Two precision fixes over I-ViT's code (our own): the mean is exact (y = D·i − Σi, no rounded
+    μ) and each row is shifted left so that max|y| has about (62 − bitlen D)/2 bits before the
+    integer sqrt, so rows of small variance keep full precision (the sum of squares stays < 2^62).
+    Inputs must be at most 16-bit codes with D ≤ 1024 (ViT-L width).
+    """
     _int(i)
     d = i.shape[-1]
-    mu = torch.div(i.sum(-1, keepdim=True) + d // 2, d, rounding_mode="floor")
-    y = i - mu
+    y = i * d - i.sum(-1, keepdim=True)
+    target = (62 - d.bit_length()) // 2
+    shift = (target - bit_length(y.abs().amax(-1, keepdim=True))).clamp_min(0)
+    y = y << shift
     var_sum = (y * y).sum(-1, keepdim=True)
     k = isqrt(var_sum).clamp_min(1)
-    factor = INT32_MAX // k
-    return (y * factor) >> 1
+    return torch.div(y << 30, k, rounding_mode="floor")  # |y| < 2^31 so y·2^30 fits in int64
 
 
 def _int(t: torch.Tensor) -> None:
@@ -178,7 +196,9 @@ class IntSoftmax(IntOp):
         return x.softmax(dim=self.dim)
 
     def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = shiftmax(_to_int(x, self.in_scale, self.bits), float(self.in_scale), self.output_bits, dim=self.dim)
+        codes = shiftmax(
+            _to_int(x, self.in_scale, self.bits), float(self.in_scale), self.output_bits, dim=self.dim
+        )
         return codes.to(x.dtype) * 2.0 ** -(self.output_bits - 1)
 
     def extra_repr(self) -> str:

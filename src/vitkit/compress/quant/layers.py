@@ -41,7 +41,9 @@ class QuantLinear(nn.Linear):
         self.weight = source.weight
         self.bias = source.bias
         if self.bias is None and ensure_bias:  # reparameterizations fold shifts into a bias
-            self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=self.weight.dtype, device=self.weight.device))
+            self.bias = nn.Parameter(
+                torch.zeros(self.out_features, dtype=self.weight.dtype, device=self.weight.device)
+            )
         self._weight_override = None  # block reconstruction installs a soft-rounded weight here
         self.weight_quantizer = _q(weight_quantizer)
         self.input_quantizer = _q(input_quantizer)
@@ -63,7 +65,9 @@ class QuantLinear(nn.Linear):
 class QuantConv2d(nn.Conv2d):
     """``Conv2d`` (the patch embedding) with a weight quantizer and an input quantizer."""
 
-    def __init__(self, source: nn.Conv2d, weight_quantizer: Quantizer | None, input_quantizer: Quantizer | None):
+    def __init__(
+        self, source: nn.Conv2d, weight_quantizer: Quantizer | None, input_quantizer: Quantizer | None
+    ):
         nn.Module.__init__(self)
         for attr in (
             "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",

@@ -171,7 +171,9 @@ def build_structure(model: nn.Module, cfg: QuantConfig) -> dict[str, dict]:
     ``{name: {"role", "w", "a"}}`` map. Integer-only ops (I-ViT) are installed by ``intonly``."""
     points = find_points(model)
     if not points:
-        raise VitkitError(f"{type(model).__name__} has no quantization points (no Linear, attention or patch embedding)")
+        raise VitkitError(
+            f"{type(model).__name__} has no quantization points (no Linear, attention or patch embedding)"
+        )
     resolved: dict[str, dict] = {}
     for p in points:
         bits = point_bits(cfg, p.name, p.role)

@@ -105,7 +105,7 @@ def _rows(x: torch.Tensor, axis: int, channels: int, max_elements: int = MAX_SEA
 
 def _quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
     """Per-row quantile by sorting (torch.quantile refuses more than 16M elements)."""
-    k = min(max(int(round(q * (rows.shape[1] - 1))), 0), rows.shape[1] - 1)
+    k = min(max(round(q * (rows.shape[1] - 1)), 0), rows.shape[1] - 1)
     return rows.sort(dim=1).values[:, k]
 
 
@@ -260,7 +260,7 @@ class UniformQuantizer(Quantizer):
                 sorted_rows = rows.sort(dim=1).values
                 n = rows.shape[1] - 1
                 pairs = [
-                    (sorted_rows[:, int(round((1 - p) * n))], sorted_rows[:, int(round(p * n))])
+                    (sorted_rows[:, round((1 - p) * n)], sorted_rows[:, round(p * n)])
                     for p in (0.999, 0.9999, 0.99999, 1.0)
                 ]
             else:
@@ -272,6 +272,7 @@ class UniformQuantizer(Quantizer):
 
     def _pick(self, rows, pairs, x, loss) -> None:
         if loss is not None and self.channels == 1:
+
             def apply(c):
                 self.set_range(c["lo"], c["hi"])
                 return self._fake(x)
@@ -423,7 +424,9 @@ class AdaLogQuantizer(_LogBase):
         scales = (
             [fixed_scale]
             if fixed_scale is not None
-            else sorted({float(_quantile(xs[None], p)[0]) for p in torch.linspace(0.9, 1.0, 12).tolist()} | {top})
+            else sorted(
+                {float(_quantile(xs[None], p)[0]) for p in torch.linspace(0.9, 1.0, 12).tolist()} | {top}
+            )
         )
         self.scale.fill_(fixed_scale if fixed_scale is not None else top)
 
@@ -436,7 +439,10 @@ class AdaLogQuantizer(_LogBase):
         for _ in range(1 if fixed_scale is not None else 2):
             coarse = [{"q": q, "scale": best["scale"]} for q in range(10, 138, 4)]
             best = _search(coarse, apply, loss)
-            fine = [{"q": q, "scale": best["scale"]} for q in range(max(best["q"] - 3, 10), min(best["q"] + 4, 138))]
+            fine = [
+                {"q": q, "scale": best["scale"]}
+                for q in range(max(best["q"] - 3, 10), min(best["q"] + 4, 138))
+            ]
             best = _search(fine, apply, loss)
             if fixed_scale is None:
                 best = _search([{"q": best["q"], "scale": s} for s in scales], apply, loss)
@@ -512,7 +518,9 @@ class TwinUniformQuantizer(Quantizer):
         return self._done()
 
     def extra_repr(self) -> str:
-        extra = f"split={float(self.split):.3g}" if self.mode == "softmax" else f"Δp={float(self.pos_scale):.4g}"
+        extra = (
+            f"split={float(self.split):.3g}" if self.mode == "softmax" else f"Δp={float(self.pos_scale):.4g}"
+        )
         return f"bits={self.bits}, mode={self.mode}, {extra}"
 
 

@@ -26,7 +26,9 @@ from vitkit.errors import VitkitError
 
 def _check_pair(norm: nn.Module, linear: nn.Linear) -> None:
     if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
-        raise VitkitError(f"reparameterization needs a LayerNorm with affine weight and bias, got {type(norm).__name__}")
+        raise VitkitError(
+            f"reparameterization needs a LayerNorm with affine weight and bias, got {type(norm).__name__}"
+        )
     if not isinstance(linear, nn.Linear) or linear.in_features != norm.weight.numel():
         raise VitkitError("reparameterization needs the Linear fed by the LayerNorm (matching features)")
 

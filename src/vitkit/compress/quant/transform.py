@@ -32,9 +32,7 @@ TRANSFORM_NAME = "quantize"
 REPORT_ATTR = "vitkit_quant_report"
 
 
-def calibration_images(
-    model: nn.Module, data: ImageDataset | torch.Tensor, cfg: QuantConfig
-) -> torch.Tensor:
+def calibration_images(model: nn.Module, data: ImageDataset | torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     """``cfg.calib_size`` normalized images at the model's input size (a seeded random subset)."""
     c, h, w = model_input_size(model)
     if isinstance(data, ImageDataset):
@@ -47,7 +45,9 @@ def calibration_images(
             )
         n = len(data)
     else:
-        raise VitkitError(f"calibration data must be an ImageDataset or an image tensor, got {type(data).__name__}")
+        raise VitkitError(
+            f"calibration data must be an ImageDataset or an image tensor, got {type(data).__name__}"
+        )
     if n < cfg.calib_batch:
         raise VitkitError(
             f"the calibration set has {n} images, fewer than one calibration batch (calib_batch={cfg.calib_batch}): "
