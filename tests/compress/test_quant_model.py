@@ -98,9 +98,9 @@ def test_layer_bits_map_is_data_in_the_manifest(float_model, digits):
 # -- bad input -------------------------------------------------------------------------------------
 def test_bad_input_one_line_errors(float_model, digits):
     m = copy.deepcopy(float_model)
-    with pytest.raises(VitkitError, match="w_bits.*2 to 16"):
+    with pytest.raises(VitkitError, match=r"w_bits.*2 to 16"):
         quantize(m, digits.train, w_bits=1)
-    with pytest.raises(VitkitError, match="a_bits.*2 to 16"):
+    with pytest.raises(VitkitError, match=r"a_bits.*2 to 16"):
         quantize(m, digits.train, a_bits=17)
     with pytest.raises(VitkitError, match="fewer than one calibration batch"):
         quantize(m, torch.randn(8, *model_input_size(m)), calib_batch=32)
