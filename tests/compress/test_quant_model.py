@@ -48,7 +48,9 @@ def test_w8a8_keeps_accuracy_and_sixteen_bits_is_lossless(float_model, digits, f
     assert isinstance(q8.blocks[0].attn.qk_matmul, QuantMatMul)
     assert fp_top1 > 0.85
     assert evaluate(q8, digits.val)["top1"] >= fp_top1 - 0.012  # ≤ 1.2 pt (4 of 359 images)
-    q16 = _q(float_model, digits, method="minmax", w_bits=16, a_bits=16, patch_embed_a_bits=16, calib_size=128)
+    q16 = _q(
+        float_model, digits, method="minmax", w_bits=16, a_bits=16, patch_embed_a_bits=16, calib_size=128
+    )
     p16, p32 = predict(q16, digits.val), predict(float_model, digits.val)
     # static ranges from 128 images can clip a rare larger validation activation: at most 1 of 359
     # predictions may change (0.28 pt); the logits agree closely everywhere
@@ -65,7 +67,9 @@ def test_w4a4_vit_specific_method_beats_two_bit_floor(float_model, digits, fp_to
 
 
 @pytest.mark.parametrize("method", ["ptq4vit", "ivit"])
-def test_saved_and_reloaded_quantized_run_gives_identical_outputs(float_model, digits, fp_top1, tmp_path, method):
+def test_saved_and_reloaded_quantized_run_gives_identical_outputs(
+    float_model, digits, fp_top1, tmp_path, method
+):
     q = _q(float_model, digits, method=method)
     assert evaluate(q, digits.val)["top1"] >= fp_top1 - 0.02
     vitkit.save_model(tmp_path, q, classes=[str(i) for i in range(10)])
