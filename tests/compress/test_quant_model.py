@@ -136,3 +136,21 @@ def test_cli_quantize_writes_a_loadable_run_and_rejects_bad_bits(trained_run, tm
     errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "w_bits" in errors[0] and "Traceback" not in text
     assert not (tmp_path / "b").exists()  # nothing half-written
+
+
+def test_greedy_mixed_precision_beats_reverse_and_uniform_at_equal_budget(float_model, digits):
+    from vitkit.compress.quant.mixed import average_bits
+
+    top1, avg = {}, {}
+    for strategy in ("greedy", "reverse", "uniform"):
+        q = _q(float_model, digits, method="repq", mixed_precision=strategy, avg_bits=3.0, bit_choices=[2, 8])
+        layer_bits = q.vitkit_manifest.transforms[-1].config["layer_bits"]  # the allocation is data
+        avg[strategy] = average_bits(layer_bits, q)
+        top1[strategy] = evaluate(q, digits.val)["top1"]
+    assert all(a <= 3.0 + 1e-6 for a in avg.values()) and avg["greedy"] > 2.5
+    assert top1["greedy"] >= top1["reverse"] + 0.04
+    assert top1["greedy"] >= top1["uniform"] + 0.1
+    with pytest.raises(VitkitError, match="within the bit choices"):
+        _q(float_model, digits, mixed_precision="greedy", avg_bits=9.0)
+    with pytest.raises(VitkitError, match="needs both"):
+        _q(float_model, digits, mixed_precision="greedy")

@@ -33,6 +33,11 @@ def quantize(
     ),
     recon_iters: Optional[int] = Opt(None, help="reconstruction iterations per block [default: 200]"),  # noqa: UP045
     smoothquant: bool = Opt(False, "--smoothquant", help="MPTQ-ViT SmoothQuant-with-bias before calibration"),
+    mixed_precision: Optional[str] = Opt(  # noqa: UP045
+        None, help="greedy | uniform: allocate per-layer bits under --avg-bits (writes bits.png)"
+    ),
+    avg_bits: Optional[float] = Opt(None, help="parameter-weighted average weight bits"),  # noqa: UP045
+    bit_choices: Optional[str] = Opt(None, help="comma-separated bits a layer may get [default: 4,8]"),  # noqa: UP045
     seed: Optional[int] = Opt(None, help="calibration subset seed [default: 0]"),  # noqa: UP045
     force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
     device: str = Opt("cpu"),
@@ -47,6 +52,14 @@ def quantize(
         if w_bits is not None or a_bits is not None:
             raise VitkitError("--preset sets the bits: drop --w-bits/--a-bits or the preset")
         w_bits, a_bits = PRESETS[preset.lower()]
+    choices = None
+    if bit_choices is not None:
+        try:
+            choices = [int(b) for b in bit_choices.split(",")]
+        except ValueError:
+            raise VitkitError(
+                f"--bit-choices must be comma-separated integers, got '{bit_choices}'"
+            ) from None
     summary, out = quantize_run(
         run,
         output,
@@ -63,10 +76,17 @@ def quantize(
         recon_iters=recon_iters,
         smoothquant=smoothquant or None,
         seed=seed,
+        mixed_precision=mixed_precision,
+        avg_bits=avg_bits,
+        bit_choices=choices,
     )
     console.print(
         f"{summary['method']} W{summary['w_bits']}A{summary['a_bits']} (simulated): top-1 "
         f"{summary['quant_top1']:.4f} vs fp32 {summary['fp32_top1']:.4f} ({summary['drop_points']:+.2f} pt drop), "
         f"calibration {summary['calibration_seconds']:.1f} s"
     )
+    if "avg_weight_bits" in summary:
+        console.print(
+            f"average weight bits: {summary['avg_weight_bits']:.2f} (per-layer table in quant.json, bits.png)"
+        )
     console.print(f"written: {out}/ (model.json, model.safetensors, metrics.json, quant.json, config.yaml)")

@@ -87,6 +87,13 @@ class QuantConfig(BaseModel):
     recon_batch: int = Field(32, gt=0)
     recon_lr: float = Field(1e-3, gt=0)
     recon_round_weight: float = Field(0.01, ge=0)
+    mixed_precision: Literal["greedy", "reverse", "uniform"] | None = Field(
+        None, description="allocate per-layer bits under avg_bits (result stored in layer_bits)"
+    )
+    avg_bits: float | None = Field(
+        None, description="parameter-weighted average weight bits (mixed precision)"
+    )
+    bit_choices: list[int] = Field(default_factory=lambda: [4, 8], description="bits a layer may get")
 
     @field_validator("method")
     @classmethod
@@ -101,6 +108,13 @@ class QuantConfig(BaseModel):
         if v is not None and not MIN_BITS <= v <= MAX_BITS:
             raise ValueError(f"bits must be from {MIN_BITS} to {MAX_BITS}")
         return v
+
+    @field_validator("bit_choices")
+    @classmethod
+    def _choices(cls, v: list[int]) -> list[int]:
+        if not v or any(not MIN_BITS <= b <= MAX_BITS for b in v):
+            raise ValueError(f"bit choices must be from {MIN_BITS} to {MAX_BITS}")
+        return sorted(set(v))
 
     @field_validator("layer_bits")
     @classmethod
@@ -125,6 +139,12 @@ class QuantConfig(BaseModel):
         if self.method == "ivit" and (self.w_bits != 8 or self.a_bits != 8):
             raise VitkitError(
                 f"method 'ivit' is integer-only 8-bit (I-ViT); got w_bits={self.w_bits}, a_bits={self.a_bits}"
+            )
+        if (self.mixed_precision is None) != (self.avg_bits is None):
+            raise VitkitError("mixed precision needs both mixed_precision (greedy|uniform) and avg_bits")
+        if self.avg_bits is not None and not min(self.bit_choices) <= self.avg_bits <= max(self.bit_choices):
+            raise VitkitError(
+                f"avg_bits={self.avg_bits} must lie within the bit choices {self.bit_choices} (set bit_choices)"
             )
         if self.smoothquant and self.spec.reparam:
             raise VitkitError(

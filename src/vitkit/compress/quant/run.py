@@ -67,6 +67,13 @@ def quantize_run(
         "calibration_images": report.images,
         "simulated": True,  # fake quantization in float32: no INT8 kernel ran, no speedup claimed
     }
+    final_cfg = QuantConfig(
+        **{k: v for k, v in get_manifest(qmodel).transforms[-1].config.items() if k != "resolved_bits"}
+    )
+    if final_cfg.layer_bits:
+        from vitkit.compress.quant.mixed import average_bits
+
+        summary["avg_weight_bits"] = average_bits(final_cfg.layer_bits, model)
     out = prepare_run_dir(output, force=force)
     save_model(
         out, qmodel, classes=info.classes, task=info.task, data=info.data, extra={"quantized_from": str(src)}
@@ -77,7 +84,7 @@ def quantize_run(
         out / QUANT_JSON,
         {
             **summary,
-            "config": cfg.model_dump(),
+            "config": final_cfg.model_dump(),
             "layers": get_manifest(qmodel).transforms[-1].config["resolved_bits"],
             "reparameterized": report.reparameterized,
             "smoothed": report.smoothed,
@@ -85,4 +92,8 @@ def quantize_run(
             "reconstruction_mse": report.reconstruction_mse,
         },
     )
+    if final_cfg.mixed_precision is not None:
+        from vitkit.compress.quant.mixed import plot_bits
+
+        plot_bits(final_cfg.layer_bits, out / "bits.png")
     return summary, out

@@ -109,6 +109,11 @@ def quantize(
     images = calibration_images(model, calib_data, cfg)
     model.eval()
     t0 = time.perf_counter()
+    if cfg.mixed_precision is not None and not cfg.layer_bits:
+        from vitkit.compress.quant.mixed import mixed_precision_bits
+
+        bits = mixed_precision_bits(model, images, cfg.avg_bits, cfg.bit_choices, cfg.mixed_precision)
+        cfg = make_config(cfg, layer_bits=bits)  # the allocation is data: recorded, replayed as is
     resolved = build_structure(model, cfg)
     report: CalibrationReport = calibrate_model(model, images, cfg)
     if cfg.spec.integer_ops:
