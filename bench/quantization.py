@@ -74,6 +74,35 @@ def quantizer_mse(tensors, bits_list):
     return rows
 
 
+def mixed_precision(model, splits, args) -> None:
+    """Greedy vs reverse (most sensitive first) vs uniform allocation at the same average bits."""
+    from vitkit.compress.quant import quantize
+    from vitkit.compress.quant.mixed import average_bits
+    from vitkit.train import evaluate
+
+    rows = []
+    for seed in args.seeds:
+        fp = evaluate(model, splits.val)["top1"]
+        for strategy in ("greedy", "reverse", "uniform"):
+            q = quantize(copy.deepcopy(model), splits.train, method=args.methods[0], calib_size=args.calib,
+                         seed=seed, mixed_precision=strategy, avg_bits=args.mixed, bit_choices=args.choices)  # fmt: skip
+            bits = q.vitkit_manifest.transforms[-1].config["layer_bits"]
+            row = {"strategy": strategy, "seed": seed, "fp32": fp, "top1": evaluate(q, splits.val)["top1"],
+                   "avg_bits": average_bits(bits, q)}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(
+        f"\n| allocation ({args.methods[0]}, choices {args.choices}, budget {args.mixed}) | avg bits | top-1 mean ± sd (n) |"
+    )
+    print("|---|---|---|")
+    for strategy in ("greedy", "reverse", "uniform"):
+        rs = [r for r in rows if r["strategy"] == strategy]
+        t = [r["top1"] for r in rs]
+        sd = statistics.stdev(t) if len(t) > 1 else 0.0
+        print(f"| {strategy} | {statistics.mean(r['avg_bits'] for r in rs):.2f} | "
+              f"{100 * statistics.mean(t):.2f} ± {100 * sd:.2f} ({len(t)}) |")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", required=True)
@@ -83,6 +112,10 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--mixed", type=float, default=None, help="only the mixed-precision comparison at this avg bits"
+    )
+    ap.add_argument("--choices", type=int, nargs="+", default=[2, 8])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -95,6 +128,9 @@ def main() -> None:
 
     model = vitkit.load(args.run)
     splits = data_splits_for(build_config(f"{args.run}/config.yaml"), model_input_size(model)[1])
+    if args.mixed is not None:
+        mixed_precision(model, splits, args)
+        return
     results = {"fp32_top1": [], "rows": [], "mse": []}
     imgs = eval_transform(model).images(splits.train.images[:64])
     results["mse"] = quantizer_mse(captured_tensors(model, imgs), [4, 3])
