@@ -32,6 +32,7 @@ def _q(model, digits, **cfg):
 
 
 def test_points_are_found_by_type_with_all_eight_per_block(float_model):
+    assert vitkit.quantize is quantize  # the top-level API name
     pts = find_points(float_model)
     roles = [p.role for p in pts]
     depth = len(float_model.blocks)
