@@ -116,6 +116,8 @@ def main() -> None:
         "--mixed", type=float, default=None, help="only the mixed-precision comparison at this avg bits"
     )
     ap.add_argument("--choices", type=int, nargs="+", default=[2, 8])
+    ap.add_argument("--reconstruct", type=int, default=0, help="block-reconstruction iterations (0: off)")
+    ap.add_argument("--skip-mse", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -133,7 +135,8 @@ def main() -> None:
         return
     results = {"fp32_top1": [], "rows": [], "mse": []}
     imgs = eval_transform(model).images(splits.train.images[:64])
-    results["mse"] = quantizer_mse(captured_tensors(model, imgs), [4, 3])
+    if not args.skip_mse:
+        results["mse"] = quantizer_mse(captured_tensors(model, imgs), [4, 3])
     for r in results["mse"]:
         print(f"MSE {r['tensor']:13s} {r['bits']}b {r['quantizer']:15s} {r['mse']:.3e}", flush=True)
     for bits in args.bits:
@@ -142,10 +145,11 @@ def main() -> None:
                 fp = evaluate(model, splits.val)["top1"]  # FP32 in the same process, interleaved
                 t0 = time.perf_counter()
                 q = quantize(copy.deepcopy(model), splits.train, method=method, w_bits=bits, a_bits=bits,
-                             calib_size=args.calib, seed=seed)  # fmt: skip
+                             calib_size=args.calib, seed=seed,
+                             reconstruct=args.reconstruct > 0, recon_iters=max(args.reconstruct, 1))  # fmt: skip
                 wall = time.perf_counter() - t0
                 top1 = evaluate(q, splits.val)["top1"]
-                row = {"method": method, "bits": bits, "seed": seed, "fp32": fp, "top1": top1,
+                row = {"method": method + ("+recon" if args.reconstruct else ""), "bits": bits, "seed": seed, "fp32": fp, "top1": top1,
                        "calib_s": q.vitkit_quant_report.seconds, "wall_s": wall}  # fmt: skip
                 results["rows"].append(row)
                 results["fp32_top1"].append(fp)
@@ -158,11 +162,11 @@ def main() -> None:
     fp = statistics.mean(results["fp32_top1"])
     for bits in args.bits:
         for method in args.methods:
-            rs = [r for r in results["rows"] if r["bits"] == bits and r["method"] == method]
+            rs = [r for r in results["rows"] if r["bits"] == bits and r["method"].split("+")[0] == method]
             t = [r["top1"] for r in rs]
             sd = statistics.stdev(t) if len(t) > 1 else 0.0
             calib = statistics.median(r["calib_s"] for r in rs)
-            print(f"| W{bits}A{bits} | {method} | {100 * statistics.mean(t):.2f} ± {100 * sd:.2f} ({len(t)}) "
+            print(f"| W{bits}A{bits} | {rs[0]['method']} | {100 * statistics.mean(t):.2f} ± {100 * sd:.2f} ({len(t)}) "
                   f"| {100 * (fp - statistics.mean(t)):+.2f} | {calib:.1f} |")  # fmt: skip
 
 
