@@ -124,10 +124,24 @@ def test_cli_quantize_writes_a_loadable_run_and_rejects_bad_bits(trained_run, tm
     from vitkit.cli import main
 
     out = tmp_path / "q"
-    code = main(["quantize", str(trained_run), "--preset", "w8a8", "--calib", "64", "-o", str(out)])
+    code = main(
+        [
+            "quantize",
+            str(trained_run),
+            "--preset",
+            "w8a8",
+            "--calib",
+            "64",
+            "--deploy",
+            "onnx",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     info = json.loads((out / "quant.json").read_text())
-    assert info["simulated"] is True and info["layers"]["head"]["w"] == 8
+    assert info["simulated"] is False and info["layers"]["head"]["w"] == 8
+    assert (out / "model_int8.onnx").is_file() and info["onnx_vs_simulated_agreement"] >= 0.99
     assert info["quant_top1"] >= fp_top1 - 0.012
     assert isinstance(vitkit.load(out).head, QuantLinear)
     capsys.readouterr()
@@ -155,3 +169,32 @@ def test_greedy_mixed_precision_beats_reverse_and_uniform_at_equal_budget(float_
         _q(float_model, digits, mixed_precision="greedy", avg_bits=9.0)
     with pytest.raises(VitkitError, match="needs both"):
         _q(float_model, digits, mixed_precision="greedy")
+
+
+def test_int8_onnx_graph_runs_integer_kernels_and_matches_the_simulated_model(float_model, digits, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from vitkit.compress.quant.deploy import export_int8_onnx
+    from vitkit.deploy.onnx import OnnxModel
+    from vitkit.train.evaluate import eval_transform
+
+    q = _q(float_model, digits, method="minmax", calib_size=64)
+    export_int8_onnx(q, tmp_path / "q.onnx", model_input_size(q))
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert ops & {"MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv", "ConvInteger"}  # real INT8 kernels
+    x = eval_transform(q).images(digits.val.images)
+    got, sim = OnnxModel(tmp_path / "q.onnx")(x), predict(q, digits.val)
+    assert float((got.argmax(1) == sim.argmax(1)).float().mean()) >= 0.99
+    assert (
+        float((got.argmax(1) == digits.val.targets).float().mean()) >= evaluate(q, digits.val)["top1"] - 0.01
+    )
+    repq = _q(float_model, digits, method="repq")
+    with pytest.raises(
+        VitkitError, match=r"cannot run quantizer blocks\.0\.attn\.softmax\.output_quantizer \(LogSqrt2"
+    ):
+        export_int8_onnx(repq, tmp_path / "r.onnx", model_input_size(repq))
+    assert not (tmp_path / "r.onnx").exists()

@@ -39,6 +39,9 @@ def quantize(
     avg_bits: Optional[float] = Opt(None, help="parameter-weighted average weight bits"),  # noqa: UP045
     bit_choices: Optional[str] = Opt(None, help="comma-separated bits a layer may get [default: 4,8]"),  # noqa: UP045
     seed: Optional[int] = Opt(None, help="calibration subset seed [default: 0]"),  # noqa: UP045
+    deploy: Optional[str] = Opt(  # noqa: UP045
+        None, help="onnx: also write model_int8.onnx (QDQ, onnxruntime INT8; 8-bit uniform methods only)"
+    ),
     force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
     device: str = Opt("cpu"),
 ) -> None:
@@ -65,6 +68,7 @@ def quantize(
         output,
         force=force,
         device=device,
+        deploy=deploy,
         method=method,
         w_bits=w_bits,
         a_bits=a_bits,
@@ -85,6 +89,11 @@ def quantize(
         f"{summary['quant_top1']:.4f} vs fp32 {summary['fp32_top1']:.4f} ({summary['drop_points']:+.2f} pt drop), "
         f"calibration {summary['calibration_seconds']:.1f} s"
     )
+    if "onnx_int8_top1" in summary:
+        console.print(
+            f"onnxruntime INT8 (model_int8.onnx): top-1 {summary['onnx_int8_top1']:.4f}, "
+            f"{100 * summary['onnx_vs_simulated_agreement']:.1f}% predictions agree with the simulated model"
+        )
     if "avg_weight_bits" in summary:
         console.print(
             f"average weight bits: {summary['avg_weight_bits']:.2f} (per-layer table in quant.json, bits.png)"

@@ -207,7 +207,21 @@ class UniformQuantizer(Quantizer):
         s, z = self._view(self.scale, x), self._view(self.zero_point, x)
         return torch.clamp(torch.round(x / s) + z, self.qmin, self.qmax)
 
+    export_qdq = False  # set by deploy.qdq_export: emit torch fake-quantize ops (ONNX QDQ pairs)
+
+    def _fake_quantize_op(self, x: torch.Tensor) -> torch.Tensor:
+        zp = self.zero_point.round().to(torch.int32)
+        if self.channels == 1:
+            return torch.fake_quantize_per_tensor_affine(
+                x, float(self.scale[0]), int(zp[0]), self.qmin, self.qmax
+            )
+        return torch.fake_quantize_per_channel_affine(
+            x, self.scale, zp, self.axis % x.ndim, self.qmin, self.qmax
+        )
+
     def _fake(self, x: torch.Tensor) -> torch.Tensor:
+        if self.export_qdq:
+            return self._fake_quantize_op(x)
         s, z = self._view(self.scale, x), self._view(self.zero_point, x)
         r = round_ste(x / s) if _needs_grad(x) or s.requires_grad else torch.round(x / s)
         return (torch.clamp(r + z, self.qmin, self.qmax) - z) * s

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from vitkit.compress.quant.config import QuantConfig, make_config
 from vitkit.compress.quant.transform import REPORT_ATTR, quantize
@@ -23,6 +27,25 @@ from vitkit.models import get_manifest, model_input_size
 from vitkit.runs import CONFIG, prepare_run_dir, read_run, save_model, write_metrics
 
 QUANT_JSON = "quant.json"
+ONNX_INT8 = "model_int8.onnx"
+
+
+def _deploy_onnx(qmodel, val, path: Path) -> dict[str, Any]:
+    """Export the INT8 QDQ graph; its top-1 and agreement with the simulated model on ``val``."""
+    from vitkit.compress.quant.deploy import export_int8_onnx
+    from vitkit.deploy.onnx import OnnxModel
+    from vitkit.train.evaluate import eval_transform, predict
+
+    export_int8_onnx(qmodel, path, model_input_size(qmodel))
+    sim = predict(qmodel, val)
+    ort_model = OnnxModel(path)
+    x = eval_transform(qmodel).images(val.images)
+    got = torch.cat([ort_model(x[i : i + 256]) for i in range(0, len(x), 256)])
+    return {
+        "onnx_int8_top1": float((got.argmax(1) == val.targets).float().mean()),
+        "onnx_vs_simulated_agreement": float((got.argmax(1) == sim.argmax(1)).float().mean()),
+        "onnx_vs_simulated_max_logit_diff": float((got - sim).abs().max()),
+    }
 
 
 def quantize_run(
@@ -32,6 +55,7 @@ def quantize_run(
     *,
     force: bool = False,
     device: str = "cpu",
+    deploy: str | None = None,
     **overrides: Any,
 ) -> tuple[dict[str, Any], Path]:
     """Quantize ``run_dir``'s model into the new run ``output``; returns (summary, output path)."""
@@ -40,6 +64,8 @@ def quantize_run(
     from vitkit.train import build_config, evaluate
 
     cfg = make_config(config, **overrides)
+    if deploy not in (None, "onnx"):
+        raise VitkitError(f"--deploy must be 'onnx' (onnxruntime INT8 QDQ), got '{deploy}'")
     src = Path(run_dir)
     info = read_run(src)
     if Path(output).resolve() == src.resolve():
@@ -65,7 +91,7 @@ def quantize_run(
         "calibration_seconds": report.seconds,
         "reconstruction_seconds": report.reconstruction_seconds,
         "calibration_images": report.images,
-        "simulated": True,  # fake quantization in float32: no INT8 kernel ran, no speedup claimed
+        "simulated": deploy is None,  # fake quantization in float32 unless an INT8 graph was deployed
     }
     final_cfg = QuantConfig(
         **{k: v for k, v in get_manifest(qmodel).transforms[-1].config.items() if k != "resolved_bits"}
@@ -74,7 +100,14 @@ def quantize_run(
         from vitkit.compress.quant.mixed import average_bits
 
         summary["avg_weight_bits"] = average_bits(final_cfg.layer_bits, model)
+    tmp = None
+    if deploy == "onnx":
+        tmp = tempfile.TemporaryDirectory()
+        summary.update(_deploy_onnx(qmodel, splits.val, Path(tmp.name) / ONNX_INT8))
     out = prepare_run_dir(output, force=force)
+    if tmp is not None:
+        shutil.move(str(Path(tmp.name) / ONNX_INT8), out / ONNX_INT8)
+        tmp.cleanup()
     save_model(
         out, qmodel, classes=info.classes, task=info.task, data=info.data, extra={"quantized_from": str(src)}
     )
