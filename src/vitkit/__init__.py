@@ -30,6 +30,7 @@ _LAZY = {
     "load": "vitkit.runs",
     "save_model": "vitkit.runs",
     "VitkitError": "vitkit.errors",
+    "quantize": "vitkit.compress.quant",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]

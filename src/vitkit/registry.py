@@ -40,6 +40,7 @@ _TRANSFORMS: dict[str, str | ReplayFn] = {
     "lpvit": "vitkit.compress.prune.lpvit:replay_lpvit",
     "dimap": "vitkit.compress.prune.dimap:replay_dimap",
     "linear_attention": "vitkit.compress.linear_attention:replay_linear_attention",
+    "quantize": "vitkit.compress.quant.transform:replay_quantization",
 }
 
 

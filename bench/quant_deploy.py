@@ -1,0 +1,107 @@
+"""Real INT8 (onnxruntime QDQ) vs FP32 eager vs onnxruntime FP32: throughput at batch 1 and 64, and
+the accuracy of the deployed graph vs the simulated quantized model.
+
+    python bench/quant_deploy.py --run RUN_DIR [--timm vit_small_patch16_224] [--repeats 3] [--threads 2]
+
+``--run``: a vitkit run (accuracy on its validation split + speed). ``--timm``: additionally a timm
+model with random weights at its own input size (speed only; calibrated on random images, so no
+accuracy). Every engine is timed in the same process, interleaved, ``repeats`` times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def throughput(fn, x, min_seconds: float = 1.5) -> float:
+    fn(x)  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds:
+        fn(x)
+        n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
+def engines(model, images_calib, tmp: Path, method: str = "minmax"):
+    from vitkit.compress.quant import quantize
+    from vitkit.compress.quant.deploy import export_int8_onnx
+    from vitkit.deploy.onnx import OnnxModel, export_onnx
+    from vitkit.models import model_input_size
+
+    shape = model_input_size(model)
+    q = quantize(copy.deepcopy(model), images_calib, method=method, calib_size=len(images_calib))
+    export_onnx(model, tmp / "fp32.onnx", shape)
+    export_int8_onnx(q, tmp / "int8.onnx", shape)
+    return q, {
+        "fp32 eager": lambda x: model(x),
+        "ort fp32": OnnxModel(tmp / "fp32.onnx"),
+        "ort int8 QDQ": OnnxModel(tmp / "int8.onnx"),
+    }
+
+
+def measure(name, eng, shape, repeats):
+    print(f"\n{name}: images/s (median of {repeats}; ratio vs fp32 eager with min–max over repeats)")
+    for batch in (1, 64):
+        x = torch.randn(batch, *shape)
+        speed = {k: [] for k in eng}
+        with torch.no_grad():
+            for _ in range(repeats):
+                for k, fn in eng.items():  # interleaved
+                    speed[k].append(throughput(fn, x))
+        base = speed["fp32 eager"]
+        for k, v in speed.items():
+            ratios = [a / b for a, b in zip(v, base)]
+            vs_ort = [a / b for a, b in zip(v, speed["ort fp32"])]
+            print(f"| {name} | batch {batch} | {k} | {statistics.median(v):.1f} | {statistics.median(ratios):.2f}x "
+                  f"({min(ratios):.2f}–{max(ratios):.2f}) | {statistics.median(vs_ort):.2f}x |", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--timm", default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import vitkit
+    from vitkit.api import data_splits_for
+    from vitkit.deploy.onnx import OnnxModel
+    from vitkit.models import model_input_size
+    from vitkit.train import build_config, evaluate
+    from vitkit.train.evaluate import eval_transform, predict
+
+    model = vitkit.load(args.run)
+    shape = model_input_size(model)
+    splits = data_splits_for(build_config(f"{args.run}/config.yaml"), shape[1])
+    with tempfile.TemporaryDirectory() as d:
+        q, eng = engines(model, splits.train, Path(d))
+        sim = predict(q, splits.val)
+        x = eval_transform(q).images(splits.val.images)
+        got = OnnxModel(Path(d) / "int8.onnx")(x)
+        fp = evaluate(model, splits.val)["top1"]
+        print(f"accuracy ({args.run}): fp32 {fp:.4f}, simulated W8A8 minmax {evaluate(q, splits.val)['top1']:.4f}, "
+              f"onnxruntime INT8 {float((got.argmax(1) == splits.val.targets).float().mean()):.4f}, "
+              f"agreement with simulated {float((got.argmax(1) == sim.argmax(1)).float().mean()):.4f}")  # fmt: skip
+        print("| model | batch | engine | img/s | vs fp32 eager | vs ort fp32 |\n|---|---|---|---|---|---|")
+        measure(Path(args.run).name, eng, shape, args.repeats)
+    if args.timm:
+        m = vitkit.create_model(args.timm, num_classes=10)
+        m.eval()
+        shape = model_input_size(m)
+        calib = torch.randn(32, *shape)
+        with tempfile.TemporaryDirectory() as d:
+            _, eng = engines(m, calib, Path(d))
+            measure(args.timm, eng, shape, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Quantization as a model transform: ``quantize(model, calib_data, config)``.
+
+What changes in the model: every quantization point (``points.py``) is swapped by type for its
+quantized layer; the transform is recorded in the manifest as ``quantize`` with the config (incl. the
+``{module pattern: bits}`` map) and the resolved per-layer bits, so ``vitkit.load`` rebuilds the
+structure (``replay_quantization``) and reloads calibrated scales, reparameterized LayerNorm/Linear
+weights and reconstructed weights from ``model.safetensors``. It composes with earlier transforms
+(LoRA merged, pruned, token-reduced models): it only looks at the module types it finds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitkit.compress.quant.calibrate import (
+    CalibrationReport,
+    calibrate_model,
+    fold_gelu_shifts,
+    reconstruct_blocks,
+)
+from vitkit.compress.quant.config import QuantConfig, make_config
+from vitkit.compress.quant.points import build_structure
+from vitkit.data import ImageDataset
+from vitkit.errors import VitkitError
+from vitkit.models import get_manifest, model_input_size, record_transform
+
+TRANSFORM_NAME = "quantize"
+REPORT_ATTR = "vitkit_quant_report"
+
+
+def calibration_images(model: nn.Module, data: ImageDataset | torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """``cfg.calib_size`` normalized images at the model's input size (a seeded random subset)."""
+    c, h, w = model_input_size(model)
+    if isinstance(data, ImageDataset):
+        n = len(data)
+    elif isinstance(data, torch.Tensor):
+        if data.ndim != 4 or tuple(data.shape[1:]) != (c, h, w):
+            raise VitkitError(
+                f"calibration images have shape {tuple(data.shape[1:])} but the model expects {(c, h, w)} "
+                "(normalized float images, N x C x H x W)"
+            )
+        n = len(data)
+    else:
+        raise VitkitError(
+            f"calibration data must be an ImageDataset or an image tensor, got {type(data).__name__}"
+        )
+    if n < cfg.calib_batch:
+        raise VitkitError(
+            f"the calibration set has {n} images, fewer than one calibration batch (calib_batch={cfg.calib_batch}): "
+            "give more images or lower calib_batch"
+        )
+    g = torch.Generator().manual_seed(cfg.seed)
+    idx = torch.randperm(n, generator=g)[: min(cfg.calib_size, n)]
+    if isinstance(data, torch.Tensor):
+        return data[idx].float()
+    from vitkit.train.evaluate import eval_transform
+
+    return eval_transform(model).images(data.images[idx])
+
+
+def apply_quantization(model: nn.Module, config: QuantConfig | dict[str, Any]) -> nn.Module:
+    """The quantized *structure* (uncalibrated quantizers) recorded in the manifest. Used by replay;
+    to quantize for real call :func:`quantize`, which also calibrates."""
+    cfg = make_config(config)
+    resolved = build_structure(model, cfg)
+    _record(model, cfg, resolved)
+    return model
+
+
+def replay_quantization(model: nn.Module, config: dict[str, Any]) -> nn.Module:
+    """Registry replay: rebuild the structure from the recorded config (values come from safetensors)."""
+    config = dict(config)
+    recorded = config.pop("resolved_bits", None)
+    cfg = make_config(config)
+    resolved = build_structure(model, cfg)
+    if recorded is not None and recorded != resolved:
+        missing = sorted(set(recorded) ^ set(resolved))[:3]
+        raise VitkitError(
+            f"the run's quantization points differ from the rebuilt model's (e.g. {missing}): "
+            "was the model changed after it was quantized?"
+        )
+    _record(model, cfg, resolved)
+    return model
+
+
+def _record(model: nn.Module, cfg: QuantConfig, resolved: dict) -> None:
+    if get_manifest(model) is not None:
+        record_transform(model, TRANSFORM_NAME, {**cfg.model_dump(), "resolved_bits": resolved})
+
+
+def quantize(
+    model: nn.Module,
+    calib_data: ImageDataset | torch.Tensor,
+    config: QuantConfig | dict[str, Any] | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Post-training quantization of ``model`` in place (returns it, in eval mode).
+
+    ``calib_data``: an :class:`~vitkit.data.ImageDataset` (uint8, transformed with the model's eval
+    transform) or normalized float images (N, C, H, W) at the model's input size. ``config``: a
+    :class:`QuantConfig`, a dict, or keyword fields (``method="adalog", w_bits=4, a_bits=4``).
+    The calibration report (timings, reparameterized layers) is ``model.vitkit_quant_report``.
+    """
+    cfg = make_config(config, **overrides)
+    images = calibration_images(model, calib_data, cfg)
+    model.eval()
+    t0 = time.perf_counter()
+    if cfg.mixed_precision is not None and not cfg.layer_bits:
+        from vitkit.compress.quant.mixed import mixed_precision_bits
+
+        bits = mixed_precision_bits(model, images, cfg.avg_bits, cfg.bit_choices, cfg.mixed_precision)
+        cfg = make_config(cfg, layer_bits=bits)  # the allocation is data: recorded, replayed as is
+    resolved = build_structure(model, cfg)
+    report: CalibrationReport = calibrate_model(model, images, cfg)
+    if cfg.spec.integer_ops:
+        from vitkit.compress.quant.intonly import calibrate_integer_ops
+
+        calibrate_integer_ops(model, images, cfg.calib_batch)
+    if cfg.reconstruct:
+        reconstruct_blocks(model, images, cfg, report)
+    report.folded = fold_gelu_shifts(model)
+    report.seconds = time.perf_counter() - t0 - report.reconstruction_seconds
+    _record(model, cfg, resolved)
+    object.__setattr__(model, REPORT_ATTR, report)
+    return model
