@@ -91,6 +91,9 @@ _EXPORT_RULES: dict[str, ExportRule] = {
     "ewa_merge": AS_IS,
     "gmm": AS_IS,
     "stem": AS_IS,
+    # issue 5, quantization: the simulated (fake-quant) graph exports as float ops; the real INT8 QDQ
+    # graph of 8-bit uniform quantizers comes from `vitkit quantize --deploy onnx`
+    "quantize": AS_IS,
 }
 
 
