@@ -33,6 +33,12 @@ class Objective:
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         """Called before each epoch (0-based): schedules such as deferred re-weighting live here."""
 
+    def trainable_modules(self) -> list[nn.Module]:
+        """Modules the objective owns and trains along with the model (feature-distillation
+        projectors, ...): the loop moves them to the device, adds their parameters to the optimizer
+        and keeps their state in the checkpoint. They are not part of the saved model."""
+        return []
+
     def describe(self) -> dict:
         return {"name": type(self).__name__}
 
