@@ -20,6 +20,7 @@ ReplayFn = Callable[[nn.Module, dict], nn.Module]
 
 _TRANSFORMS: dict[str, str | ReplayFn] = {
     # name: "vitkit.package.module:function"   (technique issues add their entries here)
+    "dist_token": "vitkit.distill.deit:replay_dist_token",
 }
 
 

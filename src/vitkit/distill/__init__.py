@@ -1,0 +1,1 @@
+"""Distillation: DeiT token distillation, DeiT-LT, feature distillation (G2SD generic stage, ScaleKD)."""
