@@ -104,7 +104,7 @@ def run_lt(args, data, out: Path, results: dict) -> None:
     }
     print("teacher", results["lt"]["teacher"], flush=True)
     for seed in args.seeds:
-        for variant in ("plain", "deit", "deit-lt", "deit-lt-mildaug"):
+        for variant in args.variants:
             t0 = time.perf_counter()
             dst = out / f"{variant}-s{seed}"
             if variant == "plain":
@@ -120,7 +120,9 @@ def run_lt(args, data, out: Path, results: dict) -> None:
                 if variant == "deit-lt-mildaug":
                     # the DeiT-LT loss and DRW without the strong augmentation (explicit fields win)
                     cfg = student_cfg(args, seed, randaug=None, mixup=0.0, cutmix=0.0, reprob=0.0)
-                run = distill(cfg, dst, teacher=out / "teacher", method=method, data=data, force=True, quiet=True)
+                run = distill(
+                    cfg, dst, teacher=out / "teacher", method=method, data=data, force=True, quiet=True
+                )
                 row = {h: summarize(run.metrics["heads"][h]) for h in ("cls", "dist", "mean")}
             row["seconds"] = round(time.perf_counter() - t0, 1)
             results["lt"].setdefault(variant, []).append(row)
@@ -135,6 +137,7 @@ def run_feature(args, data, out: Path, results: dict) -> None:
             args,
             0,
             model=args.feature_teacher,
+            img_size=args.feature_img_size,
             epochs=args.feature_teacher_epochs,
             warmup_epochs=min(1, args.feature_teacher_epochs / 2),
         ),
@@ -156,6 +159,7 @@ def run_feature(args, data, out: Path, results: dict) -> None:
                 args,
                 seed,
                 model="vitkit_micro_p4_16",
+                img_size=args.feature_img_size,
                 epochs=args.feature_epochs,
                 warmup_epochs=min(1, args.feature_epochs / 2),
             )
@@ -163,7 +167,9 @@ def run_feature(args, data, out: Path, results: dict) -> None:
             if variant == "ce":
                 run = train_model(cfg, dst, data=data, force=True, quiet=True)
             else:
-                run = distill(cfg, dst, teacher=out / "vit-teacher", method=variant, data=data, force=True, quiet=True)
+                run = distill(
+                    cfg, dst, teacher=out / "vit-teacher", method=variant, data=data, force=True, quiet=True
+                )
             row = {**summarize(run.metrics), "seconds": round(time.perf_counter() - t0, 1)}
             results["feature"].setdefault(variant, []).append(row)
             print("feature", variant, seed, json.dumps(row), flush=True)
@@ -260,8 +266,15 @@ def main() -> None:
     p.add_argument("--feature-teacher", default="vitkit_tiny_p4_32")
     p.add_argument("--feature-teacher-epochs", type=int, default=8)
     p.add_argument("--feature-epochs", type=int, default=8)
+    p.add_argument(
+        "--feature-img-size", type=int, default=32, help="part feature: teacher and student input side"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-size", type=int, default=None, help="stratified subsample of the LT training set")
+    p.add_argument("--val-size", type=int, default=None, help="stratified subsample of the 10k test set")
+    p.add_argument(
+        "--variants", nargs="+", default=["plain", "deit", "deit-lt", "deit-lt-mildaug"], help="part lt"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench/out/distill_lt")
     args = p.parse_args()
@@ -269,12 +282,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_splits("fashion-mnist", longtail=100, train_size=args.train_size)
+    data = load_splits("fashion-mnist", longtail=100, train_size=args.train_size, val_size=args.val_size)
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "args": vars(args),
         "train_size": len(data.train),
+        "val_size": len(data.val),
         "train_class_counts": data.train.class_counts(),
         "lt": {},
         "feature": {},

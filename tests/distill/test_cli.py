@@ -14,8 +14,28 @@ from vitkit.cli import main
 @pytest.fixture(scope="module")
 def cnn_teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("distill") / "teacher"
-    code = main(["train", "--data", "digits", "--longtail", "10", "--model", "test_resnet", "--img-size", "16",
-                 "--epochs", "4", "--lr", "3e-3", "--sampler", "balanced", "-q", "-o", str(out)])
+    code = main(
+        [
+            "train",
+            "--data",
+            "digits",
+            "--longtail",
+            "10",
+            "--model",
+            "test_resnet",
+            "--img-size",
+            "16",
+            "--epochs",
+            "4",
+            "--lr",
+            "3e-3",
+            "--sampler",
+            "balanced",
+            "-q",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -26,9 +46,31 @@ def test_cnn_teacher_trains_at_its_size_and_distills(cnn_teacher, tmp_path, caps
     manifest = json.loads((cnn_teacher / "model.json").read_text())
     assert manifest["base"]["kwargs"]["img_size"] == 16
     out = tmp_path / "student"
-    code = main(["distill", "--student", "vitkit_nano_p4_16", "--add-dist-token", "--teacher", str(cnn_teacher),
-                 "--method", "deit-lt", "--data", "digits", "--longtail", "10", "--epochs", "2", "--train-size", "400",
-                 "--val-size", "100", "-q", "-o", str(out)])
+    code = main(
+        [
+            "distill",
+            "--student",
+            "vitkit_nano_p4_16",
+            "--add-dist-token",
+            "--teacher",
+            str(cnn_teacher),
+            "--method",
+            "deit-lt",
+            "--data",
+            "digits",
+            "--longtail",
+            "10",
+            "--epochs",
+            "2",
+            "--train-size",
+            "400",
+            "--val-size",
+            "100",
+            "-q",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())
     for h in ("cls", "dist", "mean"):
@@ -53,7 +95,9 @@ def _error_line(capsys) -> str:
 
 
 def test_missing_teacher_run(tmp_path, capsys):
-    code = main(["distill", "--teacher", str(tmp_path / "nope"), "--data", "digits", "-o", str(tmp_path / "s")])
+    code = main(
+        ["distill", "--teacher", str(tmp_path / "nope"), "--data", "digits", "-o", str(tmp_path / "s")]
+    )
     line = _error_line(capsys)
     assert code == 2 and f"teacher run directory '{tmp_path / 'nope'}' does not exist" in line
     assert not (tmp_path / "s").exists()
@@ -61,8 +105,19 @@ def test_missing_teacher_run(tmp_path, capsys):
 
 def test_bad_inputs_exit_2(cnn_teacher, tmp_path, capsys):
     # a student without a DIST token asked for DeiT distillation: say how to add one
-    code = main(["distill", "--student", "vitkit_nano_p4_16", "--teacher", str(cnn_teacher), "--data", "digits",
-                 "-o", str(tmp_path / "a")])
+    code = main(
+        [
+            "distill",
+            "--student",
+            "vitkit_nano_p4_16",
+            "--teacher",
+            str(cnn_teacher),
+            "--data",
+            "digits",
+            "-o",
+            str(tmp_path / "a"),
+        ]
+    )
     assert code == 2 and "--add-dist-token" in _error_line(capsys)
     # teacher and student with different class counts
     rng = np.random.default_rng(0)

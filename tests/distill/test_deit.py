@@ -42,7 +42,9 @@ def test_soft_loss_matches_hand_computed_kl():
         p_t = torch.softmax(t / tau, 1)
         kl = (p_t * (p_t.log() - torch.log_softmax(s / tau, 1))).sum()  # Σ_b Σ_c KL terms
         # DeiT: sum · T² / numel(B·C); timm's TokenDistillationTask: batchmean · T² (÷B)
-        torch.testing.assert_close(soft_distillation_loss(s, t, tau), kl * tau**2 / s.numel(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            soft_distillation_loss(s, t, tau), kl * tau**2 / s.numel(), rtol=1e-6, atol=1e-7
+        )
         torch.testing.assert_close(
             soft_distillation_loss(s, t, tau, "batchmean"), kl * tau**2 / 6, rtol=1e-6, atol=1e-7
         )
@@ -112,8 +114,11 @@ class Recording(nn.Module):
 
     def __init__(self, in_chans=3, size=16):
         super().__init__()
-        self.pretrained_cfg = {"input_size": (in_chans, size, size), "mean": (0.485, 0.456, 0.406),
-                               "std": (0.229, 0.224, 0.225)}
+        self.pretrained_cfg = {
+            "input_size": (in_chans, size, size),
+            "mean": (0.485, 0.456, 0.406),
+            "std": (0.229, 0.224, 0.225),
+        }
         self.num_classes = 10
         self.fc = nn.Linear(in_chans, 10)
         self.seen: list[torch.Tensor] = []
@@ -145,7 +150,9 @@ def test_teacher_receives_its_own_normalization(digits):
     teacher.train()
     assert not rec.training and not any(p.requires_grad for p in rec.parameters())
     # renormalize is its own inverse
-    back = renormalize(expect, rec.pretrained_cfg["mean"], rec.pretrained_cfg["std"], s_mean, s_std, (16, 16), 3)
+    back = renormalize(
+        expect, rec.pretrained_cfg["mean"], rec.pretrained_cfg["std"], s_mean, s_std, (16, 16), 3
+    )
     torch.testing.assert_close(back, x_student, rtol=0, atol=1e-5)
 
 
@@ -168,9 +175,11 @@ def test_alpha_zero_is_the_base_loss_and_no_gradient_reaches_the_teacher():
 
 
 def test_student_without_dist_token_is_refused():
-    with pytest.raises(VitkitError, match="no DIST token.*--add-dist-token"):
-        DeiTObjective(Teacher(create_model("vitkit_nano_p4_16", num_classes=10)),
-                      create_model("vitkit_nano_p4_16", num_classes=10))
+    with pytest.raises(VitkitError, match=r"no DIST token.*--add-dist-token"):
+        DeiTObjective(
+            Teacher(create_model("vitkit_nano_p4_16", num_classes=10)),
+            create_model("vitkit_nano_p4_16", num_classes=10),
+        )
 
 
 class Permuted(nn.Module):

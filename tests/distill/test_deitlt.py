@@ -43,7 +43,9 @@ def test_drw_weights_only_the_dist_loss_from_the_drw_epoch():
         torch.testing.assert_close(obj.base_loss(cls_logits, y), F.cross_entropy(cls_logits, y))
     obj = DeiTLTObjective(teacher, student, COUNTS, DeiTLTConfig(drw=None))
     obj.on_epoch_start(9, 10)
-    torch.testing.assert_close(obj.distillation_loss(dist_logits, t_logits), F.cross_entropy(dist_logits, t_logits.argmax(1)))
+    torch.testing.assert_close(
+        obj.distillation_loss(dist_logits, t_logits), F.cross_entropy(dist_logits, t_logits.argmax(1))
+    )
     obj = DeiTLTObjective(teacher, student, COUNTS, DeiTLTConfig(drw=3, weighted_base=True))
     obj.on_epoch_start(3, 10)
     torch.testing.assert_close(obj.base_loss(cls_logits, y), F.cross_entropy(cls_logits, y, weight=w))
@@ -52,7 +54,11 @@ def test_drw_weights_only_the_dist_loss_from_the_drw_epoch():
 class Recording(nn.Module):
     def __init__(self):
         super().__init__()
-        self.pretrained_cfg = {"input_size": (3, 8, 8), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+        self.pretrained_cfg = {
+            "input_size": (3, 8, 8),
+            "mean": (0.485, 0.456, 0.406),
+            "std": (0.229, 0.224, 0.225),
+        }
         self.num_classes = 10
         self.fc = nn.Linear(3, 10)
         self.seen: list[torch.Tensor] = []
@@ -79,7 +85,9 @@ def test_teacher_sees_the_mixed_student_batch_at_its_own_size(quick):
     assert obj.targets.ndim == 2 and (obj.targets.max(1).values < 0.99).any()  # a mixed batch
     seen = rec.seen[-1]
     assert seen.shape == (32, 3, 8, 8)
-    expect = renormalize(obj.images, (0.5,) * 3, (0.5,) * 3, rec.pretrained_cfg["mean"], rec.pretrained_cfg["std"], (8, 8), 3)
+    expect = renormalize(
+        obj.images, (0.5,) * 3, (0.5,) * 3, rec.pretrained_cfg["mean"], rec.pretrained_cfg["std"], (8, 8), 3
+    )
     torch.testing.assert_close(seen, expect, rtol=0, atol=1e-5)
 
 
@@ -87,5 +95,7 @@ def test_recipe_adds_strong_augmentation_unless_set(quick):
     cfg = deit_lt_recipe(quick(epochs=10), DeiTLTConfig(drw=0.8))
     assert cfg.randaug.startswith("rand-m9") and cfg.mixup == 0.8 and cfg.cutmix == 1.0 and cfg.reprob == 0.25
     assert cfg.mixup_off_epoch == 8
-    mine = deit_lt_recipe(quick(epochs=10, mixup=0.0, randaug=None), DeiTLTConfig(drw=0.8, no_mixup_drw=False))
+    mine = deit_lt_recipe(
+        quick(epochs=10, mixup=0.0, randaug=None), DeiTLTConfig(drw=0.8, no_mixup_drw=False)
+    )
     assert mine.mixup == 0.0 and mine.randaug is None and mine.cutmix == 1.0 and mine.mixup_off_epoch is None

@@ -40,12 +40,15 @@ def test_dct_identities():
 def test_mimic_losses_match_hand_formulas():
     torch.manual_seed(0)
     p, t = torch.randn(3, 5, 4, 4), torch.randn(3, 5, 4, 4)
-    hand = sum(
-        ((p[b, :, i, j] / p[b, :, i, j].norm() - t[b, :, i, j] / t[b, :, i, j].norm()) ** 2).sum()
-        for b in range(3)
-        for i in range(4)
-        for j in range(4)
-    ) / 3
+    hand = (
+        sum(
+            ((p[b, :, i, j] / p[b, :, i, j].norm() - t[b, :, i, j] / t[b, :, i, j].norm()) ** 2).sum()
+            for b in range(3)
+            for i in range(4)
+            for j in range(4)
+        )
+        / 3
+    )
     torch.testing.assert_close(spatial_mimic_loss(p, t), hand)
     pc, tc = p - p.mean((-2, -1), keepdim=True), t - t.mean((-2, -1), keepdim=True)
     torch.testing.assert_close(frequency_mimic_loss(p, t), spatial_mimic_loss(pc, tc), rtol=1e-5, atol=1e-5)
@@ -61,7 +64,9 @@ def test_projector_shapes():
 def test_g2sd_loss_and_token_alignment():
     torch.manual_seed(0)
     student = create_model("vitkit_nano_p4_16", num_classes=10)  # 1 prefix, 4x4 grid, 32 wide
-    teacher_model = create_model("vitkit_micro_distilled_p4_16", num_classes=10, img_size=32)  # 2 prefix, 8x8, 64
+    teacher_model = create_model(
+        "vitkit_micro_distilled_p4_16", num_classes=10, img_size=32
+    )  # 2 prefix, 8x8, 64
     obj = G2SDObjective(Teacher(teacher_model), student, G2SDConfig())
     s = torch.randn(2, 17, 32)
     t = torch.randn(2, 66, 64)
