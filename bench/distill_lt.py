@@ -51,7 +51,7 @@ def summarize(m: dict) -> dict:
 def student_cfg(args, seed: int, **kw) -> TrainConfig:
     base = dict(
         model="vitkit_micro_distilled_p4_16",
-        img_size=32,
+        img_size=args.img_size,
         data="fashion-mnist",
         longtail=100,
         epochs=args.epochs,
@@ -74,6 +74,20 @@ def run_lt(args, data, out: Path, results: dict) -> None:
     counts = data.train.class_counts()
     assert counts == sorted(counts, reverse=True), counts
     t0 = time.perf_counter()
+    teacher_dir = Path(args.teacher_run) if args.teacher_run else out / "teacher"
+    if args.teacher_run:  # reuse a teacher trained by an earlier run of this script
+        from vitkit.runs import load
+
+        tmodel = load(teacher_dir)
+        tm = classification_metrics(predict(tmodel, data.val), data.val.targets)
+        results["lt"]["teacher"] = {"model": str(teacher_dir), "seconds": 0.0, **summarize(tm)}
+    else:
+        _train_teacher(args, data, teacher_dir, results, t0)
+    print("teacher", results["lt"]["teacher"], flush=True)
+    _run_students(args, data, out, results, teacher_dir)
+
+
+def _train_teacher(args, data, teacher_dir: Path, results: dict, t0: float) -> None:
     teacher = train_model(
         TrainConfig(
             model=args.teacher,
@@ -92,7 +106,7 @@ def run_lt(args, data, out: Path, results: dict) -> None:
             tensorboard=False,
             threads=args.threads,
         ),
-        out / "teacher",
+        teacher_dir,
         data=data,
         force=True,
         quiet=True,
@@ -102,7 +116,10 @@ def run_lt(args, data, out: Path, results: dict) -> None:
         "seconds": round(time.perf_counter() - t0, 1),
         **summarize(teacher.metrics),
     }
-    print("teacher", results["lt"]["teacher"], flush=True)
+
+
+def _run_students(args, data, out: Path, results: dict, teacher_dir: Path) -> None:
+    counts = data.train.class_counts()
     for seed in args.seeds:
         for variant in args.variants:
             t0 = time.perf_counter()
@@ -263,6 +280,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--teacher", default="resnet10t")
     p.add_argument("--teacher-epochs", type=int, default=8)
+    p.add_argument("--teacher-run", default=None, help="part lt: reuse this trained teacher run directory")
+    p.add_argument("--img-size", type=int, default=32, help="part lt: student input side")
     p.add_argument("--feature-teacher", default="vitkit_tiny_p4_32")
     p.add_argument("--feature-teacher-epochs", type=int, default=8)
     p.add_argument("--feature-epochs", type=int, default=8)
