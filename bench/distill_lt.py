@@ -137,9 +137,7 @@ def _run_students(args, data, out: Path, results: dict, teacher_dir: Path) -> No
                 if variant == "deit-lt-mildaug":
                     # the DeiT-LT loss and DRW without the strong augmentation (explicit fields win)
                     cfg = student_cfg(args, seed, randaug=None, mixup=0.0, cutmix=0.0, reprob=0.0)
-                run = distill(
-                    cfg, dst, teacher=out / "teacher", method=method, data=data, force=True, quiet=True
-                )
+                run = distill(cfg, dst, teacher=teacher_dir, method=method, data=data, force=True, quiet=True)
                 row = {h: summarize(run.metrics["heads"][h]) for h in ("cls", "dist", "mean")}
             row["seconds"] = round(time.perf_counter() - t0, 1)
             results["lt"].setdefault(variant, []).append(row)
