@@ -21,6 +21,16 @@ ReplayFn = Callable[[nn.Module, dict], nn.Module]
 _TRANSFORMS: dict[str, str | ReplayFn] = {
     # name: "vitkit.package.module:function"   (technique issues add their entries here)
     "dist_token": "vitkit.distill.deit:replay_dist_token",
+    # compress: faster ViTs (issue 6)
+    "tome": "vitkit.compress.tokens.tome:replay_tome",
+    "evit": "vitkit.compress.tokens.evit:replay_evit",
+    "exits": "vitkit.compress.exits:replay_exits",
+    "repavit": "vitkit.compress.reparam:replay_repavit",
+    "repavit_reparam": "vitkit.compress.reparam:replay_repavit_reparam",
+    "prune_structured": "vitkit.compress.prune.structured:replay_structured_prune",
+    "lpvit": "vitkit.compress.prune.lpvit:replay_lpvit",
+    "dimap": "vitkit.compress.prune.dimap:replay_dimap",
+    "linear_attention": "vitkit.compress.linear_attention:replay_linear_attention",
 }
 
 
