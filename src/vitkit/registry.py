@@ -30,6 +30,7 @@ _TRANSFORMS: dict[str, str | ReplayFn] = {
     "ewa_merge": "vitkit.smalldata.ewa:replay_ewa_merge",
     "stem": "vitkit.smalldata.stem:replay_stem",
     "attention_temperature": "vitkit.analyze.patches:replay_attention_temperature",
+    "dist_token": "vitkit.distill.deit:replay_dist_token",
     # compress: faster ViTs (issue 6)
     "tome": "vitkit.compress.tokens.tome:replay_tome",
     "evit": "vitkit.compress.tokens.evit:replay_evit",

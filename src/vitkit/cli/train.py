@@ -58,6 +58,10 @@ def train(
     mixup: float | None = Opt(None),
     cutmix: float | None = Opt(None),
     reprob: float | None = Opt(None),
+    mixup_off_epoch: int | None = Opt(None, help="turn mixup/cutmix off from this epoch (0-based)"),
+    sampler: str | None = Opt(
+        None, help="random | balanced | sqrt: class-aware sampling for long-tailed data [default: random]"
+    ),
     longtail: float | None = Opt(None, help="long-tail imbalance factor ρ (exponential profile)"),
     val_fraction: float | None = Opt(None),
     split_seed: int | None = Opt(None),
@@ -119,6 +123,8 @@ def train(
         mixup=mixup,
         cutmix=cutmix,
         reprob=reprob,
+        mixup_off_epoch=mixup_off_epoch,
+        sampler=sampler,
         longtail=longtail,
         val_fraction=val_fraction,
         split_seed=split_seed,

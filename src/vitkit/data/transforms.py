@@ -102,6 +102,11 @@ class BatchTransform:
 
             self._erase = RandomErasing(self.aug.reprob, mode="pixel", device="cpu")
 
+    def set_mixup_enabled(self, enabled: bool) -> None:
+        """Switch mixup/cutmix on or off (targets stay soft, one-hot when off), e.g. for the last epochs."""
+        if self._mixup is not None:
+            self._mixup.mixup_enabled = enabled
+
     def images(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 → normalized float; augmentation only when ``train``."""
         if self.train and self._randaug is not None:

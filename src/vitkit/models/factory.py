@@ -73,9 +73,11 @@ def create_model(
         model = timm.create_model(name, **build_kwargs, **load_kwargs)
     except TypeError as e:
         if "img_size" in str(e) and "img_size" in build_kwargs:
-            # CNNs take any input size and reject the argument: build without it.
-            build_kwargs.pop("img_size")
-            model = timm.create_model(name, **build_kwargs, **load_kwargs)
+            # CNNs take any input size and reject the argument: build without it, then remember the
+            # size as the model's input size (so evaluation and teachers feed it what it trained on).
+            cnn_kwargs = {k: v for k, v in build_kwargs.items() if k != "img_size"}
+            model = timm.create_model(name, **cnn_kwargs, **load_kwargs)
+            _set_input_size(model, build_kwargs["img_size"], build_kwargs.get("in_chans"))
         else:
             raise VitkitError(f"model '{name}' rejected its arguments {sorted(build_kwargs)}: {e}") from e
     except (RuntimeError, ValueError, AssertionError) as e:
@@ -89,6 +91,15 @@ def create_model(
         use_vitkit_attention(model)
     set_manifest(model, Manifest(name=name, kwargs=build_kwargs))
     return model
+
+
+def _set_input_size(model: nn.Module, img_size: int, in_chans: int | None = None) -> None:
+    """Record ``img_size`` in a size-agnostic model's pretrained cfg (its declared input size)."""
+    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    c = in_chans or cfg.get("input_size", (3, img_size, img_size))[0]
+    cfg["input_size"] = (c, img_size, img_size)
+    cfg.pop("test_input_size", None)
+    model.pretrained_cfg = model.default_cfg = cfg
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:

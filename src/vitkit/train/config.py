@@ -48,6 +48,14 @@ class TrainConfig(BaseModel):
     mixup: float = Field(0.0, ge=0)
     cutmix: float = Field(0.0, ge=0)
     reprob: float = Field(0.0, ge=0, le=1, description="random erasing probability")
+    mixup_off_epoch: int | None = Field(
+        None, ge=0, description="turn mixup/cutmix off from this epoch (0-based; timm's --mixup-off-epoch)"
+    )
+    sampler: Literal["random", "balanced", "sqrt"] = Field(
+        "random",
+        description="how each epoch draws training samples: random (shuffle), balanced (each class "
+        "equally often) or sqrt (class frequency ∝ √n_c), the last two with replacement",
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
     # optimisation

@@ -36,6 +36,7 @@ from vitkit.train.checkpoint import (
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import DistInfo, all_gather_objects, init_distributed
 from vitkit.train.evaluate import autocast_context, classification_metrics, multilabel_metrics, predict
+from vitkit.train.longtail import SAMPLER_POWERS, sampling_indices
 from vitkit.train.objectives import ClassificationObjective, Objective
 from vitkit.train.optim import build_optimizer, build_scheduler
 
@@ -266,7 +267,9 @@ def fit(
     steps_per_epoch = per_rank // batch
     updates_per_epoch = max(1, steps_per_epoch // cfg.accum_steps)
 
-    optimizer = build_optimizer(raw_model, cfg)
+    # Modules an objective trains alongside the model (e.g. feature-distillation projectors).
+    extra_modules = [m.to(device) for m in objective.trainable_modules()]
+    optimizer = build_optimizer(raw_model, cfg, extra_modules)
     scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
     ema = None
     if cfg.ema_decay is not None:
@@ -287,6 +290,8 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
+        for m, sd in zip(extra_modules, state.get("objective_modules") or []):
+            m.load_state_dict(sd)
         start_epoch, start_step, update = state["epoch"], state["step_in_epoch"], state["update"]
         history_rows = list(state.get("history", []))
         resume_rng = state["rng"]
@@ -308,6 +313,7 @@ def fit(
             "model": raw_model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
+            "objective_modules": [m.state_dict() for m in extra_modules],
             "epoch": epoch_done,
             "step_in_epoch": step_in_epoch,
             "update": update,
@@ -337,8 +343,15 @@ def fit(
         with _Interrupt() as interrupt:
             for epoch in range(start_epoch, cfg.epochs):
                 objective.on_epoch_start(epoch, cfg.epochs)
+                if cfg.mixup_off_epoch is not None:
+                    train_tf.set_mixup_enabled(epoch < cfg.mixup_off_epoch)
                 g = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
-                perm = torch.randperm(n, generator=g)[dist.rank :: dist.world_size][:per_rank]
+                if cfg.sampler == "random":
+                    order = torch.randperm(n, generator=g)
+                else:  # class-aware sampling with replacement (long-tailed data)
+                    labels = data.train.label_indices()
+                    order = sampling_indices(labels, n, g, SAMPLER_POWERS[cfg.sampler])
+                perm = order[dist.rank :: dist.world_size][:per_rank]
                 first = 0
                 if resume_rng is not None and epoch == start_epoch:
                     restore_rng(resume_rng, aug_gen)
@@ -350,6 +363,8 @@ def fit(
                     random.seed(seed)
                     np.random.seed(seed)
                 raw_model.train()
+                for m in extra_modules:
+                    m.train()
                 task = (
                     progress.add_task(
                         "",
@@ -392,8 +407,16 @@ def fit(
                             )
                         (loss / cfg.accum_steps).backward()
                     if boundary:
+                        if dist.enabled and extra_modules:
+                            _average_gradients(extra_modules, dist.world_size)
                         if cfg.clip_grad is not None:
-                            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+                            torch.nn.utils.clip_grad_norm_(
+                                [
+                                    *raw_model.parameters(),
+                                    *(p for m in extra_modules for p in m.parameters()),
+                                ],
+                                cfg.clip_grad,
+                            )
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                         update += 1
@@ -456,6 +479,17 @@ def fit(
     final = ema.module if ema is not None else raw_model
     checksums = all_gather_objects(weight_checksum(final), dist)
     return FitResult(final, history.rows, last_val, cfg.epochs, t_train, precision, dist, checksums)
+
+
+def _average_gradients(modules: list[nn.Module], world_size: int) -> None:
+    """All-reduce the gradients of modules DDP does not wrap (an objective's own modules)."""
+    import torch.distributed as tdist
+
+    for m in modules:
+        for p in m.parameters():
+            if p.grad is not None:
+                tdist.all_reduce(p.grad)
+                p.grad.div_(world_size)
 
 
 def weight_checksum(model: nn.Module) -> float:

@@ -39,6 +39,12 @@ class Objective:
         with the unwrapped model (not DDP), before the EMA sees the new weights. Per-iteration weight
         edits live here (e.g. experts weights averaging); under DDP every process runs it alike."""
 
+    def trainable_modules(self) -> list[nn.Module]:
+        """Modules the objective owns and trains along with the model (feature-distillation
+        projectors, ...): the loop moves them to the device, adds their parameters to the optimizer
+        and keeps their state in the checkpoint. They are not part of the saved model."""
+        return []
+
     def describe(self) -> dict:
         return {"name": type(self).__name__}
 

@@ -11,9 +11,13 @@ from vitkit.errors import VitkitError
 from vitkit.train.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, extra_modules: list[nn.Module] | None = None
+) -> torch.optim.Optimizer:
     """timm's optimizer factory over the trainable parameters; weight decay skips norms, biases and
-    ``model.no_weight_decay()`` (pos/cls/dist/register tokens)."""
+    ``model.no_weight_decay()`` (pos/cls/dist/register tokens). ``extra_modules`` (an objective's
+    own trainable modules) join as extra parameter groups under the same rule (no decay on 1-d
+    parameters)."""
     if not any(p.requires_grad for p in model.parameters()):
         raise VitkitError("the model has no trainable parameters (everything has requires_grad=False)")
     kwargs = {}
@@ -23,7 +27,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                 f"layer_decay needs a model with timm's group_matcher; {type(model).__name__} has none"
             )
         kwargs["layer_decay"] = cfg.layer_decay
-    return create_optimizer_v2(
+    optimizer = create_optimizer_v2(
         model,
         opt=cfg.optimizer,
         lr=cfg.resolved_lr(),
@@ -31,6 +35,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         momentum=cfg.momentum,
         **kwargs,
     )
+    for module in extra_modules or []:
+        params = [p for p in module.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        for group, wd in ((decay, cfg.resolved_weight_decay()), (no_decay, 0.0)):
+            if group:
+                optimizer.add_param_group({"params": group, "weight_decay": wd})
+    return optimizer
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, updates_per_epoch: int):

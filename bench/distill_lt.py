@@ -1,0 +1,325 @@
+"""Distillation on Fashion-MNIST-LT (ρ = 100: 6,000 → 60 images per class; the balanced 10k test set)
+at 32 px, everything trained in this process:
+
+* part ``lt``: one CNN teacher trained once on the long-tailed data (at 28 px, its own lower
+  resolution; class-balanced sampling), then per seed, interleaved, the same small ViT trained for
+  the same epochs as: a plain ViT (CE), DeiT (hard distillation), DeiT-LT (OOD hard distillation,
+  strong augmentation, DRW of the DIST loss) and DeiT-LT without the strong augmentation. Reports
+  overall, balanced and head/mid/tail accuracy ([0:3], [3:7], [7:10], DeiT-LT's CIFAR-10 groups,
+  which these counts reproduce) of the CLS head, the DIST head and their mean; the plain ViT also
+  with post-hoc logit adjustment (τ = 1).
+* part ``feature``: a bigger ViT teacher trained once; per seed the small ViT trained with CE only,
+  with G2SD's generic feature loss (joint with CE), and with ScaleKD (CAP + dual-view + logit KD).
+
+    python bench/distill_lt.py                      # both parts, 3 seeds (long: see RESULTS.md)
+    python bench/distill_lt.py --part lt --epochs 4 --seeds 0 --train-size 3000   # a quick look
+
+Writes ``results.json``, ``results.md`` and ``heads.png`` into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitkit.api import train_model
+from vitkit.data import load_splits
+from vitkit.distill.run import distill
+from vitkit.train import TrainConfig, classification_metrics, predict
+from vitkit.train.longtail import logit_adjust
+
+GROUPS = {"head": slice(0, 3), "mid": slice(3, 7), "tail": slice(7, 10)}
+
+
+def group_acc(per_class: list[float]) -> dict[str, float]:
+    pc = np.asarray(per_class, dtype=float)
+    return {g: float(pc[s].mean()) for g, s in GROUPS.items()}
+
+
+def summarize(m: dict) -> dict:
+    return {"top1": m["top1"], "balanced": m["balanced_accuracy"], **group_acc(m["per_class_accuracy"])}
+
+
+def student_cfg(args, seed: int, **kw) -> TrainConfig:
+    base = dict(
+        model="vitkit_micro_distilled_p4_16",
+        img_size=args.img_size,
+        data="fashion-mnist",
+        longtail=100,
+        epochs=args.epochs,
+        batch_size=128,
+        lr=1e-3,
+        warmup_epochs=min(1, args.epochs / 2),
+        scale_min=0.8,
+        translate=0.1,
+        hflip=0.5,
+        seed=seed,
+        eval_every=1000,
+        tensorboard=False,
+        threads=args.threads,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def run_lt(args, data, out: Path, results: dict) -> None:
+    counts = data.train.class_counts()
+    assert counts == sorted(counts, reverse=True), counts
+    t0 = time.perf_counter()
+    teacher_dir = Path(args.teacher_run) if args.teacher_run else out / "teacher"
+    if args.teacher_run:  # reuse a teacher trained by an earlier run of this script
+        from vitkit.runs import load
+
+        tmodel = load(teacher_dir)
+        tm = classification_metrics(predict(tmodel, data.val), data.val.targets)
+        results["lt"]["teacher"] = {"model": str(teacher_dir), "seconds": 0.0, **summarize(tm)}
+    else:
+        _train_teacher(args, data, teacher_dir, results, t0)
+    print("teacher", results["lt"]["teacher"], flush=True)
+    _run_students(args, data, out, results, teacher_dir)
+
+
+def _train_teacher(args, data, teacher_dir: Path, results: dict, t0: float) -> None:
+    teacher = train_model(
+        TrainConfig(
+            model=args.teacher,
+            img_size=28,
+            data="fashion-mnist",
+            longtail=100,
+            epochs=args.teacher_epochs,
+            batch_size=128,
+            lr=2e-3,
+            warmup_epochs=min(1, args.teacher_epochs / 2),
+            scale_min=0.8,
+            translate=0.1,
+            hflip=0.5,
+            sampler="balanced",
+            eval_every=1000,
+            tensorboard=False,
+            threads=args.threads,
+        ),
+        teacher_dir,
+        data=data,
+        force=True,
+        quiet=True,
+    )
+    results["lt"]["teacher"] = {
+        "model": args.teacher,
+        "seconds": round(time.perf_counter() - t0, 1),
+        **summarize(teacher.metrics),
+    }
+
+
+def _run_students(args, data, out: Path, results: dict, teacher_dir: Path) -> None:
+    counts = data.train.class_counts()
+    for seed in args.seeds:
+        for variant in args.variants:
+            t0 = time.perf_counter()
+            dst = out / f"{variant}-s{seed}"
+            if variant == "plain":
+                cfg = student_cfg(args, seed, model="vitkit_micro_p4_16")
+                run = train_model(cfg, dst, data=data, force=True, quiet=True)
+                row = {"mean": summarize(run.metrics)}
+                logits = predict(run.model, data.val)
+                la = classification_metrics(logit_adjust(logits, counts, 1.0), data.val.targets)
+                row["mean+LA"] = summarize(la)
+            else:
+                method = "deit" if variant == "deit" else "deit-lt"
+                cfg = student_cfg(args, seed)
+                if variant == "deit-lt-mildaug":
+                    # the DeiT-LT loss and DRW without the strong augmentation (explicit fields win)
+                    cfg = student_cfg(args, seed, randaug=None, mixup=0.0, cutmix=0.0, reprob=0.0)
+                run = distill(cfg, dst, teacher=teacher_dir, method=method, data=data, force=True, quiet=True)
+                row = {h: summarize(run.metrics["heads"][h]) for h in ("cls", "dist", "mean")}
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            results["lt"].setdefault(variant, []).append(row)
+            print(variant, seed, json.dumps(row), flush=True)
+            _save(out, results)
+
+
+def run_feature(args, data, out: Path, results: dict) -> None:
+    t0 = time.perf_counter()
+    teacher = train_model(
+        student_cfg(
+            args,
+            0,
+            model=args.feature_teacher,
+            img_size=args.feature_img_size,
+            epochs=args.feature_teacher_epochs,
+            warmup_epochs=min(1, args.feature_teacher_epochs / 2),
+        ),
+        out / "vit-teacher",
+        data=data,
+        force=True,
+        quiet=True,
+    )
+    results["feature"]["teacher"] = {
+        "model": args.feature_teacher,
+        "seconds": round(time.perf_counter() - t0, 1),
+        **summarize(teacher.metrics),
+    }
+    print("vit teacher", results["feature"]["teacher"], flush=True)
+    for seed in args.seeds:
+        for variant in ("ce", "g2sd", "scalekd"):
+            t0 = time.perf_counter()
+            cfg = student_cfg(
+                args,
+                seed,
+                model="vitkit_micro_p4_16",
+                img_size=args.feature_img_size,
+                epochs=args.feature_epochs,
+                warmup_epochs=min(1, args.feature_epochs / 2),
+            )
+            dst = out / f"feat-{variant}-s{seed}"
+            if variant == "ce":
+                run = train_model(cfg, dst, data=data, force=True, quiet=True)
+            else:
+                run = distill(
+                    cfg, dst, teacher=out / "vit-teacher", method=variant, data=data, force=True, quiet=True
+                )
+            row = {**summarize(run.metrics), "seconds": round(time.perf_counter() - t0, 1)}
+            results["feature"].setdefault(variant, []).append(row)
+            print("feature", variant, seed, json.dumps(row), flush=True)
+            _save(out, results)
+
+
+def _save(out: Path, results: dict) -> None:
+    from vitkit.io import write_json, write_text
+
+    write_json(out / "results.json", results)
+    write_text(out / "results.md", markdown(results))
+
+
+def _ms(values: list[float]) -> str:
+    a = 100 * np.asarray(values, dtype=float)
+    return f"{a.mean():.1f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.1f}"
+
+
+def markdown(results: dict) -> str:
+    lines = [f"machine: {results['machine']}; load before: {results['uptime']}", ""]
+    lt = results.get("lt", {})
+    if lt.get("teacher"):
+        t = lt["teacher"]
+        lines += [
+            f"LT teacher {t['model']}: top1 {100 * t['top1']:.1f}, balanced {100 * t['balanced']:.1f}, "
+            f"head/mid/tail {100 * t['head']:.1f}/{100 * t['mid']:.1f}/{100 * t['tail']:.1f} ({t['seconds']} s)",
+            "",
+            "| student | predictor | top-1 | balanced | head [0:3] | mid [3:7] | tail [7:10] |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for variant in ("plain", "deit", "deit-lt", "deit-lt-mildaug"):
+            rows = lt.get(variant, [])
+            if not rows:
+                continue
+            for pred in rows[0]:
+                if pred == "seconds":
+                    continue
+                vals = [r[pred] for r in rows]
+                cells = [_ms([v[k] for v in vals]) for k in ("top1", "balanced", "head", "mid", "tail")]
+                lines.append(f"| {variant} (n={len(rows)}) | {pred} | " + " | ".join(cells) + " |")
+    feat = results.get("feature", {})
+    if feat.get("teacher"):
+        t = feat["teacher"]
+        lines += [
+            "",
+            f"ViT teacher {t['model']}: top1 {100 * t['top1']:.1f}, balanced {100 * t['balanced']:.1f} ({t['seconds']} s)",
+            "",
+            "| student | top-1 | balanced | head | mid | tail | seconds |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for variant in ("ce", "g2sd", "scalekd"):
+            rows = feat.get(variant, [])
+            if rows:
+                cells = [_ms([r[k] for r in rows]) for k in ("top1", "balanced", "head", "mid", "tail")]
+                secs = np.mean([r["seconds"] for r in rows])
+                lines.append(f"| {variant} (n={len(rows)}) | " + " | ".join(cells) + f" | {secs:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lt = results.get("lt", {})
+    bars = []
+    for variant in ("plain", "deit", "deit-lt", "deit-lt-mildaug"):
+        for pred in ("mean", "mean+LA", "cls", "dist"):
+            rows = lt.get(variant, [])
+            if rows and pred in rows[0]:
+                bars.append((f"{variant}\n{pred}", [np.mean([r[pred][g] for r in rows]) for g in GROUPS]))
+    if not bars:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(bars)), 4))
+    w = 0.27
+    for i, g in enumerate(GROUPS):
+        ax.bar(np.arange(len(bars)) + (i - 1) * w, [100 * b[1][i] for b in bars], w, label=g)
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Fashion-MNIST-LT (ρ=100), 32 px: head / mid / tail accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", default="lt,feature")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--teacher", default="resnet10t")
+    p.add_argument("--teacher-epochs", type=int, default=8)
+    p.add_argument("--teacher-run", default=None, help="part lt: reuse this trained teacher run directory")
+    p.add_argument("--img-size", type=int, default=32, help="part lt: student input side")
+    p.add_argument("--feature-teacher", default="vitkit_tiny_p4_32")
+    p.add_argument("--feature-teacher-epochs", type=int, default=8)
+    p.add_argument("--feature-epochs", type=int, default=8)
+    p.add_argument(
+        "--feature-img-size", type=int, default=32, help="part feature: teacher and student input side"
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--train-size", type=int, default=None, help="stratified subsample of the LT training set")
+    p.add_argument("--val-size", type=int, default=None, help="stratified subsample of the 10k test set")
+    p.add_argument(
+        "--variants", nargs="+", default=["plain", "deit", "deit-lt", "deit-lt-mildaug"], help="part lt"
+    )
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="bench/out/distill_lt")
+    args = p.parse_args()
+    os.environ.setdefault("VITKIT_PROGRESS", "0")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_splits("fashion-mnist", longtail=100, train_size=args.train_size, val_size=args.val_size)
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        "args": vars(args),
+        "train_size": len(data.train),
+        "val_size": len(data.val),
+        "train_class_counts": data.train.class_counts(),
+        "lt": {},
+        "feature": {},
+    }
+    parts = args.part.split(",")
+    if "lt" in parts:
+        run_lt(args, data, out, results)
+    if "feature" in parts:
+        run_feature(args, data, out, results)
+    results["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    _save(out, results)
+    plot(results, out / "heads.png")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
