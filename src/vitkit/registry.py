@@ -20,6 +20,11 @@ ReplayFn = Callable[[nn.Module, dict], nn.Module]
 
 _TRANSFORMS: dict[str, str | ReplayFn] = {
     # name: "vitkit.package.module:function"   (technique issues add their entries here)
+    "lora": "vitkit.adapt.lora:replay_lora",
+    "lora-qv": "vitkit.adapt.lora:replay_lora_qv",
+    "vpt": "vitkit.adapt.vpt:replay_vpt",
+    "dvpt": "vitkit.adapt.dvpt:replay_dvpt",
+    "explora": "vitkit.adapt.explora:replay_explora",
 }
 
 
