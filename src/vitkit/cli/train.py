@@ -141,8 +141,15 @@ def train(
         _print_summary(run.path, run.metrics)
 
 
-def _print_summary(path: Path, metrics: dict) -> None:
+def _print_summary(
+    path: Path,
+    metrics: dict,
+    written: str = "model.json, model.safetensors, metrics.json, history.csv, confusion_matrix.png",
+) -> None:
     from rich.table import Table
+
+    groups = metrics.get("shot_classes") or {}
+    show_shots = sum(bool(v) for v in groups.values()) > 1  # only informative on long-tailed data
 
     t = Table(title=f"run {path}", show_header=True)
     t.add_column("metric")
@@ -163,7 +170,7 @@ def _print_summary(path: Path, metrics: dict) -> None:
         "precision",
     ):
         v = metrics.get(key)
-        if v is None:
+        if v is None or (key.endswith("shot_accuracy") and not show_shots):
             continue
         t.add_row(key, f"{v:.4f}" if isinstance(v, float) and key != "train_seconds" else str(v))
     console.print(t)
@@ -215,4 +222,4 @@ def evaluate(
         strict=strict,
         device=device,
     )
-    _print_summary(out, metrics)
+    _print_summary(out, metrics, written="metrics.json, confusion_matrix.png")

@@ -324,8 +324,13 @@ def load_npz(path: str) -> ImageDataset:
                 raise VitkitError(
                     f"{source}: missing array '{key}' (found {sorted(arrays.files)}; expected 'x' images and 'y' labels)"
                 )
-        x, y = arrays["x"], arrays["y"]
-        names = [str(c) for c in arrays["classes"].tolist()] if "classes" in arrays.files else None
+        try:
+            x, y = arrays["x"], arrays["y"]
+            names = [str(c) for c in arrays["classes"].tolist()] if "classes" in arrays.files else None
+        except ValueError as e:  # object arrays would need unpickling, which vitkit never does
+            raise VitkitError(
+                f"{source}: cannot read its arrays without unpickling ({e}); save plain numeric arrays"
+            ) from e
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):

@@ -8,6 +8,7 @@ RandAugment (timm's, PIL based) and timm's mixup/cutmix and random erasing are u
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from vitkit.errors import VitkitError
+
+_RANDAUG = re.compile(r"rand(-(m|mstd|mmax|p)\d+(\.\d+)?|-(n|w)\d+|-inc[01])*")
 
 
 @dataclass
@@ -66,6 +69,10 @@ class BatchTransform:
         if train and self.aug.randaug:
             from timm.data.auto_augment import rand_augment_transform
 
+            if not _RANDAUG.fullmatch(self.aug.randaug):
+                raise VitkitError(
+                    f"randaug: '{self.aug.randaug}' is not a timm RandAugment string (e.g. rand-m9-mstd0.5; sections m, n, mstd, mmax, inc, w, p)"
+                )
             try:
                 self._randaug = rand_augment_transform(
                     self.aug.randaug, {"translate_const": max(2, self.size[0] // 4)}

