@@ -176,8 +176,8 @@ def test_config_errors_are_one_line():
 def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vitkit", "train", "--model", "vitkit_nano_p4_16", "--epochs", "2", "--train-size", "400",
-           "--val-size", "100", "--no-tensorboard", "--quiet", "--threads", "1", "-o", str(out)]  # fmt: skip
+           "-m", "vitkit", "train", "--model", "vitkit_micro_p4_16", "--epochs", "6", "--lr", "0.002",
+           "--batch-size", "32", "--warmup-epochs", "1", "--train-size", "1000", "--val-size", "100", "--no-tensorboard", "--quiet", "--threads", "1", "-o", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -187,4 +187,4 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     assert metrics["world_size"] == 2
     a, b = metrics["weight_checksums"]
     assert a == b
-    assert (out / "model.safetensors").exists() and metrics["top1"] > 0.2
+    assert (out / "model.safetensors").exists() and metrics["top1"] > 0.25  # chance 0.10; measured 0.38
