@@ -103,6 +103,39 @@ def time_training(
     return per
 
 
+def measure_cost(digits: DataSplits, mae_dir: Path) -> dict:
+    """Trainable parameters, optimizer state and training img/s per method (one process, interleaved)."""
+    img = model_input_size(create_model(MODEL))
+    mean, std = model_normalization(create_model(MODEL))
+    tf = BatchTransform(img[1], img[0], mean, std)
+    x = tf.images(digits.train.images[:64])
+    y = digits.train.targets[:64]
+    src = load(mae_dir)
+    models, cfgs, cost = {}, {}, {}
+    for name, (method, pcfg, lr) in PEFT.items():
+        m = create_model(MODEL, num_classes=10, global_pool="avg", fc_norm=True, drop_path_rate=0.0)
+        load_pretrained_weights(m, src)
+        if method is not None:
+            apply_peft(m, method, pcfg)
+        cfg = loop_cfg(0, lr=lr, layer_decay=None if method else 0.75)
+        count = parameter_count(m)
+        cost[name] = {
+            "trainable": count.trainable,
+            "total": count.total,
+            "opt_state_bytes": optimizer_state_bytes(m, cfg, x, y),
+        }
+        models[name], cfgs[name] = m, cfg
+    speed = time_training(models, cfgs, x, y)
+    base = statistics.median(speed["full fine-tuning"])
+    for name, xs in speed.items():
+        cost[name].update(
+            img_per_s=statistics.median(xs),
+            img_per_s_spread=(min(xs), max(xs)),
+            speed_vs_full=statistics.median(xs) / base,
+        )
+    return cost
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -112,7 +145,16 @@ def main() -> None:
     ap.add_argument("--explora-epochs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/out/mae_peft.json")
+    ap.add_argument(
+        "--skip-cost", action="store_true", help="no cost table (when seeds run as separate processes)"
+    )
+    ap.add_argument(
+        "--report", metavar="JSON", nargs="+", help="print the tables of recorded runs (seeds merged)"
+    )
     args = ap.parse_args()
+    if args.report:
+        print(report(merge([json.loads(Path(f).read_text()) for f in args.report])))
+        return
     torch.set_num_threads(args.threads)
     load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     t_start = time.time()
@@ -198,42 +240,28 @@ def main() -> None:
         }
         res["seeds"][seed] = r
         print(json.dumps({seed: r}, indent=1), flush=True)
+        if (
+            "cost" not in res and not args.skip_cost
+        ):  # on the first seed's MAE encoder, so a cut-short run still has it
+            res["cost"] = measure_cost(digits, sd / "mae")
+        res["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        res["wall_seconds"] = round(time.time() - t_start)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))  # after every seed
 
-    # 4b. cost per method: trainable parameters, optimizer state, training img/s (one process, interleaved)
-    img = model_input_size(create_model(MODEL))
-    mean, std = model_normalization(create_model(MODEL))
-    tf = BatchTransform(img[1], img[0], mean, std)
-    x = tf.images(digits.train.images[:64])
-    y = digits.train.targets[:64]
-    src = load(work / f"seed{args.seeds[0]}" / "mae")
-    models, cfgs, cost = {}, {}, {}
-    for name, (method, pcfg, lr) in PEFT.items():
-        m = create_model(MODEL, num_classes=10, global_pool="avg", fc_norm=True, drop_path_rate=0.0)
-        load_pretrained_weights(m, src)
-        if method is not None:
-            apply_peft(m, method, pcfg)
-        cfg = loop_cfg(0, lr=lr, layer_decay=None if method else 0.75)
-        count = parameter_count(m)
-        cost[name] = {
-            "trainable": count.trainable,
-            "total": count.total,
-            "opt_state_bytes": optimizer_state_bytes(m, cfg, x, y),
-        }
-        models[name], cfgs[name] = m, cfg
-    speed = time_training(models, cfgs, x, y)
-    base = statistics.median(speed["full fine-tuning"])
-    for name, xs in speed.items():
-        cost[name].update(
-            img_per_s=statistics.median(xs),
-            img_per_s_spread=(min(xs), max(xs)),
-            speed_vs_full=statistics.median(xs) / base,
-        )
-    res["cost"] = cost
-    res["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    res["wall_seconds"] = round(time.time() - t_start)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
     print(report(res))
+
+
+def merge(runs: list[dict]) -> dict:
+    """Seeds run as separate processes: one result, the cost table from the run that measured it."""
+    out = {**runs[0], "seeds": {}, "cost": None}
+    for r in runs:
+        out["seeds"].update(r["seeds"])
+        out["cost"] = out["cost"] or r.get("cost")
+    out["uptime_before"] = " / ".join(r["uptime_before"] for r in runs)
+    out["uptime_after"] = " / ".join(r["uptime_after"] for r in runs)
+    out["wall_seconds"] = max(r["wall_seconds"] for r in runs)
+    return out
 
 
 def report(res: dict) -> str:
@@ -258,7 +286,12 @@ def report(res: dict) -> str:
     lines += ["", "| method | val top-1 | trainable | % of total | optimizer state | train img/s (median, min-max) | vs full |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name in PEFT:
-        c = res["cost"][name]
+        c = (res.get("cost") or {}).get(name)
+        if c is None:  # the process measuring the cost table did not finish
+            t = seeds[0]["peft"][name]
+            lines.append(f"| {name} | {stats(col(('peft', name, 'top1')))} | {t['trainable']:,} | "
+                         f"{100 * t['trainable'] / t['total']:.2f}% | n/a | n/a | n/a |")  # fmt: skip
+            continue
         lo, hi = c["img_per_s_spread"]
         lines.append(
             f"| {name} | {stats(col(('peft', name, 'top1')))} | {c['trainable']:,} | {100 * c['trainable'] / c['total']:.2f}% "
