@@ -150,7 +150,14 @@ def pretrain(
         f"{method} run",
         run.path,
         m,
-        ("val_loss", "val_mean_baseline", "val_position_mean_baseline", "val_loss_ratio", "epochs", "train_seconds"),
+        (
+            "val_loss",
+            "val_mean_baseline",
+            "val_position_mean_baseline",
+            "val_loss_ratio",
+            "epochs",
+            "train_seconds",
+        ),
     )
     console.print(
         f"written: {run.path}/ (model.json + model.safetensors: the encoder; mae_decoder.safetensors; "
