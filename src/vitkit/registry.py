@@ -25,6 +25,16 @@ _TRANSFORMS: dict[str, str | ReplayFn] = {
     "vpt": "vitkit.adapt.vpt:replay_vpt",
     "dvpt": "vitkit.adapt.dvpt:replay_dvpt",
     "explora": "vitkit.adapt.explora:replay_explora",
+    # compress: faster ViTs (issue 6)
+    "tome": "vitkit.compress.tokens.tome:replay_tome",
+    "evit": "vitkit.compress.tokens.evit:replay_evit",
+    "exits": "vitkit.compress.exits:replay_exits",
+    "repavit": "vitkit.compress.reparam:replay_repavit",
+    "repavit_reparam": "vitkit.compress.reparam:replay_repavit_reparam",
+    "prune_structured": "vitkit.compress.prune.structured:replay_structured_prune",
+    "lpvit": "vitkit.compress.prune.lpvit:replay_lpvit",
+    "dimap": "vitkit.compress.prune.dimap:replay_dimap",
+    "linear_attention": "vitkit.compress.linear_attention:replay_linear_attention",
 }
 
 

@@ -71,6 +71,16 @@ def train(
     seed: int | None = Opt(None),
     eval_every: int | None = Opt(None),
     tensorboard: bool | None = Opt(None, "--tensorboard/--no-tensorboard"),
+    exits: str | None = Opt(
+        None, help="LGViT early-exit heads after these many blocks, e.g. 4,8 (trains in two stages)"
+    ),
+    exit_epochs: int | None = Opt(
+        None, help="epochs of exit self-distillation, backbone frozen [default: epochs/3]"
+    ),
+    repavit: float | None = Opt(None, help="RePaViT channel-idle FFN with this idle fraction θ, e.g. 0.75"),
+    linear_attention: bool = Opt(
+        False, "--linear-attention", help="L²ViT linear attention (+ local concentration) in every block"
+    ),
 ) -> None:
     """Train a model (from scratch or from --pretrained-file) into a new run directory."""
     from vitkit.api import resume_config, train_model
@@ -131,8 +141,26 @@ def train(
         if output is None:
             raise VitkitError("say where to write the run with -o/--output (e.g. -o runs/a)")
         cfg = build_config(config, **overrides)
+    compressed = exits is not None or repavit is not None or linear_attention
+    if compressed and resume is not None:
+        raise VitkitError("--resume does not rebuild --exits/--repavit/--linear-attention models; train anew")
     try:
-        run = train_model(cfg, output, resume=resume is not None, force=force, quiet=quiet)
+        if compressed:
+            from vitkit.compress._blocks import parse_int_list
+            from vitkit.compress.stages import train_compressed
+
+            run = train_compressed(
+                cfg,
+                output,
+                exits=parse_int_list(exits, "--exits") if exits is not None else None,
+                distill_epochs=exit_epochs,
+                repavit=repavit,
+                linear_attention=linear_attention,
+                force=force,
+                quiet=quiet,
+            )
+        else:
+            run = train_model(cfg, output, resume=resume is not None, force=force, quiet=quiet)
     except TrainingInterrupted as e:
         if _is_main():
             console.print(f"[yellow]{e}[/]; continue with: vitkit train --resume {output}")
@@ -196,6 +224,10 @@ def evaluate(
     ),
     layer: int | None = Opt(None, help="probe: features after this block [default: pooled features]"),
     pool: str = Opt("avg", help="probe with --layer: avg (patch tokens) | cls"),
+    exit_threshold: float | None = Opt(
+        None,
+        help="early exit: each image leaves at the first exit head this confident (runs trained with --exits)",
+    ),
 ) -> None:
     """Evaluate a run: top-1/5, per-class, balanced, many/medium/few-shot, macro-F1, ECE (AUROC/mAP for multi-label)."""
     from vitkit.api import evaluate_run
@@ -212,6 +244,13 @@ def evaluate(
         )
         _print_summary(out, {"top1": result.top1, "balanced_accuracy": result.balanced_accuracy})
         return
+    if exit_threshold is not None:
+        from vitkit.compress.stages import evaluate_exit_run
+
+        metrics, out = evaluate_exit_run(run, exit_threshold, data=data, output=output, batch_size=batch_size)
+        _print_exit_summary(out, metrics)
+        return
+
     metrics, out = evaluate_run(
         run,
         data,
@@ -223,3 +262,11 @@ def evaluate(
         device=device,
     )
     _print_summary(out, metrics, written="metrics.json, confusion_matrix.png")
+
+
+def _print_exit_summary(path: Path, m: dict) -> None:
+    console.print(
+        f"early exit at threshold {m['threshold']:g}: top-1 {m['top1']:.4f}, mean blocks "
+        f"{m['mean_blocks']:.2f} of {m['depth']}, exits {m['exit_histogram']}"
+    )
+    console.print(f"written: {path}/metrics.json")

@@ -1,0 +1,337 @@
+"""Compression benchmarks (issue 6): token reduction, early exit, RePaViT, pruning, linear attention.
+
+Every timing is a ratio against a baseline measured in the same process, interleaved round by round
+(``vitkit.deploy.compare``); the min-max spread over rounds is reported. Sections (``--sections``):
+
+  deit     deit_small_patch16_224-sized model, random init, 224 px: EViT keep 1.0/0.9/0.7/0.5 at
+           blocks 3,6,9 and ToMe r 0/2/4/8 vs the plain model; RePaViT (reparameterized, θ=0.75) and
+           structured pruning (heads 0.25, MLP 0.3) timed alongside (throughput batch, latency batch 1)
+  demo     the demo model (vitkit_micro_p4_16 trained on digits): EViT / ToMe / pruning off the shelf
+           and after a short fine-tune, accuracy and speed
+  exits    LGViT exits on the demo model: accuracy vs mean executed blocks and batch-1 latency
+  repavit  RePaViT: FFN latency before/after at ViT-S width, accuracy after short training vs the
+           same-size baseline (seeds)
+  linear   L²ViT linear attention vs softmax attention (fused SDPA and explicit) at N, 4N, 16N tokens
+
+    python bench/compress.py --sections deit,demo,exits,repavit,linear --out bench/out/compress
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vitkit.deploy import BenchConfig, compare
+
+
+def _load() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "n/a"
+
+
+def _row(name: str, r, base, top1: float | None = None) -> dict:
+    return {
+        "name": name,
+        "top1": top1,
+        "parameters": r.parameters,
+        "gflops": r.flops / 1e9,
+        "latency_ms": r.latency_ms_p50,
+        "latency_ratio": base.latency_ms_p50 / r.latency_ms_p50,  # > 1: faster
+        "throughput": r.throughput,
+        "throughput_ratio": r.throughput / base.throughput,
+        "throughput_ratio_spread": [
+            min(a / b for a, b in zip(r.throughput_rounds, base.throughput_rounds)),
+            max(a / b for a, b in zip(r.throughput_rounds, base.throughput_rounds)),
+        ],
+    }
+
+
+# -- deit_small-sized timing ----------------------------------------------------------------------
+def section_deit(args) -> list[dict]:
+    from vitkit.compress.prune import StructuredPruneConfig, apply_structured_prune
+    from vitkit.compress.reparam import RePaViTConfig, apply_repavit, reparameterize
+    from vitkit.compress.tokens import EViTConfig, ToMeConfig, apply_evit, apply_tome
+    from vitkit.models import create_model
+
+    def base():
+        torch.manual_seed(0)
+        return create_model("deit_small_patch16_224", num_classes=1000).eval()
+
+    models = {"deit_small": base()}
+    for keep in (0.9, 0.7, 0.5):
+        models[f"evit keep {keep}"] = apply_evit(base(), EViTConfig(keep=keep, at=[3, 6, 9]))
+    for r in (2, 4, 8):
+        models[f"tome r {r}"] = apply_tome(base(), ToMeConfig(r=r))
+    if not args.quick:
+        m = apply_repavit(base(), RePaViTConfig(idle=0.75)).eval()
+        models["repavit θ0.75 (reparam)"] = reparameterize(m)
+        models["pruned heads .25 mlp .3"] = apply_structured_prune(base(), StructuredPruneConfig(0.25, 0.3))
+    cfg = BenchConfig(
+        threads=args.threads, repeats=args.repeats, warmup=1, latency_calls=3, throughput_batch=args.batch
+    )
+    res = compare(models, (3, 224, 224), cfg)
+    b = res["deit_small"]
+    return [_row(k, v, b) for k, v in res.items()]
+
+
+# -- the demo model -------------------------------------------------------------------------------
+def _demo_config(**kw):
+    from vitkit.train import TrainConfig
+
+    base = dict(model="vitkit_micro_p4_16", data="digits", epochs=20, batch_size=64, lr=2e-3, warmup_epochs=1,
+                scale_min=0.8, translate=0.1, tensorboard=False)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def section_demo(args, work: Path) -> dict:
+    from vitkit.api import train_model
+    from vitkit.compress.stages import prune_run, reduce_tokens_run
+    from vitkit.runs import load
+
+    src = work / "demo"
+    train_model(_demo_config(seed=args.seed), src, quiet=True)
+    runs = {"baseline": src}
+    variants = [("evit keep 0.9", dict(method="evit", keep=0.9)), ("evit keep 0.7", dict(method="evit", keep=0.7)),
+                ("evit keep 0.5", dict(method="evit", keep=0.5)), ("tome r 1", dict(method="tome", r=1)),
+                ("tome r 2", dict(method="tome", r=2)), ("tome r 3", dict(method="tome", r=3))]  # fmt: skip
+    prunes = [("structured h.25 m.3", dict(method="structured", heads=0.25, mlp=0.3)),
+              ("lpvit flops .5", dict(method="lpvit", flops=0.5)), ("dimap 50%", dict(method="dimap", sparsity=0.5))]  # fmt: skip
+    acc: dict[str, dict] = {}
+    for name, kw in variants + prunes:
+        fn = prune_run if name in dict(prunes) else reduce_tokens_run
+        slug = name.replace(" ", "_").replace(".", "")
+        res = fn(src, work / slug, finetune=args.finetune, **kw)
+        acc[name] = {"off_the_shelf_top1": res.metrics["off_the_shelf_top1"], "finetuned_top1": res.metrics["top1"],
+                     "source_top1": res.metrics["source_top1"]}  # fmt: skip
+        runs[name] = work / slug
+    models = {k: load(v) for k, v in runs.items()}
+    cfg = BenchConfig(threads=args.threads, repeats=args.repeats, throughput_batch=64, latency_calls=20)
+    res = compare(models, (3, 16, 16), cfg)
+    b = res["baseline"]
+    rows = []
+    for k, v in res.items():
+        row = _row(k, v, b)
+        row.update(acc.get(k, {"off_the_shelf_top1": None, "finetuned_top1": None}))
+        rows.append(row)
+    from vitkit.runs import read_metrics
+
+    return {"source_top1": read_metrics(src)["top1"], "finetune_epochs": args.finetune, "rows": rows}
+
+
+# -- early exit -----------------------------------------------------------------------------------
+def section_exits(args, work: Path) -> dict:
+    from vitkit.compress.exits import threshold_sweep
+    from vitkit.compress.stages import train_compressed
+    from vitkit.data import load_splits
+
+    res = train_compressed(_demo_config(seed=args.seed), work / "exits", exits=[1, 2, 3], quiet=True)
+    data = load_splits("digits")
+    rows = threshold_sweep(
+        res.model, data.val, (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 1.01), latency_images=64, repeats=3
+    )
+    return {"exit_top1": res.metrics["exit_top1"], "final_top1": res.metrics["final_top1"], "sweep": rows}
+
+
+# -- RePaViT --------------------------------------------------------------------------------------
+def section_repavit(args, work: Path) -> dict:
+    from timm.layers import Mlp
+
+    from vitkit.api import train_model
+    from vitkit.compress.reparam import ChannelIdleMlp, ReparamMlp, fold_block  # noqa: F401
+    from vitkit.compress.stages import reparam_run, train_compressed
+
+    # FFN alone at ViT-S width (C=384, H=1536, 197 tokens), random weights: Mlp vs the reparameterized FFN
+    torch.manual_seed(0)
+    C, N = 384, 197
+    dense = Mlp(C, 4 * C).eval()
+    small = ReparamMlp(C, (4 * C) // 4).eval()
+    x = torch.randn(args.batch, N, C)
+    t_dense, t_small = [], []
+    with torch.no_grad():
+        for m in (dense, small):
+            m(x)
+        for _ in range(max(5, args.repeats)):
+            for m, ts in ((dense, t_dense), (small, t_small)):
+                t = time.perf_counter()
+                m(x)
+                ts.append(time.perf_counter() - t)
+    ratios = [a / b for a, b in zip(t_dense, t_small)]
+    ffn = {"batch": args.batch, "tokens": N, "dim": C, "speedup_median": statistics.median(ratios),
+           "speedup_spread": [min(ratios), max(ratios)]}  # fmt: skip
+
+    seeds = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        base = train_model(_demo_config(seed=seed), work / f"rp_base{seed}", quiet=True)
+        rp = train_compressed(_demo_config(seed=seed), work / f"rp{seed}", repavit=0.75, quiet=True)
+        folded = reparam_run(rp.path, work / f"rp{seed}_reparam")
+        seeds.append({"seed": seed, "baseline_top1": base.metrics["top1"], "repavit_top1": rp.metrics["top1"],
+                      "reparam_top1": folded.metrics["top1"], "parameters_baseline": base.metrics["parameters"],
+                      "parameters_reparam": folded.metrics["parameters"]})  # fmt: skip
+    return {"ffn": ffn, "accuracy": seeds}
+
+
+# -- linear attention -----------------------------------------------------------------------------
+def section_linear(args) -> list[dict]:
+    from timm.layers import Attention
+
+    from vitkit.compress.linear_attention import LinearAttention
+    from vitkit.models import VitkitAttention
+
+    torch.manual_seed(0)
+    C = 384
+    soft = VitkitAttention(Attention(C, num_heads=6, qkv_bias=True)).eval()
+    explicit = VitkitAttention(Attention(C, num_heads=6, qkv_bias=True)).eval()
+    explicit.force_unfused = True
+    lin = LinearAttention(
+        VitkitAttention(Attention(C, num_heads=6, qkv_bias=True)), (0, 0), 1, lcm_kernel=0
+    ).eval()
+    rows = []
+    with torch.no_grad():
+        for n in (197, 4 * 197, 16 * 197):
+            x = torch.randn(1, n, C)
+            times: dict[str, list[float]] = {"softmax_sdpa": [], "softmax_explicit": [], "linear": []}
+            mods = {"softmax_sdpa": soft, "softmax_explicit": explicit, "linear": lin}
+            for m in mods.values():
+                m(x)
+            for _ in range(max(3, args.repeats)):
+                for k, m in mods.items():
+                    t = time.perf_counter()
+                    m(x)
+                    times[k].append((time.perf_counter() - t) * 1e3)
+            row = {"tokens": n, **{f"{k}_ms": statistics.median(v) for k, v in times.items()}}
+            row["linear_speedup_vs_sdpa"] = row["softmax_sdpa_ms"] / row["linear_ms"]
+            rows.append(row)
+    for row in rows:
+        row["linear_growth"] = row["linear_ms"] / rows[0]["linear_ms"]
+        row["sdpa_growth"] = row["softmax_sdpa_ms"] / rows[0]["softmax_sdpa_ms"]
+    return rows
+
+
+# -- markdown for bench/RESULTS.md ----------------------------------------------------------------
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def report(out: Path) -> str:
+    """Markdown tables from the section JSON files written to ``out``."""
+    lines: list[str] = []
+
+    def load(name: str):
+        f = out / f"{name}.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    if d := load("deit"):
+        lines += [f"deit_small-sized (random init, 224 px), {d['meta']['threads']} thread(s); load before/after: "
+                  f"`{d['uptime_before']}` / `{d['uptime_after']}`", "",
+                  "| model | GFLOPs | params | throughput ratio (spread) | batch-1 latency ratio |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in d["result"]:
+            lo, hi = r["throughput_ratio_spread"]
+            lines.append(f"| {r['name']} | {r['gflops']:.2f} | {r['parameters'] / 1e6:.1f}M | "
+                         f"{r['throughput_ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['latency_ratio']:.2f}x |")  # fmt: skip
+        lines.append("")
+    if d := load("demo"):
+        res = d["result"]
+        lines += [f"demo model (vitkit_micro_p4_16, digits, source top-1 {_pct(res['source_top1'])}%), fine-tune "
+                  f"{res['finetune_epochs']} epochs; load before/after: `{d['uptime_before']}` / `{d['uptime_after']}`", "",
+                  "| variant | top-1 off the shelf | top-1 fine-tuned | MFLOPs | params | throughput ratio (spread) | latency ratio |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in res["rows"]:
+            lo, hi = r["throughput_ratio_spread"]
+            lines.append(f"| {r['name']} | {_pct(r['off_the_shelf_top1'])} | {_pct(r['finetuned_top1'])} | "
+                         f"{r['gflops'] * 1e3:.2f} | {r['parameters']:,} | {r['throughput_ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | "
+                         f"{r['latency_ratio']:.2f}x |")  # fmt: skip
+        lines.append("")
+    if d := load("exits"):
+        res = d["result"]
+        lines += [f"LGViT exits after blocks 1,2,3 of 4 (demo model); exit top-1 {res['exit_top1']}, final "
+                  f"{_pct(res['final_top1'])}%; load: `{d['uptime_before']}`", "",
+                  "| threshold | top-1 | mean blocks | batch-1 latency ratio vs backbone (spread) |", "|---|---|---|---|"]  # fmt: skip
+        for r in res["sweep"]:
+            lo, hi = r["latency_ratio_spread"]
+            lines.append(f"| {r['threshold']:g} | {_pct(r['top1'])} | {r['mean_blocks']:.2f} / {r['depth']} | "
+                         f"{r['latency_ratio']:.2f} ({lo:.2f}-{hi:.2f}) |")  # fmt: skip
+        lines.append("")
+    if d := load("repavit"):
+        res = d["result"]
+        f = res["ffn"]
+        lines += [f"RePaViT θ=0.75: FFN alone (C={f['dim']}, {f['tokens']} tokens, batch {f['batch']}) "
+                  f"{f['speedup_median']:.2f}x faster ({f['speedup_spread'][0]:.2f}-{f['speedup_spread'][1]:.2f}); "
+                  f"load: `{d['uptime_before']}`", "",
+                  "| seed | baseline top-1 | RePaViT top-1 | after reparam | params baseline → reparam |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in res["accuracy"]:
+            lines.append(f"| {r['seed']} | {_pct(r['baseline_top1'])} | {_pct(r['repavit_top1'])} | {_pct(r['reparam_top1'])} | "
+                         f"{r['parameters_baseline']:,} → {r['parameters_reparam']:,} |")  # fmt: skip
+        lines.append("")
+    if d := load("linear"):
+        lines += [f"Attention alone (C=384, 6 heads, batch 1, {d['meta']['threads']} thread(s)); load: `{d['uptime_before']}`", "",
+                  "| tokens | softmax SDPA ms | softmax explicit ms | linear ms | linear growth | SDPA growth | linear vs SDPA |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in d["result"]:
+            lines.append(f"| {r['tokens']} | {r['softmax_sdpa_ms']:.1f} | {r['softmax_explicit_ms']:.1f} | {r['linear_ms']:.1f} | "
+                         f"{r['linear_growth']:.1f}x | {r['sdpa_growth']:.1f}x | {r['linear_speedup_vs_sdpa']:.2f}x |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="deit,demo,exits,repavit,linear")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a loaded machine)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=16, help="throughput batch at 224 px (deit) and FFN timing")
+    p.add_argument(
+        "--finetune", type=int, default=3, help="fine-tuning epochs after token reduction / pruning"
+    )
+    p.add_argument("--seeds", type=int, default=1, help="RePaViT accuracy seeds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="deit: token reduction only")
+    p.add_argument("--out", type=Path, default=Path("bench/out/compress"))
+    p.add_argument("--report", action="store_true", help="print markdown tables from --out and exit")
+    args = p.parse_args()
+    if args.report:
+        print(report(args.out))
+        return
+    os.environ.setdefault("VITKIT_PROGRESS", "0")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    sections = [s for s in args.sections.split(",") if s]
+    meta = {"python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "threads": args.threads, "command": " ".join(sys.argv)}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for s in sections:
+            t0 = time.time()
+            load_before = _load()
+            if s == "deit":
+                out = section_deit(args)
+            elif s == "demo":
+                out = section_demo(args, work)
+            elif s == "exits":
+                out = section_exits(args, work)
+            elif s == "repavit":
+                out = section_repavit(args, work)
+            elif s == "linear":
+                out = section_linear(args)
+            else:
+                raise SystemExit(f"unknown section {s}")
+            doc = {"section": s, "meta": meta, "uptime_before": load_before, "uptime_after": _load(),
+                   "seconds": time.time() - t0, "result": out}  # fmt: skip
+            (args.out / f"{s}.json").write_text(json.dumps(doc, indent=2, default=str))
+            print(json.dumps(doc, indent=2, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,501 @@
+"""Run-directory stages behind the compression verbs: read a run, transform its model, optionally
+fine-tune it through the one loop, and write a new run (nothing is changed in place).
+
+    reduce_tokens_run   vitkit reduce-tokens RUN --method evit|tome ... -o OUT [--finetune N]
+    prune_run           vitkit prune RUN --heads 0.25 --mlp 0.3 | --method lpvit|dimap ... -o OUT
+    reparam_run         vitkit reparam RUN -o OUT                        (RePaViT inference form)
+    train_compressed    vitkit train ... --exits 4,8 | --repavit 0.75 | --linear-attention
+    evaluate_exit_run   vitkit evaluate RUN --exit-threshold 0.9
+    compare_runs        vitkit compare RUN... [-o DIR]                   (accuracy/latency table + plot)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitkit.data import DataSplits
+from vitkit.errors import VitkitError
+from vitkit.io import write_json, write_yaml
+from vitkit.models import count_parameters, get_manifest, model_input_size
+from vitkit.runs import CONFIG, load, prepare_run_dir, read_metrics, save_model, write_metrics
+from vitkit.train import TrainConfig, build_config, evaluate
+from vitkit.train.loop import default_objective
+from vitkit.train.objectives import Objective
+
+STAGE = "stage.yaml"
+
+
+@dataclass
+class StageResult:
+    path: Path
+    model: nn.Module
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def check_output(path: str | os.PathLike, force: bool) -> None:
+    """Refuse a non-empty output before any work (the directory is only created when writing)."""
+    p = Path(path)
+    if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not force)):
+        prepare_run_dir(p, force=force)  # raises its one-line error
+
+
+def source_config(run: str | os.PathLike) -> TrainConfig:
+    p = Path(run) / CONFIG
+    if not p.is_file():
+        raise VitkitError(f"run '{run}' has no {CONFIG}: cannot tell which data it was trained on")
+    return build_config(p)
+
+
+def _splits(cfg: TrainConfig, model: nn.Module) -> DataSplits:
+    from vitkit.api import data_splits_for
+
+    img = model_input_size(model)[1] if cfg.data.startswith(("folder:", "csv:")) else cfg.img_size
+    return data_splits_for(cfg, img)
+
+
+def finetune_config(cfg: TrainConfig, epochs: int, lr: float | None) -> TrainConfig:
+    """The source run's recipe for a short fine-tune: ``epochs`` epochs, no warm-up, a small lr."""
+    if epochs < 1:
+        raise VitkitError(f"--finetune: the number of fine-tuning epochs must be >= 1, got {epochs}")
+    return cfg.model_copy(
+        update={
+            "epochs": int(epochs),
+            "warmup_epochs": 0.0,
+            "lr": lr if lr is not None else cfg.resolved_lr() / 4,
+        }
+    )
+
+
+def derive_run(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    transform: Callable[[nn.Module, DataSplits], dict[str, Any]],
+    stage: dict[str, Any],
+    *,
+    finetune: int = 0,
+    lr: float | None = None,
+    objective: Callable[[nn.Module, TrainConfig, DataSplits], Objective] | None = None,
+    after_training: Callable[[nn.Module], None] | None = None,
+    force: bool = False,
+    quiet: bool = True,
+) -> StageResult:
+    """Load ``source``, apply ``transform(model, data)`` (returns facts for metrics.json), evaluate it
+    off the shelf, fine-tune it ``finetune`` epochs when asked, write the new run to ``output``."""
+    from vitkit.api import train_model
+
+    check_output(output, force)
+    model = load(source)
+    info = model.vitkit_run
+    cfg = source_config(source)
+    if finetune:
+        finetune_config(cfg, finetune, lr)  # bad values fail before any work
+    data = _splits(cfg, model)
+    facts = transform(model, data)
+    out = prepare_run_dir(output, force=force)
+    model.eval()
+    counts = None if data.multilabel else data.train.class_counts()
+    off_shelf = evaluate(model, data.val, class_counts=counts)
+    metrics: dict[str, Any]
+    if finetune:
+        ft_cfg = finetune_config(cfg, finetune, lr)
+        obj = objective(model, ft_cfg, data) if objective else None
+        run = train_model(ft_cfg, out, objective=obj, model=model, data=data, force=True, quiet=quiet)
+        model = run.model
+        if after_training is not None:
+            after_training(model)
+            model.eval()
+            metrics = evaluate(model, data.val, class_counts=counts)
+            save_model(out, model, classes=info.classes, task=info.task, data=info.data)
+        else:
+            metrics = dict(run.metrics)
+    else:
+        metrics = off_shelf
+        write_yaml(out / CONFIG, cfg.model_dump(mode="json"))
+        save_model(out, model, classes=info.classes, task=info.task, data=info.data)
+    src = read_metrics(source)
+    metrics.update(
+        {
+            "split": "val",
+            "source_run": str(source),
+            "source_top1": src.get("top1"),
+            "off_the_shelf_top1": off_shelf.get("top1"),
+            "finetune_epochs": int(finetune),
+            "parameters": count_parameters(model),
+            "transforms": [t.name for t in get_manifest(model).transforms],
+            **facts,
+        }
+    )
+    write_yaml(out / STAGE, {**stage, "source_run": str(source), "finetune_epochs": int(finetune), "lr": lr})
+    write_metrics(out, metrics)
+    return StageResult(out, model, metrics)
+
+
+# -- token reduction ------------------------------------------------------------------------------
+def reduce_tokens_run(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    method: str,
+    keep: float = 0.7,
+    at: list[int] | None = None,
+    r: int | list[int] = 8,
+    prop_attn: bool = True,
+    finetune: int = 0,
+    lr: float | None = None,
+    keep_warmup: float | None = None,
+    force: bool = False,
+    quiet: bool = True,
+) -> StageResult:
+    """EViT (``keep``, ``at``) or ToMe (``r``, ``prop_attn``) on a run; see :func:`derive_run`."""
+    from vitkit.compress.tokens import EViTConfig, KeepRateSchedule, ToMeConfig, apply_evit, apply_tome
+    from vitkit.compress.tokens.evit import check_keep_rate
+
+    if method == "evit":
+        check_keep_rate(keep)
+        ecfg = EViTConfig(keep=keep, at=list(at or []))
+
+        def transform(model: nn.Module, data: DataSplits) -> dict:
+            apply_evit(model, ecfg)
+            return {"method": "evit", "keep": keep, "at": ecfg.at}
+
+        def objective(model: nn.Module, cfg: TrainConfig, data: DataSplits) -> Objective:
+            shrink = keep_warmup if keep_warmup is not None else max(1.0, cfg.epochs / 2)
+            steps = max(1, len(data.train) // min(cfg.batch_size, len(data.train)))
+            return KeepRateSchedule(
+                model, default_objective(cfg, data.multilabel), keep, 0.0, shrink, steps_per_epoch=steps
+            )
+
+        def finish(model: nn.Module) -> None:
+            from vitkit.compress.tokens import set_keep_rate
+
+            set_keep_rate(model, keep)
+
+        stage = {"stage": "reduce-tokens", "method": "evit", "keep": keep, "at": ecfg.at or "default"}
+        return derive_run(
+            source, output, transform, stage, finetune=finetune, lr=lr, objective=objective,
+            after_training=finish, force=force, quiet=quiet,
+        )  # fmt: skip
+    if method == "tome":
+        tcfg = ToMeConfig(r=r, prop_attn=prop_attn)
+
+        def transform(model: nn.Module, data: DataSplits) -> dict:
+            apply_tome(model, tcfg)
+            return {"method": "tome", "r": tcfg.schedule, "prop_attn": prop_attn}
+
+        stage = {"stage": "reduce-tokens", "method": "tome", "r": r, "prop_attn": prop_attn}
+        return derive_run(
+            source, output, transform, stage, finetune=finetune, lr=lr, force=force, quiet=quiet
+        )
+    raise VitkitError(f"--method: expected evit or tome, got '{method}'")
+
+
+# -- pruning --------------------------------------------------------------------------------------
+def prune_run(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    method: str = "structured",
+    heads: float = 0.0,
+    mlp: float = 0.0,
+    importance: str = "magnitude",
+    flops: float = 0.5,
+    block: int = 16,
+    power: bool = True,
+    sparsity: float = 0.5,
+    finetune: int = 0,
+    lr: float | None = None,
+    force: bool = False,
+    quiet: bool = True,
+) -> StageResult:
+    """Structured (``heads``, ``mlp``, ``importance``), LPViT (``flops``, ``block``, ``power``) or
+    DIMAP (``sparsity``) pruning of a run; see :func:`derive_run`."""
+    from vitkit.compress.prune import (
+        DIMAPConfig,
+        LPViTConfig,
+        StructuredPruneConfig,
+        apply_dimap,
+        apply_lpvit,
+        apply_structured_prune,
+        sparsity_report,
+    )
+
+    def structured(model: nn.Module, data: DataSplits) -> dict:
+        before = count_parameters(model)
+        apply_structured_prune(model, StructuredPruneConfig(heads, mlp, importance), data.train)
+        return {
+            "method": "structured",
+            "heads": heads,
+            "mlp": mlp,
+            "importance": importance,
+            "parameters_before": before,
+        }
+
+    def lpvit(model: nn.Module, data: DataSplits) -> dict:
+        apply_lpvit(
+            model, LPViTConfig(flops=flops, block=block, power=power, importance=importance_lp), data.train
+        )
+        rep = sparsity_report(model, model_input_size(model))
+        return {
+            "method": "lpvit",
+            "flops_target": flops,
+            **{k: v for k, v in rep.items() if k != "layer_sparsity"},
+        }
+
+    def dimap(model: nn.Module, data: DataSplits) -> dict:
+        apply_dimap(model, DIMAPConfig(sparsity=sparsity))
+        rep = sparsity_report(model, model_input_size(model))
+        return {"method": "dimap", **{k: v for k, v in rep.items() if k != "layer_sparsity"}}
+
+    importance_lp = "l1" if importance == "magnitude" else importance
+    fns = {"structured": structured, "lpvit": lpvit, "dimap": dimap}
+    if method not in fns:
+        raise VitkitError(f"--method: expected structured, lpvit or dimap, got '{method}'")
+    if method == "structured" and not heads and not mlp:
+        raise VitkitError("structured pruning: give --heads and/or --mlp (fractions removed per block)")
+    stage = {"stage": "prune", "method": method, "heads": heads, "mlp": mlp, "importance": importance,
+             "flops": flops, "block": block, "power": power, "sparsity": sparsity}  # fmt: skip
+    return derive_run(source, output, fns[method], stage, finetune=finetune, lr=lr, force=force, quiet=quiet)
+
+
+# -- RePaViT --------------------------------------------------------------------------------------
+def reparam_run(source: str | os.PathLike, output: str | os.PathLike, *, force: bool = False) -> StageResult:
+    """The RePaViT inference form of a run trained with the channel-idle FFN (exact, no training)."""
+    from vitkit.compress.reparam import reparameterize
+
+    def transform(model: nn.Module, data: DataSplits) -> dict:
+        before = count_parameters(model)
+        reparameterize(model)
+        return {"method": "repavit_reparam", "parameters_before": before}
+
+    return derive_run(source, output, transform, {"stage": "reparam"}, force=force)
+
+
+# -- training with exits / RePaViT / linear attention ---------------------------------------------
+DEFAULT_THRESHOLDS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)
+
+
+def train_compressed(
+    cfg: TrainConfig,
+    output: str | os.PathLike,
+    *,
+    exits: list[int] | None = None,
+    distill_epochs: int | None = None,
+    distill_lr: float | None = None,
+    repavit: float | None = None,
+    linear_attention: bool = False,
+    force: bool = False,
+    quiet: bool = False,
+) -> StageResult:
+    """``vitkit train`` with model transforms applied before training: RePaViT's channel-idle FFN,
+    L²ViT linear attention, and/or LGViT exits (two stages: end-to-end, then self-distillation of
+    the exit heads with the backbone frozen, ``distill_epochs`` epochs, default epochs/3)."""
+    from vitkit.api import build_model_for, data_splits_for, train_model
+    from vitkit.data import seed_everything
+    from vitkit.train import fit
+
+    check_output(output, force)
+    if cfg.data.startswith(("folder:", "csv:")) and not cfg.img_size:
+        raise VitkitError("--exits/--repavit/--linear-attention with folder:/csv: data need --img-size")
+    seed_everything(cfg.seed)
+    data = data_splits_for(cfg, cfg.img_size)
+    seed_everything(cfg.seed)
+    model = build_model_for(cfg, data.train.num_classes)
+    if repavit is not None:
+        from vitkit.compress.reparam import RePaViTConfig, apply_repavit
+
+        apply_repavit(model, RePaViTConfig(idle=repavit))
+    if linear_attention:
+        from vitkit.compress.linear_attention import apply_linear_attention
+
+        apply_linear_attention(model)
+    if not exits:
+        run = train_model(cfg, output, model=model, data=data, force=force, quiet=quiet)
+        return StageResult(run.path, run.model, run.metrics)
+
+    from vitkit.compress.exits import (
+        ExitConfig,
+        ExitDistillObjective,
+        ExitEndToEndObjective,
+        all_exit_logits,
+        apply_exits,
+        evaluate_early_exit,
+        frozen_backbone,
+    )
+
+    if data.multilabel:
+        raise VitkitError("--exits: early exit by confidence needs single-label data")
+    apply_exits(model, ExitConfig(exits=list(exits)))
+    n2 = distill_epochs if distill_epochs is not None else max(1, cfg.epochs // 3)
+    if n2 < 0:
+        raise VitkitError(f"--exit-epochs must be >= 0, got {n2}")
+    depth = len(model.blocks)
+    stage1 = ExitEndToEndObjective(depth, cfg.label_smoothing)
+    run = train_model(cfg, output, objective=stage1, model=model, data=data, force=force, quiet=quiet)
+    out, model = run.path, run.model
+    metrics = dict(run.metrics)
+    if n2:
+        cfg2 = cfg.model_copy(
+            update={
+                "epochs": n2,
+                "warmup_epochs": 0.0,
+                "lr": distill_lr or cfg.resolved_lr() / 2,
+                "ema_decay": None,
+            }
+        )
+        grid = tuple(model.patch_embed.grid_size)
+        from vitkit.models import num_prefix_tokens
+
+        stage2 = ExitDistillObjective(grid, num_prefix_tokens(model), label_smoothing=cfg.label_smoothing)
+        with frozen_backbone(model):
+            fit(model, data, cfg2, objective=stage2, run_dir=out / "stage2", quiet=quiet)
+    model.eval()
+    final, per_exit = all_exit_logits(model, data.val)
+    metrics["exit_top1"] = {
+        str(k): (lg.argmax(1) == data.val.targets).float().mean().item() for k, lg in per_exit.items()
+    }
+    metrics["final_top1"] = (final.argmax(1) == data.val.targets).float().mean().item()
+    metrics["exit_sweep"] = [evaluate_early_exit(model, data.val, t) for t in DEFAULT_THRESHOLDS]
+    metrics["exit_stage2_epochs"] = n2
+    metrics["exits"] = sorted(set(exits))
+    save_model(out, model, classes=data.classes, task="multiclass", data=data.description)
+    write_metrics(out, metrics)
+    return StageResult(out, model, metrics)
+
+
+def evaluate_exit_run(
+    run: str | os.PathLike,
+    threshold: float,
+    *,
+    data: str | None = None,
+    output: str | os.PathLike | None = None,
+    batch_size: int = 256,
+) -> tuple[dict[str, Any], Path]:
+    """Per-sample early-exit evaluation of a run with exit heads at ``threshold``."""
+    from vitkit.api import _slug, evaluation_data
+    from vitkit.compress.exits import evaluate_early_exit, exit_blocks
+
+    if threshold < 0:
+        raise VitkitError(f"--exit-threshold must be >= 0 (a softmax confidence), got {threshold}")
+    model = load(run)
+    if not exit_blocks(model):
+        raise VitkitError(f"run '{run}' has no exit heads: train it with `vitkit train ... --exits 4,8`")
+    info = model.vitkit_run
+    dataset = evaluation_data(info, data, model_input_size(model)[1])
+    metrics = evaluate_early_exit(model, dataset, threshold, batch_size=batch_size)
+    out = Path(output) if output else info.path / f"eval-{_slug(data or dataset.name)}-exit{threshold:g}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_metrics(out, {**metrics, "run": str(info.path), "data": dataset.name})
+    return metrics, out
+
+
+# -- comparison -----------------------------------------------------------------------------------
+def compare_runs(
+    runs: list[str | os.PathLike],
+    output: str | os.PathLike | None = None,
+    *,
+    threads: int = 2,
+    repeats: int = 5,
+    batch: int = 64,
+) -> list[dict[str, Any]]:
+    """Accuracy (each run's validation split) and speed (interleaved in one process) of several runs;
+    the first run is the baseline of the ratios. Writes compare.json and compare.png to ``output``."""
+    from vitkit.api import evaluation_data
+    from vitkit.deploy import BenchConfig, compare
+    from vitkit.runs import read_run
+
+    if len(runs) < 1:
+        raise VitkitError("compare: give at least one run directory")
+    models, rows = {}, []
+    shape = None
+    for r in runs:
+        model = load(r)
+        s = model_input_size(model)
+        if shape is not None and s != shape:
+            raise VitkitError(
+                f"compare: run '{r}' takes {s} inputs, '{runs[0]}' takes {shape}; compare runs of one input size"
+            )
+        shape = s
+        info = read_run(r)
+        data = evaluation_data(model.vitkit_run, None, s[1])
+        m = evaluate(model, data)
+        name = Path(r).name if Path(r).name not in models else str(r)
+        models[name] = model
+        row = {
+            "run": str(r),
+            "name": name,
+            "transforms": [t.name for t in info.manifest.transforms] or ["-"],
+            "top1": m.get("top1", float("nan")),
+        }
+        from vitkit.compress.prune.masked import MaskedLinear
+
+        if any(isinstance(x, MaskedLinear) for x in model.modules()):
+            from vitkit.compress.prune import sparsity_report
+
+            rep = sparsity_report(model, s)
+            row["sparsity"], row["sparse_flops"] = rep["sparsity"], rep["sparse_flops"]
+        rows.append(row)
+    res = compare(models, shape, BenchConfig(threads=threads, repeats=repeats, throughput_batch=batch))
+    base = rows[0]
+    b = res[base["name"]]
+    for row in rows:
+        r = res[row["name"]]
+        row.update(
+            {
+                "parameters": r.parameters,
+                "flops": r.flops,
+                "latency_ms_p50": r.latency_ms_p50,
+                "latency_ms_spread": list(r.latency_ms_spread),
+                "throughput": r.throughput,
+                "throughput_spread": list(r.throughput_spread),
+                "throughput_ratio": r.throughput / b.throughput,
+                "latency_ratio": r.latency_ms_p50 / b.latency_ms_p50,
+                "top1_delta": row["top1"] - base["top1"],
+            }
+        )
+    if output is not None:
+        out = Path(output)
+        write_json(out / "compare.json", {"runs": rows, "threads": threads, "repeats": repeats, "batch": batch,
+                                          "torch_threads": torch.get_num_threads()})  # fmt: skip
+        plot_comparison(rows, out / "compare.png")
+    return rows
+
+
+def plot_comparison(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Accuracy vs throughput (batch) and vs latency (batch 1), one labelled point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vitkit.io import atomic_path
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in (
+        (axes[0], "throughput", "throughput (img/s, batch)"),
+        (axes[1], "latency_ms_p50", "latency p50 (ms, batch 1)"),
+    ):
+        for row in rows:
+            ax.scatter(row[key], 100 * row["top1"], s=30)
+            ax.annotate(
+                row["name"],
+                (row[key], 100 * row["top1"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("accuracy vs throughput")
+    axes[1].set_title("accuracy vs latency")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,221 @@
+"""ToMe — Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023.
+
+Changes the model: every timm ``Block`` becomes a :class:`ToMeBlock` that, between the attention
+residual and the MLP, merges the ``r`` most similar pairs of patch tokens (bipartite soft matching on
+the attention keys averaged over heads) into their size-weighted average, and adds ``log(size)`` to
+the attention logits of later blocks (proportional attention).
+
+Faithful to the official code (facebookresearch/ToMe, ``tome/merge.py``) in the matching, the
+size-weighted merge and proportional attention, with these differences on purpose:
+
+* the block forward keeps LayerScale (``ls1``/``ls2``), q/k-norm and the fused attention kernel
+  (the official patch re-implements old timm attention and drops them); the keys come from the
+  attention tap (``needs_probs=False``) and ``log(size)`` from an additive attention-bias hook;
+* re-entrant: token sizes travel *with the tokens* from block to block as a tuple
+  ``(x, size, source)`` (no shared ``_tome_info`` dict, nothing popped during forward);
+* every prefix token (cls, dist, registers: ``model.num_prefix_tokens``) is set aside before the
+  matching, so none is ever merged or used as a merge destination;
+* pooling stays size-weighted for every ``global_pool`` other than ``'token'``: the last block
+  "unmerges" (each original patch takes its merged token's value), so mean/max/attention pooling
+  over the original N tokens equals size-weighted pooling over the merged ones (the official code
+  does this only in its MAE patch);
+* ``r`` larger than the tokens allow is an error, not silently clamped;
+* merging uses ``scatter_add`` (ONNX ``ScatterElements`` with ``add``, opset >= 16) rather than
+  ``scatter_reduce(mean)``, which ONNX cannot export.
+
+Not implemented: source tracing for visualization, the ``(r, inflection)`` schedule (an explicit
+per-block list covers it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from vitkit.compress._blocks import WrappedBlock, transformer_blocks
+from vitkit.errors import VitkitError
+from vitkit.models import num_prefix_tokens, record_transform
+
+# (x, size, source): tokens, size of each patch token (B, Np, 1) or None while all are 1, and for
+# every original patch the index of the merged token that holds it (B, N0) or None before any merge.
+TokenState = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+MergeFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int) -> tuple[MergeFn, torch.Tensor]:
+    """ToMe's matching on ``metric`` (B, N, D) of *patch* tokens; returns ``(merge, dest)``.
+
+    Tokens alternate into sets A (even) and B (odd); each A token picks its most similar B token
+    (cosine); the ``r`` best-matched A tokens are merged into their B partners. ``dest`` (B, N) is
+    the index of the token each input token ends up in (N - r outputs). ``merge(x, size)`` returns
+    the size-weighted averages and the summed sizes. The matching itself is not differentiated.
+    """
+    B, N, _ = metric.shape
+    n_a, n_b = (N + 1) // 2, N // 2
+    if not 0 <= r <= n_b:
+        raise VitkitError(f"ToMe: cannot merge r={r} pairs among {N} patch tokens (at most {n_b})")
+    with torch.no_grad():
+        m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        a, b = m[:, ::2], m[:, 1::2]
+        scores = a @ b.transpose(-1, -2)  # (B, n_a, n_b)
+        node_max, node_idx = scores.max(dim=-1)  # best B partner of each A token
+        edge_idx = node_max.argsort(dim=-1, descending=True)
+        src_idx, unm_idx = edge_idx[:, :r], edge_idx[:, r:]  # A tokens merged / kept
+        dst_idx = node_idx.gather(1, src_idx)
+        n_unm = n_a - r
+        ar = torch.arange(N, device=metric.device)
+        dest_a = torch.zeros(B, n_a, dtype=torch.long, device=metric.device)
+        dest_a = dest_a.scatter(1, unm_idx, ar[:n_unm].expand(B, -1))
+        dest_a = dest_a.scatter(1, src_idx, n_unm + dst_idx)
+        dest_b = (n_unm + ar[:n_b]).expand(B, -1)
+        # back from (A..., B...) order to token order: A = even positions, B = odd positions
+        order = torch.cat([ar[0::2], ar[1::2]]).expand(B, -1)
+        dest = torch.zeros(B, N, dtype=torch.long, device=metric.device)
+        dest = dest.scatter(1, order, torch.cat([dest_a, dest_b], dim=1))
+    n_out = N - r
+
+    def merge(x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        C = x.shape[-1]
+        total = x.new_zeros(B, n_out, C).scatter_add(1, dest[..., None].expand(-1, -1, C), x * size)
+        new_size = size.new_zeros(B, n_out, 1).scatter_add(1, dest[..., None], size)
+        return total / new_size, new_size
+
+    return merge, dest
+
+
+class ToMeBlock(WrappedBlock):
+    """A timm ``Block`` that merges ``r`` token pairs after its attention residual (see module doc).
+
+    Takes a tensor (first block) or a :data:`TokenState` tuple; returns a tuple, except the model's
+    last block, which returns tokens (unmerged to the original count when ``unmerge``).
+    """
+
+    def __init__(
+        self,
+        block: Block,
+        r: int,
+        num_prefix: int,
+        prop_attn: bool = True,
+        last: bool = False,
+        unmerge: bool = False,
+    ):
+        super().__init__(block)
+        self.r = int(r)
+        self.num_prefix = int(num_prefix)
+        self.prop_attn = bool(prop_attn)
+        self.last = bool(last)
+        self.unmerge = bool(unmerge)
+
+    def forward(self, x: torch.Tensor | TokenState) -> torch.Tensor | TokenState:
+        if isinstance(x, tuple):
+            x, size, source = x
+        else:
+            size = source = None
+        P = self.num_prefix
+        keys: list[torch.Tensor] = []
+        handles = []
+        # Hooks are registered for this call only and closed over local state: re-entrant.
+        if self.r > 0:
+            handles.append(self.attn.register_tap(lambda s: keys.append(s.k), needs_probs=False))
+        if self.prop_attn and size is not None:
+            log_size = torch.cat([size.new_zeros(size.shape[0], P, 1), size.log()], dim=1)
+            bias = log_size[:, None, None, :, 0]  # (B, 1, 1, N): added to the logits of key j
+            handles.append(self.attn.register_attn_bias(lambda m, q, k: bias))
+        try:
+            x = self.attention_residual(x)
+        finally:
+            for h in handles:
+                h.remove()
+
+        if self.r > 0:
+            metric = keys[0].mean(dim=1)[:, P:]  # keys averaged over heads, patch tokens only
+            merge, dest = bipartite_soft_matching(metric, self.r)
+            prefix, patches = x[:, :P], x[:, P:]
+            if size is None:
+                size = patches.new_ones(patches.shape[0], patches.shape[1], 1)
+            patches, size = merge(patches, size)
+            source = dest if source is None else dest.gather(1, source)
+            x = torch.cat([prefix, patches], dim=1)
+
+        x = self.mlp_residual(x)
+        if not self.last:
+            return x, size, source
+        if self.unmerge and source is not None:
+            C = x.shape[-1]
+            patches = x[:, P:].gather(1, source[..., None].expand(-1, -1, C))
+            x = torch.cat([x[:, :P], patches], dim=1)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, num_prefix={self.num_prefix}, prop_attn={self.prop_attn}, last={self.last}"
+
+
+@dataclass
+class ToMeConfig:
+    """``r``: pairs merged per block, one int for every block or a list with one entry per block.
+    ``prop_attn``: proportional attention (ToMe's default; the paper turns it off only for MAE)."""
+
+    r: int | list[int] = 8
+    prop_attn: bool = True
+    schedule: list[int] = field(default_factory=list)  # resolved per-block r (filled by apply_tome)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_r(r: int | Sequence[int], depth: int) -> list[int]:
+    if isinstance(r, bool):
+        raise VitkitError(f"ToMe r: expected an integer or a list of {depth} integers, got {r!r}")
+    if isinstance(r, int):
+        sched = [r] * depth
+    else:
+        sched = [int(v) for v in r]
+        if len(sched) != depth:
+            raise VitkitError(
+                f"ToMe r: a per-block list needs {depth} entries (one per block), got {len(sched)}"
+            )
+    if any(v < 0 for v in sched):
+        raise VitkitError(f"ToMe r must be >= 0, got {sched}")
+    return sched
+
+
+def _patch_tokens(model: nn.Module) -> int:
+    pe = getattr(model, "patch_embed", None)
+    n = getattr(pe, "num_patches", None)
+    if not n:
+        raise VitkitError(f"ToMe: cannot tell how many patch tokens {type(model).__name__} has")
+    return int(n)
+
+
+def apply_tome(model: nn.Module, cfg: ToMeConfig | dict | None = None) -> nn.Module:
+    """Turn every block of a timm ViT into a :class:`ToMeBlock` (in place); records ``tome``."""
+    cfg = ToMeConfig(**cfg) if isinstance(cfg, dict) else (cfg or ToMeConfig())
+    blocks = transformer_blocks(model, "ToMe")
+    sched = resolve_r(cfg.r, len(blocks))
+    n = _patch_tokens(model)
+    for i, r in enumerate(sched):
+        if r > n // 2:
+            raise VitkitError(
+                f"ToMe r={r} at block {i}: only {n} patch tokens are left there, so at most {n // 2} pairs can merge"
+            )
+        n -= r
+    P = num_prefix_tokens(model)
+    unmerge = getattr(model, "global_pool", "token") != "token"
+    for i, (blk, r) in enumerate(zip(list(blocks), sched)):
+        last = i == len(blocks) - 1
+        blocks[i] = ToMeBlock(blk, r, P, cfg.prop_attn, last=last, unmerge=unmerge)
+    cfg.schedule = sched
+    record_transform(model, "tome", cfg.to_dict())
+    return model
+
+
+def replay_tome(model: nn.Module, config: dict) -> nn.Module:
+    config = dict(config)
+    schedule = config.pop("schedule", None)
+    if schedule:
+        config["r"] = schedule
+    return apply_tome(model, ToMeConfig(**config))

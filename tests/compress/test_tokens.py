@@ -1,0 +1,222 @@
+"""EViT and ToMe: exactness at keep=1 / r=0, invariants of the merge, prefix tokens, reload, accuracy."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from vitkit.compress.tokens import (
+    EViTBlock,
+    KeepRateSchedule,
+    ToMeBlock,
+    apply_evit,
+    apply_tome,
+    bipartite_soft_matching,
+    scheduled_keep_rate,
+)
+from vitkit.errors import VitkitError
+from vitkit.models import attention_maps, create_model
+from vitkit.runs import load, save_model
+from vitkit.train import evaluate
+
+# models that exercise every kind of prefix token: cls, cls + dist, cls + 2 registers (+ avg pool),
+# and LayerScale + q/k-norm (which the official ToMe patch drops)
+PREFIX_MODELS = [
+    ("vitkit_micro_p4_16", {}),
+    ("vitkit_micro_distilled_p4_16", {}),
+    ("vitkit_micro_p4_16", {"reg_tokens": 2, "global_pool": "avg"}),
+    ("vitkit_micro_p4_16", {"init_values": 0.1, "qk_norm": True}),
+]
+
+
+def _model(name, kw, seed=0):
+    torch.manual_seed(seed)
+    return create_model(name, **kw).eval()
+
+
+@pytest.mark.parametrize("name,kw", PREFIX_MODELS)
+def test_identity_settings_equal_the_baseline_exactly(name, kw):
+    m = _model(name, kw)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref = m(x)
+        assert torch.equal(apply_tome(copy.deepcopy(m), {"r": 0})(x), ref)
+        assert torch.equal(apply_evit(copy.deepcopy(m), {"keep": 1.0, "at": [0, 1, 2, 3]})(x), ref)
+
+
+def test_merge_preserves_the_size_weighted_token_sum():
+    g = torch.Generator().manual_seed(1)
+    metric, x = torch.randn(4, 15, 8, generator=g), torch.randn(4, 15, 6, generator=g)
+    size = torch.randint(1, 5, (4, 15, 1), generator=g).float()
+    merge, dest = bipartite_soft_matching(metric, 5)
+    y, s = merge(x, size)
+    assert y.shape == (4, 10, 6) and s.shape == (4, 10, 1)
+    torch.testing.assert_close((y * s).sum(1), (x * size).sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.sum(1), size.sum(1))
+    # every output slot receives at least its own token; the A tokens that merged went to B tokens
+    assert (torch.bincount(dest[0], minlength=10) >= 1).all()
+    with pytest.raises(VitkitError, match="at most 7"):
+        bipartite_soft_matching(metric, 8)
+
+
+def test_merge_joins_the_most_similar_pair():
+    metric = torch.eye(6)[None].clone()
+    metric[0, 2] = metric[0, 5]  # token 2 (set A) duplicates token 5 (set B)
+    x = torch.arange(6.0)[None, :, None]
+    merge, dest = bipartite_soft_matching(metric, 1)
+    assert dest[0, 2] == dest[0, 5]
+    y, s = merge(x, torch.ones(1, 6, 1))
+    assert (y[0, dest[0, 5], 0] == 3.5) and (s[0, dest[0, 5], 0] == 2)
+
+
+def _block_io(model, block_idx, x):
+    """Input and output of block ``block_idx`` (forward hooks)."""
+    got = {}
+    blk = model.blocks[block_idx]
+    h = blk.register_forward_hook(lambda m, i, o: got.update(inp=i[0], out=o))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        h.remove()
+    out = got["out"][0] if isinstance(got["out"], tuple) else got["out"]
+    inp = got["inp"][0] if isinstance(got["inp"], tuple) else got["inp"]
+    return inp, out
+
+
+@pytest.mark.parametrize("name,kw", PREFIX_MODELS[:3])
+def test_prefix_tokens_are_never_merged_or_dropped(name, kw):
+    base = _model(name, kw)
+    P = base.num_prefix_tokens
+    x = torch.randn(2, 3, 16, 16)
+    for reduced, n_out in (
+        (apply_tome(copy.deepcopy(base), {"r": [8, 0, 0, 0]}), P + 8),
+        (apply_evit(copy.deepcopy(base), {"keep": 0.25, "at": [0]}), P + 4 + 1),
+    ):
+        inp, out = _block_io(reduced, 0, x)
+        assert out.shape[1] == n_out
+        # the plain timm block on the same input: prefix tokens see the same attention and MLP
+        plain = base.blocks[0]
+        with torch.no_grad():
+            ref = plain(inp)
+        torch.testing.assert_close(out[:, :P], ref[:, :P], rtol=1e-5, atol=1e-6)
+
+
+def test_tome_token_counts_and_avg_pool_is_size_weighted():
+    m = _model("vitkit_micro_p4_16", {"global_pool": "avg", "reg_tokens": 1})
+    P = m.num_prefix_tokens
+    apply_tome(m, {"r": [4, 2, 1, 1]})
+    x = torch.randn(2, 3, 16, 16)
+    last = m.blocks[-1]
+    last.last = False  # expose the merged state of the last block
+    try:
+        with torch.no_grad():
+            tokens, size, _source = m.blocks(m.norm_pre(m._pos_embed(m.patch_embed(x))))
+    finally:
+        last.last = True
+    assert tokens.shape[1] == P + 16 - 8 and size.sum(1).eq(16).all()
+    normed = m.norm(tokens)[:, P:]
+    weighted = (normed * size).sum(1) / size.sum(1)
+    with torch.no_grad():
+        feats = m.forward_features(x)  # the last block unmerges: 16 patch tokens again
+    assert feats.shape[1] == P + 16
+    torch.testing.assert_close(feats[:, P:].mean(1), weighted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m(x), m.forward_head(feats))
+
+
+def test_evit_keeps_the_top_k_by_class_attention_and_fuses_the_rest():
+    base = _model("vitkit_micro_p4_16", {"reg_tokens": 1})
+    P = base.num_prefix_tokens
+    m = apply_evit(copy.deepcopy(base), {"keep": 0.5, "at": [1]})
+    x = torch.randn(2, 3, 16, 16)
+    inp, out = _block_io(m, 1, x)
+    blk = base.blocks[1]
+    with attention_maps(base, layers=[1]) as maps, torch.no_grad():
+        base(x)
+    with torch.no_grad():
+        h = inp + blk.ls1(blk.attn(blk.norm1(inp)))
+    a = maps[1].mean(1)[:, 0, P:]  # class-token attention over non-prefix tokens
+    k = math.ceil(0.5 * 16)
+    idx = a.topk(k, dim=1).indices
+    tokens = h[:, P:]
+    kept = torch.stack([tokens[b, idx[b]] for b in range(2)])
+    mask = torch.ones_like(a).scatter(1, idx, 0.0)
+    fused = (tokens * (a * mask)[..., None]).sum(1, keepdim=True)
+    expect = torch.cat([h[:, :P], kept, fused], 1)
+    with torch.no_grad():
+        expect = expect + blk.ls2(blk.mlp(blk.norm2(expect)))
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_reentrant_and_batch_independent():
+    m = apply_tome(_model("vitkit_micro_distilled_p4_16", {}), {"r": 3})
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        a, b = m(x), m(x)
+        singles = torch.cat([m(x[i : i + 1]) for i in range(4)])
+    assert torch.equal(a, b)
+    torch.testing.assert_close(singles, a, rtol=1e-5, atol=1e-5)
+    assert all(not blk.attn._taps and not blk.attn._bias_hooks for blk in m.blocks)  # nothing left behind
+
+
+@pytest.mark.parametrize("method", ["tome", "evit"])
+def test_reloads_from_the_manifest(tmp_path, method):
+    m = _model("vitkit_micro_p4_16", {})
+    m = (
+        apply_tome(m, {"r": 2, "prop_attn": False})
+        if method == "tome"
+        else apply_evit(m, {"keep": 0.6, "at": [1, 3]})
+    )
+    save_model(tmp_path / "r", m, classes=[str(i) for i in range(10)])
+    back = load(tmp_path / "r")
+    x = torch.randn(2, 3, 16, 16)
+    kind = ToMeBlock if method == "tome" else EViTBlock
+    assert any(isinstance(b, kind) for b in back.blocks)
+    with torch.no_grad():
+        assert torch.equal(back(x), m(x))
+
+
+def test_keep_rate_schedule():
+    assert scheduled_keep_rate(0.5, 0.7, start_epochs=1, shrink_epochs=2) == 1.0
+    assert scheduled_keep_rate(1.0, 0.7, 1, 2) == 1.0
+    assert scheduled_keep_rate(2.0, 0.7, 1, 2) == pytest.approx(0.85)
+    assert scheduled_keep_rate(3.0, 0.7, 1, 2) == 0.7
+    m = apply_evit(_model("vitkit_nano_p4_16", {}), {"keep": 0.5, "at": [1]})
+    from vitkit.train.objectives import ClassificationObjective
+
+    sched = KeepRateSchedule(m, ClassificationObjective(), 0.5, 0, 1, steps_per_epoch=2)
+    sched.on_epoch_start(0, 2)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    rates = [sched(m, x, y).logs["keep_rate"] for _ in range(2)]
+    assert rates == [1.0, pytest.approx(0.75)]
+
+
+def test_bad_inputs():
+    m = _model("vitkit_micro_p4_16", {})
+    for keep in (0.0, -0.1, 1.5):
+        with pytest.raises(VitkitError, match=r"keep rate must be in \(0, 1\]"):
+            apply_evit(copy.deepcopy(m), {"keep": keep})
+    with pytest.raises(VitkitError, match="outside the model's 4 blocks"):
+        apply_evit(copy.deepcopy(m), {"keep": 0.5, "at": [4]})
+    with pytest.raises(VitkitError, match="at most 8 pairs"):
+        apply_tome(copy.deepcopy(m), {"r": 9})
+    with pytest.raises(VitkitError, match="at most 2 pairs"):  # 16 -> 8 -> 4: the third block has 4 left
+        apply_tome(copy.deepcopy(m), {"r": [8, 4, 3, 0]})
+    with pytest.raises(VitkitError, match="no class token"):
+        apply_evit(_model("vitkit_micro_p4_16", {"class_token": False, "global_pool": "avg"}), {"keep": 0.5})
+    with pytest.raises(VitkitError, match="already a ToMeBlock"):
+        apply_evit(apply_tome(copy.deepcopy(m), {"r": 1}), {"keep": 0.5})
+
+
+def test_off_the_shelf_accuracy_on_a_trained_model(trained_run, digits):
+    model = load(trained_run)
+    base = evaluate(model, digits.val)["top1"]
+    tome = evaluate(apply_tome(copy.deepcopy(model), {"r": 2}), digits.val)["top1"]
+    evit = evaluate(apply_evit(copy.deepcopy(model), {"keep": 0.9}), digits.val)["top1"]
+    assert base > 0.85
+    # A broken merge or selection (wrong tokens, lost prefix, unweighted pooling) costs far more.
+    assert tome >= base - 0.05, (base, tome)
+    assert evit >= base - 0.05, (base, evit)
