@@ -243,8 +243,13 @@ def evaluate_run(
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate a run; writes ``metrics.json`` and ``confusion_matrix.png`` into ``output``
     (default ``RUN/eval-<data>/``). Returns (metrics, output directory)."""
+    info = read_run(run_dir)
+    if info.task == "none":
+        raise VitkitError(
+            f"run '{run_dir}' is a self-supervised encoder without a classifier: evaluate it with --probe linear|knn"
+        )
     model = load(run_dir, device=device)
-    info: RunInfo = model.vitkit_run
+    info = model.vitkit_run
     img = model_input_size(model)[1]
     dataset = evaluation_data(info, data, img, strict=strict)
     train_counts = None

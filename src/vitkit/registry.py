@@ -31,6 +31,11 @@ _TRANSFORMS: dict[str, str | ReplayFn] = {
     "stem": "vitkit.smalldata.stem:replay_stem",
     "attention_temperature": "vitkit.analyze.patches:replay_attention_temperature",
     "dist_token": "vitkit.distill.deit:replay_dist_token",
+    "lora": "vitkit.adapt.lora:replay_lora",
+    "lora-qv": "vitkit.adapt.lora:replay_lora_qv",
+    "vpt": "vitkit.adapt.vpt:replay_vpt",
+    "dvpt": "vitkit.adapt.dvpt:replay_dvpt",
+    "explora": "vitkit.adapt.explora:replay_explora",
     # compress: faster ViTs (issue 6)
     "tome": "vitkit.compress.tokens.tome:replay_tome",
     "evit": "vitkit.compress.tokens.evit:replay_evit",

@@ -231,6 +231,11 @@ def evaluate(
     few: int = Opt(20, help="classes with fewer training samples than this are few-shot"),
     strict: bool = Opt(False, "--strict", help="fail on unreadable images instead of skipping"),
     device: str = Opt("cpu"),
+    probe: str | None = Opt(
+        None, help="linear | knn: fit a probe on frozen features of the train split, score the val split"
+    ),
+    layer: int | None = Opt(None, help="probe: features after this block [default: pooled features]"),
+    pool: str = Opt("avg", help="probe with --layer: avg (patch tokens) | cls"),
     exit_threshold: float | None = Opt(
         None,
         help="early exit: each image leaves at the first exit head this confident (runs trained with --exits)",
@@ -239,6 +244,18 @@ def evaluate(
     """Evaluate a run: top-1/5, per-class, balanced, many/medium/few-shot, macro-F1, ECE (AUROC/mAP for multi-label)."""
     from vitkit.api import evaluate_run
 
+    if probe is not None:
+        from vitkit.adapt.probes import probe_run
+
+        result, out = probe_run(
+            run,
+            {"method": probe, "layer": layer, "pool": pool, "batch_size": batch_size},
+            data=data,
+            output=output,
+            device=device,
+        )
+        _print_summary(out, {"top1": result.top1, "balanced_accuracy": result.balanced_accuracy})
+        return
     if exit_threshold is not None:
         from vitkit.compress.stages import evaluate_exit_run
 
