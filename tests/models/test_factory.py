@@ -35,10 +35,15 @@ def test_unknown_model_name_suggests():
         create_model("vit_tiny_patch16_22")
 
 
-def test_cnn_ignores_img_size_and_records_kwargs():
+def test_cnn_keeps_img_size_as_its_input_size_and_records_kwargs():
+    # CNNs reject timm's img_size argument: built without it, the size becomes their declared input
+    # size (so evaluation and distillation teachers feed them what they trained on)
+    from vitkit.models import model_input_size
+
     m = create_model("test_resnet", num_classes=4, img_size=32)
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 4)
-    assert get_manifest(m).kwargs == {"num_classes": 4}
+    assert get_manifest(m).kwargs == {"num_classes": 4, "img_size": 32}
+    assert tuple(model_input_size(m)) == (3, 32, 32)
 
 
 def test_pretrained_file_resamples_pos_embed_and_drops_other_head(tmp_path):
