@@ -198,3 +198,11 @@ def test_int8_onnx_graph_runs_integer_kernels_and_matches_the_simulated_model(fl
     ):
         export_int8_onnx(repq, tmp_path / "r.onnx", model_input_size(repq))
     assert not (tmp_path / "r.onnx").exists()
+
+
+def test_a_tome_merged_model_is_refused_with_one_line(digits):
+    from vitkit.compress.tokens.tome import apply_tome
+
+    model = apply_tome(vitkit.create_model("vitkit_nano_p4_16", num_classes=10), {"r": 2})
+    with pytest.raises(VitkitError, match=r"cannot quantize a model with transform 'tome'"):
+        quantize(model, digits.train, method="minmax", w_bits=8, a_bits=8)

@@ -92,6 +92,22 @@ def _record(model: nn.Module, cfg: QuantConfig, resolved: dict) -> None:
         record_transform(model, TRANSFORM_NAME, {**cfg.model_dump(), "resolved_bits": resolved})
 
 
+# Transforms whose blocks pass more than a tensor between modules, which calibration hooks cannot read.
+_UNSUPPORTED = {"tome": "ToMe's merged blocks carry (tokens, sizes) tuples through attention"}
+
+
+def _refuse_unsupported_transforms(model: nn.Module) -> None:
+    from vitkit.models import get_manifest
+
+    manifest = get_manifest(model)
+    for t in manifest.transforms if manifest is not None else []:
+        if t.name in _UNSUPPORTED:
+            raise VitkitError(
+                f"cannot quantize a model with transform '{t.name}': {_UNSUPPORTED[t.name]}; "
+                "quantize before merging tokens, or reduce tokens with EViT"
+            )
+
+
 def quantize(
     model: nn.Module,
     calib_data: ImageDataset | torch.Tensor,
@@ -106,6 +122,7 @@ def quantize(
     The calibration report (timings, reparameterized layers) is ``model.vitkit_quant_report``.
     """
     cfg = make_config(config, **overrides)
+    _refuse_unsupported_transforms(model)
     images = calibration_images(model, calib_data, cfg)
     model.eval()
     t0 = time.perf_counter()
