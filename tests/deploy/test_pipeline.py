@@ -99,3 +99,53 @@ def test_examples_validate_and_demo_yaml_is_the_demo():
     for f in sorted((ROOT / "examples").glob("*.yaml")):
         load_pipeline(f)
     assert yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text()) == demo_pipeline("runs/demo")
+
+
+# the demo with tiny settings (the stages and files of `vitkit demo`, seconds instead of minutes)
+TINY_DEMO = dict(teacher="test_resnet", teacher_epochs=2, epochs=4, finetune=1, attack_n=32, batch=4,
+                 latency_calls=2, repeats=2)  # fmt: skip
+
+
+@pytest.mark.slow  # 11 stages: 210 s at load ~4 on 2 cores (over the ~60 s budget; not yet profiled)
+def test_demo_pipeline_every_stage_in_the_table(tmp_path):
+    from vitkit.demo import demo_pipeline, demo_stage_table, run_demo_pipeline
+
+    work = tmp_path / "demo"
+    log: list[str] = []
+    rows = run_demo_pipeline(work, echo=log.append, **TINY_DEMO)
+    n_stages = len(demo_pipeline(work)["stages"])
+    assert len(list((work / ".pipeline").glob("*.json"))) == n_stages  # every stage completed
+    assert [r["stage"].split(":")[0] for r in rows] == ["teacher", "baseline", "distill", "export", "int8",
+                                                        "reduce-tokens", "reduce-tokens", "w8a8", "w4a4",
+                                                        "attack"]  # fmt: skip
+    by = {r["stage"].split(":")[0] + (":onnx" if "onnx fp32" in r["stage"] else ""): r for r in rows}
+    # every stage that deploys has accuracy, size, latency and a speedup vs the FP32 baseline
+    for r in rows[:-1]:
+        assert 0 < r["accuracy"] <= 1 and r["size_mb"] > 0 and r["latency_ms"] > 0, r
+        assert r["speedup_latency"] > 0 and r["speedup_throughput"] > 0, r
+    assert by["baseline"]["speedup_throughput"] == 1.0
+    assert by["teacher"]["accuracy"] > 0.5  # the CNN teacher learns the digits in 2 epochs
+    # the ONNX graphs compute what PyTorch computes (same held-out images)
+    assert abs(by["export:onnx"]["accuracy"] - by["distill"]["accuracy"]) < 0.01
+    assert abs(by["reduce-tokens:onnx"]["accuracy"] - by["reduce-tokens"]["accuracy"]) < 0.01
+    q8 = read_json(work / "w8a8" / "quant.json")
+    assert q8["simulated"] is False and q8["onnx_vs_simulated_agreement"] > 0.95
+    assert (work / "w8a8" / "model_int8.onnx").is_file()
+    assert abs(by["w8a8"]["accuracy"] - by["reduce-tokens"]["accuracy"]) < 0.05
+    assert by["w4a4"]["size_mb"] < by["distill"]["size_mb"] / 4  # 4-bit weights (simulated)
+    # the token-reduced run has fewer FLOPs than its baseline; the W8A8 bench has the QDQ graph
+    red = read_json(work / "reduced" / "bench.json")["results"]
+    assert red["vitkit fp32 eager"]["flops"] < red["timm fp32 eager"]["flops"]
+    assert "onnxruntime int8 qdq" in read_json(work / "w8a8" / "bench.json")["results"]
+    # the PGD attack: robust accuracy below clean, in the report
+    attack = read_json(work / "vit" / "attack-pgd" / "attack.json")["results"]
+    pgd = next(r for r in attack if r["method"] == "pgd")
+    assert by["attack"]["accuracy"] == pgd["robust_accuracy"] <= pgd["clean_accuracy"]
+    html = (work / "report.html").read_text()
+    assert "robustness" in html and "evit" in html and "quantize" in html
+    # everything unchanged: a second run skips every stage and gives the same accuracies
+    log.clear()
+    again = run_demo_pipeline(work, echo=log.append, **TINY_DEMO)
+    assert sum("unchanged, skipped" in m for m in log) == n_stages
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
+    assert demo_stage_table(work) == again

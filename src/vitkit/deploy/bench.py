@@ -152,7 +152,14 @@ def timm_baseline(model: nn.Module) -> nn.Module:
     manifest = get_manifest(model)
     if manifest is None:
         raise ValueError("the model has no manifest: cannot tell which timm model is its baseline")
-    base = timm.create_model(manifest.name, **manifest.kwargs)
+    try:
+        base = timm.create_model(manifest.name, **manifest.kwargs)
+    except TypeError as e:  # a CNN run recorded img_size (vitkit.create_model drops it for CNNs too)
+        if "img_size" not in str(e) or "img_size" not in manifest.kwargs:
+            raise
+        base = timm.create_model(
+            manifest.name, **{k: v for k, v in manifest.kwargs.items() if k != "img_size"}
+        )
     state = model.state_dict()
     own = base.state_dict()
     base.load_state_dict(

@@ -3,7 +3,8 @@
 For one run, in one process and interleaved round by round (``vitkit.deploy.bench.compare``):
 plain ``timm.create_model`` of the run's base architecture (the baseline, fp32 eager), the run in
 PyTorch eager fp32, optionally eager bf16 (autocast) and ``torch.compile``, and onnxruntime on
-``RUN/model.onnx`` and ``RUN/model.int8.onnx`` when ``vitkit export`` wrote them. Peak memory is the
+``RUN/model.onnx`` and ``RUN/model.int8.onnx`` when ``vitkit export`` wrote them (and the static
+INT8 QDQ graph ``RUN/model_int8.onnx`` of ``vitkit quantize --deploy onnx``). Peak memory is the
 rise of the process's resident set during one throughput-batch call, sampled every millisecond
 (a coarse number: allocator caches and onnxruntime arenas count once they are first touched).
 """
@@ -25,6 +26,7 @@ from vitkit.errors import VitkitError
 BENCH_JSON = "bench.json"
 BENCH_PNG = "bench.png"
 BASELINE = "timm fp32 eager"
+QDQ_LABEL = "onnxruntime int8 qdq"  # vitkit quantize --deploy onnx: static W8A8, real INT8 kernels
 
 
 class _Autocast(nn.Module):
@@ -81,6 +83,7 @@ def peak_memory_mb(model: nn.Module, x: torch.Tensor) -> float | None:
 def runtime_variants(
     model: nn.Module, run_dir: Path, *, bf16: bool, compile: bool, onnx: bool, threads: int
 ) -> dict[str, nn.Module]:
+    from vitkit.compress.quant.run import ONNX_INT8 as QDQ_NAME
     from vitkit.deploy.export import INT8_NAME, ONNX_NAME, prepare_for_export
     from vitkit.deploy.onnx import OnnxModel
 
@@ -90,7 +93,8 @@ def runtime_variants(
     if compile:
         variants["vitkit fp32 compile"] = _Runtime(torch.compile(prepare_for_export(model)))
     if onnx:
-        for name, label in ((ONNX_NAME, "onnxruntime fp32"), (INT8_NAME, "onnxruntime int8")):
+        files = ((ONNX_NAME, "onnxruntime fp32"), (INT8_NAME, "onnxruntime int8"), (QDQ_NAME, QDQ_LABEL))
+        for name, label in files:
             if (run_dir / name).is_file():
                 variants[label] = _Runtime(OnnxModel(run_dir / name, threads=threads))
     return variants
