@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench/out/foundation.json"))
+    ap.add_argument("--parts", default="a,b,c", help="which of (a) training, (b) inference, (c) precision")
     args = ap.parse_args()
     torch.set_num_threads(2)
     info = {
@@ -146,22 +147,27 @@ def main() -> None:
         "cpu_count": os.cpu_count(), "threads": 2, "torch": torch.__version__, "timm": timm.__version__,
         "load_avg_start": os.getloadavg(), "command": " ".join(sys.argv),
     }  # fmt: skip
-    print("(a) training loop: vitkit fit vs bare PyTorch loop", flush=True)
-    train = bench_training(args.repeats, args.epochs)
-    print("(b) inference: vitkit.load vs timm.create_model", flush=True)
-    infer = [
-        bench_inference(args.repeats, "vitkit_micro_p4_16", 16),
-        bench_inference(args.repeats, "deit_small_patch16_224", 224),
-    ]
-    print("(c) precision: bf16 autocast vs fp32", flush=True)
-    prec = bench_precision(args.repeats, 1)
+    parts = set(args.parts.split(","))
+    train, infer, prec = {}, [], {}
+    if "a" in parts:
+        print("(a) training loop: vitkit fit vs bare PyTorch loop", flush=True)
+        train = bench_training(args.repeats, args.epochs)
+    if "b" in parts:
+        print("(b) inference: vitkit.load vs timm.create_model", flush=True)
+        infer = [
+            bench_inference(args.repeats, "vitkit_micro_p4_16", 16),
+            bench_inference(args.repeats, "deit_small_patch16_224", 224),
+        ]
+    if "c" in parts:
+        print("(c) precision: bf16 autocast vs fp32", flush=True)
+        prec = bench_precision(args.repeats, 1)
     info["load_avg_end"] = os.getloadavg()
     report = {"info": info, "training": train, "inference": infer, "precision": prec}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps({"train_ratio": train["ratio_median"], "train_spread": train["ratio_spread"],
+    print(json.dumps({"train_ratio": train.get("ratio_median"), "train_spread": train.get("ratio_spread"),
                       "infer": [(i["model"], i["throughput_ratio_median"], i["throughput_ratio_spread"]) for i in infer],
-                      "bf16_over_fp32": [prec["train_bf16_over_fp32"], prec["infer_bf16_over_fp32"]]}, indent=1))  # fmt: skip
+                      "bf16_over_fp32": [prec.get("train_bf16_over_fp32"), prec.get("infer_bf16_over_fp32")]}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":
