@@ -12,7 +12,7 @@ from timm.layers import GluMlp, Mlp
 from torch import nn
 
 from vitkit.errors import VitkitError
-from vitkit.models import VitkitAttention
+from vitkit.models import VitkitAttention, model_name
 from vitkit.train.config import format_validation_error
 
 C = TypeVar("C", bound=BaseModel)
@@ -32,9 +32,7 @@ def build_config(cls: type[C], value: C | dict[str, Any] | None, source: str) ->
 
 
 def model_label(model: nn.Module) -> str:
-    manifest = getattr(model, "vitkit_manifest", None)
-    name = manifest.name if manifest is not None else type(model).__name__
-    return f"{name} ({type(model).__name__})"
+    return f"{model_name(model)} ({type(model).__name__})"
 
 
 def transformer_blocks(model: nn.Module, technique: str) -> list[nn.Module]:

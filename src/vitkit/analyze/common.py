@@ -20,7 +20,7 @@ from torch import nn
 
 from vitkit.data import BatchTransform, ImageDataset
 from vitkit.errors import VitkitError
-from vitkit.models import model_input_size, model_normalization
+from vitkit.models import model_input_size, model_name, model_normalization
 
 
 class PixelModel(nn.Module):
@@ -128,8 +128,7 @@ def model_label(model: nn.Module) -> str:
     info = getattr(model, "vitkit_run", None)
     if info is not None:
         return str(info.path)
-    m = getattr(model, "vitkit_manifest", None)
-    return m.name if m is not None else type(model).__name__
+    return model_name(model)
 
 
 # -- outputs ----------------------------------------------------------------------------------------

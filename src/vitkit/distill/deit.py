@@ -42,7 +42,7 @@ from torch import nn
 from vitkit.data import BatchTransform, ImageDataset
 from vitkit.distill.teacher import Teacher, unwrap
 from vitkit.errors import VitkitError
-from vitkit.models import get_manifest, model_normalization, record_transform
+from vitkit.models import model_name, model_normalization, record_transform
 from vitkit.train import ClassificationObjective, Objective, ObjectiveOutput
 from vitkit.train.evaluate import classification_metrics, predict
 
@@ -118,18 +118,13 @@ def has_dist_token(model: nn.Module) -> bool:
     return isinstance(m, VisionTransformerDistilled) or isinstance(getattr(m, "head", None), DistilledHead)
 
 
-def _model_name(model: nn.Module) -> str:
-    man = get_manifest(model)
-    return man.name if man is not None else type(model).__name__
-
-
 def apply_dist_token(model: nn.Module, cfg: DistTokenConfig | dict | None = None) -> nn.Module:
     """Make a plain timm ``VisionTransformer`` a DeiT student: one more prefix token (DIST, right
     after CLS) and a DIST head. In place; recorded in the manifest; ``vitkit.load`` replays it."""
     cfg = DistTokenConfig(**cfg) if isinstance(cfg, dict) else (cfg or DistTokenConfig())
     if cfg.init not in ("random", "copy_cls"):
         raise VitkitError(f"dist_token init must be 'random' or 'copy_cls', got {cfg.init!r}")
-    name = _model_name(model)
+    name = model_name(model)
     if has_dist_token(model):
         raise VitkitError(f"model '{name}' already has a DIST token")
     if not isinstance(model, VisionTransformer):
@@ -193,7 +188,7 @@ def set_distilled_training(model: nn.Module, enable: bool = True) -> None:
 
 
 def no_dist_token_error(model: nn.Module) -> VitkitError:
-    name = _model_name(model)
+    name = model_name(model)
     return VitkitError(
         f"student '{name}' has no DIST token, which DeiT distillation needs: use a *_distilled_* model "
         f"(e.g. vitkit_tiny_distilled_p4_32), or add one with --add-dist-token (vitkit.distill.apply_dist_token)"

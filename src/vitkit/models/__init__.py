@@ -18,7 +18,14 @@ from vitkit.models.factory import (
     model_normalization,
     num_prefix_tokens,
 )
-from vitkit.models.manifest import Manifest, TransformRecord, get_manifest, record_transform, set_manifest
+from vitkit.models.manifest import (
+    Manifest,
+    TransformRecord,
+    get_manifest,
+    model_name,
+    record_transform,
+    set_manifest,
+)
 
 __all__ = [
     "AttentionMaps",
@@ -35,6 +42,7 @@ __all__ = [
     "get_manifest",
     "logit_hook",
     "model_input_size",
+    "model_name",
     "model_normalization",
     "num_prefix_tokens",
     "record_transform",

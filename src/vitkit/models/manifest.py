@@ -65,6 +65,12 @@ def set_manifest(model: nn.Module, manifest: Manifest) -> None:
     object.__setattr__(model, MANIFEST_ATTR, manifest)
 
 
+def model_name(model: nn.Module) -> str:
+    """The name a model was built from (its manifest's timm name), else its class name: for messages."""
+    manifest = get_manifest(model)
+    return manifest.name if manifest is not None else type(model).__name__
+
+
 def record_transform(model: nn.Module, name: str, config: dict[str, Any] | None = None) -> None:
     """Append a transform to the model's manifest (call it at the end of ``apply_x``)."""
     manifest = get_manifest(model)

@@ -52,6 +52,7 @@ from vitkit.models import (
     VitkitAttention,
     attention_modules,
     model_input_size,
+    model_name,
     num_prefix_tokens,
     record_transform,
 )
@@ -146,11 +147,6 @@ def gmm_masks(model: nn.Module) -> list[GaussianMixtureMask]:
     return [m for m in model.modules() if isinstance(m, GaussianMixtureMask)]
 
 
-def _model_name(model: nn.Module) -> str:
-    manifest = getattr(model, "vitkit_manifest", None)
-    return manifest.name if manifest is not None else type(model).__name__
-
-
 def _tokens_seen(model: nn.Module, mods: list[VitkitAttention]) -> list[int]:
     """Tokens each attention layer sees, from one forward pass on a blank image (eval, no grad)."""
     seen: dict[int, int] = {}
@@ -181,7 +177,7 @@ def apply_gmm(model: nn.Module, cfg: GMMConfig | dict | None = None) -> nn.Modul
     DHVT whose attention also sees head tokens, a model already masked).
     """
     cfg = parse_options(GMMConfig, cfg, "gmm")
-    name = _model_name(model)
+    name = model_name(model)
     mods = attention_modules(model)
     if not mods:
         raise VitkitError(
