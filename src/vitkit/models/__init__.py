@@ -26,6 +26,7 @@ from vitkit.models.manifest import (
     record_transform,
     set_manifest,
 )
+from vitkit.models.tokens import TokenStep, TokenTapMixin, token_reduction_blocks, token_reduction_trace
 
 __all__ = [
     "AttentionMaps",
@@ -33,6 +34,8 @@ __all__ = [
     "Manifest",
     "MatMul",
     "Softmax",
+    "TokenStep",
+    "TokenTapMixin",
     "TransformRecord",
     "VitkitAttention",
     "attention_maps",
@@ -47,5 +50,7 @@ __all__ = [
     "num_prefix_tokens",
     "record_transform",
     "set_manifest",
+    "token_reduction_blocks",
+    "token_reduction_trace",
     "use_vitkit_attention",
 ]
