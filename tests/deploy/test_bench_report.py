@@ -72,6 +72,7 @@ def test_report_is_self_contained_with_every_section(benched_run, tmp_path):
                                                                   "robust_accuracy": 0.1}]}),
         ("similarity-self", "similarity", {"model_a": "a", "model_b": "b", "mean_diagonal": 1.0}),
         ("attention", "attention", {"layers": [-1]}),
+        ("attention", "tokens", {"blocks": [{"block": 1, "kind": "keep"}]}),
     ]:  # fmt: skip
         (run / sub).mkdir(exist_ok=True)
         write_json(run / sub / f"{kind}.json", doc)
@@ -87,8 +88,8 @@ def test_report_is_self_contained_with_every_section(benched_run, tmp_path):
     p.feed(text)
     assert set(SECTION_IDS) <= p.ids, set(SECTION_IDS) - p.ids
     assert "http" not in "".join(p.images)  # nothing fetched: every image is embedded
-    # 2 runs x (curves, per-class, confusion, bench? no: 3 analyses) + pareto
-    assert len(p.images) == 1 + 2 * 6
+    # 2 runs x (curves, per-class, confusion, bench? no: 4 analyses) + pareto
+    assert len(p.images) == 1 + 2 * 7
     for src in p.images:
         assert src.startswith("data:image/png;base64,")
         img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))

@@ -11,8 +11,10 @@ token) to the *patch* tokens only; attention given to prefix tokens (class, dist
 is reported separately as ``prefix_share``. Models without prefix tokens (global average pooling)
 show the mean over query tokens.
 
-Not done here: the EViT/ToMe kept/merged-token view belongs with the token-reduction transforms
-(issue #6) and is left for after they land.
+Token-reduced models (EViT, ToMe): the maps of a block that runs on fewer tokens are drawn on the
+original grid (a token's attention shared equally among the patches it holds) and the rollout goes
+through each reduction (see :mod:`vitkit.analyze.tokens`, which also draws the kept / merged
+patches themselves).
 """
 
 from __future__ import annotations
@@ -26,23 +28,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.analyze.common import PixelModel, pixel_transform, subsample
+from vitkit.analyze.tokens import follow_steps, token_maps_to_grid, token_rollout_matrix
 from vitkit.data import ImageDataset
 from vitkit.errors import VitkitError
-from vitkit.models import attention_maps, attention_modules, num_prefix_tokens
+from vitkit.models import attention_maps, attention_modules, num_prefix_tokens, token_reduction_trace
 
 
-def rollout(maps: list[torch.Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
-    """Attention rollout over ``maps`` (each (B, H, N, N), first layer first) → (B, N, N).
+def rollout(
+    maps: list[torch.Tensor],
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    reductions: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Attention rollout over ``maps`` (each (B, H, N, N), first layer first) → (B, N, N0).
 
     ``head_fusion``: mean | max | min over heads. ``discard_ratio`` zeroes that fraction of the lowest
     fused weights per row (as in the popular vit-explain implementation; 0 = Abnar & Zuidema).
+    ``reductions``: for token-reduced models, ``{layer: M}`` with M (B, N_out, N_in) applied after
+    that layer (:func:`vitkit.analyze.tokens.token_rollout_matrix`), so N may shrink with depth.
     """
     if not maps:
         raise VitkitError("attention rollout needs at least one layer")
-    b, _, n, _ = maps[0].shape
-    eye = torch.eye(n, dtype=torch.float64).expand(b, n, n)
-    result = eye.clone()
-    for a in maps:
+    b, _, n0, _ = maps[0].shape
+    result = torch.eye(n0, dtype=torch.float64).expand(b, n0, n0).clone()
+    for i, a in enumerate(maps):
+        n = a.shape[-1]
+        eye = torch.eye(n, dtype=torch.float64).expand(b, n, n)
         a = a.to(torch.float64)
         if head_fusion == "mean":
             fused = a.mean(1)
@@ -60,6 +71,8 @@ def rollout(maps: list[torch.Tensor], head_fusion: str = "mean", discard_ratio: 
         fused = 0.5 * (fused + eye)
         fused = fused / fused.sum(-1, keepdim=True)
         result = fused @ result
+        if reductions and i in reductions:
+            result = reductions[i].to(torch.float64) @ result
     return result
 
 
@@ -154,13 +167,18 @@ def measure_attention(
     x = pixel_transform(model)(data.images, data.targets)[0].to(device)
     pm = PixelModel(model).to(device)
     wanted = list(range(depth)) if cfg.rollout else layers
-    with attention_maps(model, wanted) as rec:
+    with attention_maps(model, wanted) as rec, token_reduction_trace(model) as steps:
         pm(x)
+    # token-reduced models: the token state each layer's attention ran on (None = all patches)
+    states = follow_steps(steps, grid[0] * grid[1])
+    state_at = {li: next((s for s in reversed(states) if s.block < li), None) for li in range(depth)}
     maps: dict[int, torch.Tensor] = {}
     stats: dict[str, Any] = {"per_layer": {}}
+    if states:
+        stats["token_reduction_blocks"] = [s.block for s in states]
     for li in layers:
         a = rec[li]  # (B, H, N, N)
-        q = query_to_patches(a, npfx, cfg.query)  # (B, H, P)
+        q = token_maps_to_grid(query_to_patches(a, npfx, cfg.query), state_at[li])  # (B, H, P)
         if heads == "mean":
             sel = q.mean(1, keepdim=True)
         elif heads == "all":
@@ -178,7 +196,11 @@ def measure_attention(
         }
     roll = None
     if cfg.rollout:
-        r = rollout([rec[i] for i in range(depth)])
+        reductions, size = {}, None
+        for (li, step), state in zip(steps, states):
+            reductions[li] = token_rollout_matrix(step, npfx, size_in=size)
+            size = state.size
+        r = rollout([rec[i] for i in range(depth)], reductions=reductions)
         roll = query_to_patches(r, npfx, cfg.query).reshape(len(x), *grid).float()
     return AttentionResult(grid, npfx, layers, heads, maps, roll, x.cpu(), stats)
 

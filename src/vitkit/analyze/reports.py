@@ -280,8 +280,16 @@ def run_attention(
     output: str | None = None,
     device: str = "cpu",
 ) -> tuple[dict[str, Any], Path]:
-    """``vitkit attention``: maps for chosen layers/heads and rollout, as overlays + JSON."""
+    """``vitkit attention``: maps for chosen layers/heads and rollout, as overlays + JSON; for EViT /
+    ToMe models also the kept / fused / merged patches per reduction block (``tokens.json`` + PNG)."""
     from vitkit.analyze.attention import AttentionConfig, attention_json, measure_attention, plot_attention
+    from vitkit.analyze.tokens import (
+        TokenReductionConfig,
+        has_token_reduction,
+        measure_token_reduction,
+        plot_token_reduction,
+        token_reduction_json,
+    )
 
     model = resolve_model(spec, device)
     ds = analysis_data(model, data)
@@ -290,10 +298,17 @@ def run_attention(
     )
     res = measure_attention(model, ds, cfg, device=device)
     doc = {**_header(model, ds), **attention_json(res)}
+    tokens = None
+    if has_token_reduction(model):  # EViT / ToMe: which patches were kept, fused or merged
+        tokens = measure_token_reduction(model, ds, TokenReductionConfig(n=images, seed=seed), device=device)
+        doc["token_reduction"] = {**_header(model, ds), **token_reduction_json(tokens)}
     out = default_output(model, "attention", output)
     with output_dir(out) as tmp:
-        write_json(tmp / "attention.json", doc)
+        write_json(tmp / "attention.json", {k: v for k, v in doc.items() if k != "token_reduction"})
         plot_attention(res, tmp / "attention.png")
+        if tokens is not None:
+            write_json(tmp / "tokens.json", doc["token_reduction"])
+            plot_token_reduction(tokens, tmp / "tokens.png")
     return doc, out
 
 

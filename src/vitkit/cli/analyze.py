@@ -197,7 +197,8 @@ def attention(
     output: Path | None = Opt(None, "-o", "--output", help="[default: RUN/attention]"),
     device: str = Opt("cpu"),
 ) -> None:
-    """Attention maps of any layer/head and rollout, overlaid on the images."""
+    """Attention maps of any layer/head and rollout, overlaid on the images (EViT / ToMe runs: also
+    which patches each reduction block kept, fused or merged)."""
     from vitkit.analyze.common import parse_list
     from vitkit.analyze.reports import run_attention
 
@@ -217,6 +218,17 @@ def attention(
         f"layer {li}: entropy {s['mean_entropy_nats']:.2f}/{s['max_entropy_nats']:.2f} nats, patch→prefix share {s['patch_to_prefix_share']:.3f}"
         for li, s in doc["stats"]["per_layer"].items()
     ]
+    for b in doc.get("token_reduction", {}).get("blocks", []):
+        if b["kind"] == "keep":
+            lines.append(
+                f"block {b['block']} (EViT): {b['kept_tokens']}/{b['tokens_in']} tokens kept; patches kept "
+                f"{b['mean_kept_patches']:.1f}, fused {b['mean_fused_patches']:.1f}, dropped {b['mean_dropped_patches']:.1f}"
+            )
+        else:
+            lines.append(
+                f"block {b['block']} (ToMe): {b['tokens_in']}→{b['tokens_out']} tokens; merged groups "
+                f"{b['mean_merged_groups']:.1f}, largest {b['mean_largest_group']:.1f} patches"
+            )
     _done(out, lines)
 
 

@@ -6,7 +6,8 @@ differ from the first run's are flagged), the accuracy vs latency vs size Pareto
 training curves (``history.csv``), metrics (incl. per-class and many/medium/few-shot), the confusion
 matrix, export (``export.json``), bench (``bench.json``), and the analysis results that
 ``vitkit attack`` / ``similarity`` / ``attention`` write into sub-directories of the run
-(``*/attack.json``, ``*/similarity.json``, ``*/attention.json`` with their PNGs).
+(``*/attack.json``, ``*/similarity.json``, ``*/attention.json`` with their PNGs, and
+``*/tokens.json`` + PNG: the kept / merged patches of EViT / ToMe runs).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from vitkit.errors import VitkitError
 
 SECTION_IDS = ("summary", "pareto", "lineage", "curves", "metrics", "confusion", "export", "bench",
-               "robustness", "similarity", "attention")  # fmt: skip
+               "robustness", "similarity", "attention", "tokens")  # fmt: skip
 
 
 @dataclass
@@ -51,7 +52,7 @@ def collect(run_dir: str | os.PathLike) -> RunData:
         with open(p / "history.csv", newline="") as f:
             history = list(csv.DictReader(f))
     analyses: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
-    for kind in ("attack", "similarity", "attention"):
+    for kind in ("attack", "similarity", "attention", "tokens"):
         for j in sorted(p.glob(f"*/{kind}.json")):
             analyses.setdefault(kind, []).append((j, read_json(j)))
     return RunData(
@@ -256,7 +257,8 @@ def _run_sections(r: RunData) -> str:
         header = ["runtime", "lat p50 ms", "lat p90 ms", "img/s", "spread", "vs timm", "peak MB",
                   "params", "FLOPs"]  # fmt: skip
         out.append(_section(f"bench-{r.label}", "bench", note + _table(header, rows)))
-    titles = {"attack": "robustness", "similarity": "similarity (CKA)", "attention": "attention"}
+    titles = {"attack": "robustness", "similarity": "similarity (CKA)", "attention": "attention",
+              "tokens": "tokens kept / merged (EViT, ToMe)"}  # fmt: skip
     for kind, docs in r.analyses.items():
         body = ""
         for path, doc in docs:
@@ -264,7 +266,7 @@ def _run_sections(r: RunData) -> str:
             rows = _scalars(doc)
             for res in doc.get("results", []) if isinstance(doc.get("results"), list) else []:
                 rows += [[f"{res.get('method', '')} {k}", v] for k, v in _scalars(res)]
-            if rows and kind != "attention":
+            if rows and kind not in ("attention", "tokens"):
                 body += _table(["field", "value"], rows)
             png = path.with_suffix(".png")
             if png.is_file():

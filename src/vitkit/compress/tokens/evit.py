@@ -14,6 +14,7 @@ own Block submodules (LayerScale, q/k-norm) are reused instead of a forked timm 
 token's attention row is computed from the q/k tap (one 1×N row per head) so the fused attention
 kernel keeps running, unless another hook or a replaced softmax/matmul is present, in which case the
 probabilities come from the module's explicit path; any number of prefix tokens is supported.
+The block reports what it kept to :func:`vitkit.models.token_reduction_trace` listeners (visualization).
 ``global_pool='avg'`` pools over the kept and fused tokens with equal weight (EViT defines no
 pooling besides the class token).
 """
@@ -29,7 +30,7 @@ from torch import nn
 
 from vitkit.compress._blocks import WrappedBlock, parse_int_list, transformer_blocks
 from vitkit.errors import VitkitError
-from vitkit.models import AttentionState, num_prefix_tokens, record_transform
+from vitkit.models import AttentionState, TokenStep, TokenTapMixin, num_prefix_tokens, record_transform
 from vitkit.train.objectives import Objective, ObjectiveOutput
 
 
@@ -38,7 +39,7 @@ def kept_tokens(keep_rate: float, n: int) -> int:
     return min(n, math.ceil(keep_rate * n))
 
 
-class EViTBlock(WrappedBlock):
+class EViTBlock(TokenTapMixin, WrappedBlock):
     """A timm ``Block`` that keeps the most attended tokens and fuses the rest (see module docstring)."""
 
     def __init__(self, block: Block, keep_rate: float, num_prefix: int, fuse: bool = True):
@@ -68,6 +69,9 @@ class EViTBlock(WrappedBlock):
         n = x.shape[1] - P
         k = kept_tokens(self.keep_rate, n)
         if k >= n:  # keep rate 1 (or warm-up): exactly the timm block
+            if self.has_token_taps:  # every token kept, in order (for visualization)
+                kept_all = torch.arange(n, device=x.device).expand(x.shape[0], -1)
+                self.emit_token_step(TokenStep("keep", n, n, P, kept=kept_all))
             return self.mlp_residual(self.attention_residual(x))
         scores: list[torch.Tensor] = []
         handle = self._cls_attention_tap(scores)
@@ -86,6 +90,9 @@ class EViTBlock(WrappedBlock):
             w = (a * dropped)[..., None]
             parts.append((tokens * w).sum(dim=1, keepdim=True))
         x = torch.cat(parts, dim=1)
+        if self.has_token_taps:
+            step = TokenStep("keep", n, k + int(self.fuse), P, kept=idx, scores=a, fused=self.fuse)
+            self.emit_token_step(step)
         return self.mlp_residual(x)
 
     def extra_repr(self) -> str:

@@ -23,8 +23,10 @@ size-weighted merge and proportional attention, with these differences on purpos
 * merging uses ``scatter_add`` (ONNX ``ScatterElements`` with ``add``, opset >= 16) rather than
   ``scatter_reduce(mean)``, which ONNX cannot export.
 
-Not implemented: source tracing for visualization, the ``(r, inflection)`` schedule (an explicit
-per-block list covers it).
+Source tracing for visualization: every block reports its matching, the token sizes and the
+original-patch → token map to :func:`vitkit.models.token_reduction_trace` listeners (``vitkit
+attention`` draws them). Not implemented: the ``(r, inflection)`` schedule (an explicit per-block
+list covers it).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from torch import nn
 
 from vitkit.compress._blocks import WrappedBlock, transformer_blocks
 from vitkit.errors import VitkitError
-from vitkit.models import num_prefix_tokens, record_transform
+from vitkit.models import TokenStep, TokenTapMixin, num_prefix_tokens, record_transform
 
 # (x, size, source): tokens, size of each patch token (B, Np, 1) or None while all are 1, and for
 # every original patch the index of the merged token that holds it (B, N0) or None before any merge.
@@ -87,7 +89,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> tuple[MergeFn, torc
     return merge, dest
 
 
-class ToMeBlock(WrappedBlock):
+class ToMeBlock(TokenTapMixin, WrappedBlock):
     """A timm ``Block`` that merges ``r`` token pairs after its attention residual (see module doc).
 
     Takes a tensor (first block) or a :data:`TokenState` tuple; returns a tuple, except the model's
@@ -140,6 +142,10 @@ class ToMeBlock(WrappedBlock):
             patches, size = merge(patches, size)
             source = dest if source is None else dest.gather(1, source)
             x = torch.cat([prefix, patches], dim=1)
+            if self.has_token_taps:  # for visualization: which original patches share a token
+                n_in = dest.shape[1]
+                step = TokenStep("merge", n_in, n_in - self.r, P, dest=dest, size=size[..., 0], source=source)
+                self.emit_token_step(step)
 
         x = self.mlp_residual(x)
         if not self.last:
