@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SECTIONS = ("attacks", "patches", "dta", "cka", "artifacts", "s2", "mil")
+SECTIONS = ("attacks", "patches", "dta", "dta_deep", "cka", "artifacts", "s2", "mil")
 
 
 def log(msg: str) -> None:
@@ -156,6 +156,85 @@ def sec_dta(root: Path, seeds: list[int]) -> dict:
         r = measure_dta(pm, models, val, DTAConfig(n=None, steps=10, search_n=32, search_steps=5, seed=s))
         out[f"seed{s}"] = r.to_dict()
         log(f"dta seed {s}: layer {r.layer}, scores {r.layer_scores}")
+    return out
+
+
+def sec_dta_deep(root: Path, seeds: list[int], depth: int = 12) -> dict:
+    """DTA where the layer search has a choice: a 12-block, 64-wide ViT pre-trained on Fashion-MNIST,
+    fine-tuned on digits (full lr 1e-3 x3 seeds, low lr 3e-4, LoRA rank 4 through vitkit.adapt), every
+    block attacked on the evaluation images (per_block) next to both search scores."""
+    import vitkit
+    from vitkit.adapt.finetune import finetune
+    from vitkit.analyze.common import PixelModel, pixel_transform
+    from vitkit.analyze.dta import DTAConfig, layer_search, measure_dta, split_search
+    from vitkit.data import load_splits
+
+    deep = {"depth": depth}
+    pre = train(
+        root / f"pre_fmnist_d{depth}",
+        data="fashion-mnist",
+        train_size=6000,
+        val_size=1000,
+        epochs=15,
+        seed=0,
+        model_kwargs=deep,
+    )
+    weights = str(pre / "model.safetensors")
+    downs = {}
+    for s in seeds:
+        downs[f"ft_full_s{s}"] = train(
+            root / f"d{depth}_ft_full_s{s}",
+            pretrained_file=weights,
+            epochs=10,
+            lr=1e-3,
+            seed=s,
+            model_kwargs=deep,
+        )
+    downs["ft_lowlr_s0"] = train(
+        root / f"d{depth}_ft_lowlr_s0", pretrained_file=weights, epochs=10, lr=3e-4, seed=0, model_kwargs=deep
+    )
+    lora = root / f"d{depth}_ft_lora_s0"
+    if not (lora / "model.json").is_file():
+        t = time.time()
+        finetune(
+            pre,
+            lora,
+            {"data": "digits", "epochs": 10, "lr": 3e-3, "seed": 0, "tensorboard": False, "threads": 1},
+            peft="lora",
+            peft_config={"rank": 4},
+            force=True,
+            quiet=True,
+        )
+        log(f"trained {lora.name} in {time.time() - t:.0f}s")
+    downs["ft_lora_s0"] = lora
+    val = load_splits("digits").val
+    pm = vitkit.load(pre)
+    models = {k: vitkit.load(v) for k, v in downs.items()}
+    out = {
+        "depth": depth,
+        "pretrained_top1_fashion_mnist": top1(pre),
+        "downstream_top1": {k: top1(v) for k, v in downs.items()},
+    }
+    log(f"dta_deep models: {out}")
+    for s in seeds:
+        cfg = DTAConfig(n=None, steps=10, search_n=32, search_steps=5, seed=s, per_block=True)
+        r = measure_dta(pm, models, val, cfg).to_dict()
+        # the "block" search score on the same search images (its pick's ASR is in the per-block rows)
+        search, _ = split_search(val, cfg)
+        xs = pixel_transform(pm)(search.images, search.targets)[0]
+        block_cfg = DTAConfig(search_steps=5, seed=s, search_score="block")
+        r["layer_scores_block"] = {
+            str(k): v for k, v in layer_search(PixelModel(pm), xs, range(depth), block_cfg).items()
+        }
+        out[f"seed{s}"] = r
+        per = {
+            n: {k: round(v["attack_success_rate"], 3) for k, v in d.items()}
+            for n, d in r["downstream"].items()
+        }
+        log(
+            f"dta_deep seed {s}: layer {r['layer']}, scores {r['layer_scores']}, block scores {r['layer_scores_block']}"
+        )
+        log(f"dta_deep seed {s}: ASR {per}")
     return out
 
 

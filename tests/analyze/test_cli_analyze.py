@@ -69,3 +69,13 @@ def test_perturb_similarity_attention_and_artifacts_write_their_outputs(trained_
     assert (tmp_path / "a" / "attention.png").is_file()
     assert main(["artifacts", str(trained_run), "--n", "8", "-o", str(tmp_path / "r")]) == 0
     assert json.loads((tmp_path / "r" / "artifacts.json").read_text())["grid"] == [4, 4]
+
+
+def test_dta_cli_with_block_score_and_per_block_asr(trained_run):
+    args = ["attack", str(trained_run), "--method", "dta", "--downstream", str(trained_run), "--n", "16"]
+    assert main([*args, "--steps", "2", "--search-score", "block", "--per-block"]) == 0
+    doc = json.loads((trained_run / "attack-dta" / "dta.json").read_text())
+    assert doc["config"]["search_score"] == "block" and sorted(doc["layer_scores"]) == ["0", "1", "2", "3"]
+    r = doc["downstream"][str(trained_run)]
+    assert r[f"block_{doc['layer']}"] == r["dta"]  # the searched block's row is the DTA attack itself
+    assert (trained_run / "attack-dta" / "dta.png").stat().st_size > 1000

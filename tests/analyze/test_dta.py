@@ -37,3 +37,43 @@ def test_dta_at_the_last_block_is_exactly_the_last_layer_baseline(micro, digits)
     r = res.downstream["self"]
     assert res.layer == 3 and res.layer_scores == {}
     assert r["dta"] == r["last_layer"]
+
+
+def test_layer_search_picks_the_best_scoring_block_even_when_it_is_not_the_last(micro, digits):
+    import copy
+
+    from vitkit.analyze.common import pixel_transform
+    from vitkit.analyze.dta import split_search
+
+    # a pre-trained model whose last block adds a large constant to every token: its mean feature
+    # barely turns under any attack, so block 3 must score lowest and an earlier block must win
+    pre = copy.deepcopy(micro)
+    with torch.no_grad():
+        pre.blocks[3].mlp.fc2.bias += 50.0
+    cfg = DTAConfig(n=16, steps=2, search_n=16, search_steps=3, search_score="block", per_block=True)
+    res = measure_dta(pre, {"self": micro}, digits.val, cfg)
+    # the score is the cosine drop at the attacked block itself, recomputed here independently
+    search, _ = split_search(digits.val, cfg)
+    x = pixel_transform(pre)(search.images, search.targets)[0]
+    pm = PixelModel(pre)
+    for li, score in res.layer_scores.items():
+        xa = cosine_attack(pm, x, li, cfg, steps=3, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            cos = F.cosine_similarity(
+                block_features(pre, pm.normalize(xa), li), block_features(pre, pm.normalize(x), li)
+            )
+        assert abs(float((1 - cos).mean()) - score) < 1e-5
+    assert res.layer == max(res.layer_scores, key=res.layer_scores.get)
+    assert res.layer != 3 and res.layer_scores[3] < 0.5 * res.layer_scores[res.layer], res.layer_scores
+    r = res.downstream["self"]
+    assert sorted(k for k in r if k.startswith("block_")) == ["block_0", "block_1", "block_2", "block_3"]
+    assert r[f"block_{res.layer}"] == r["dta"] and r["block_3"] == r["last_layer"]
+
+
+def test_bad_search_score_is_one_line(micro, digits):
+    import pytest
+
+    from vitkit.errors import VitkitError
+
+    with pytest.raises(VitkitError, match="search_score must be final or block"):
+        measure_dta(micro, {"self": micro}, digits.val, DTAConfig(n=8, search_score="middle"))

@@ -12,9 +12,15 @@ success rate (on each downstream model's initially correct samples) on models fi
 Our reading of the layer search ("identify the most vulnerable and transferable layer, guided by the
 cosine loss"): for every candidate block, run a short PGD on a small search batch (images not in the
 evaluation set) and score the block by how far it moves the *final* features, ``1 − cos(φ_L(x'),
-φ_L(x))``; the block with the largest score is used. ``φ_l`` is the mean of block l's patch tokens
-(``pool="mean"``; ``"flatten"`` uses every token, prefix tokens included). Baselines in the same
-run: the last block (a plain feature attack) and uniform noise of the same budget.
+φ_L(x))`` (``search_score="final"``, the default), or by how far it moves the attacked block's
+own features, ``1 − cos(φ_l(x'), φ_l(x))`` (``"block"``: the literal "most vulnerable layer" reading);
+the block with the largest score is used. The "final" score favours late blocks by construction (the
+last block's attack optimises exactly that quantity), so on a deep model check the choice against
+``per_block=True``, which attacks every candidate block on the evaluation images and reports each
+one's transfer ASR (the direct test of whether an earlier block would transfer better). ``φ_l`` is
+the mean of block l's patch tokens (``pool="mean"``; ``"flatten"`` uses every token, prefix tokens
+included). Baselines in the same run: the last block (a plain feature attack) and uniform noise of
+the same budget.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class DTAConfig:
     layer: int | None = None  # skip the search and attack this block
     search_n: int = 32
     search_steps: int = 5
+    search_score: str = "final"  # "final": cosine drop at the last block; "block": at the attacked block
+    per_block: bool = False  # also attack every candidate block and report each one's ASR
     pool: str = "mean"
     n: int | None = 256
     batch_size: int = 64
@@ -100,17 +108,20 @@ def _depth(model: nn.Module) -> int:
 
 
 def layer_search(pm: PixelModel, x: torch.Tensor, layers: Sequence[int], cfg: DTAConfig) -> dict[int, float]:
-    """Score of every candidate block: final-feature cosine drop after a short attack at that block."""
+    """Score of every candidate block: the cosine drop after a short attack at that block, measured at
+    the last block (``cfg.search_score="final"``) or at the attacked block itself (``"block"``)."""
+    if cfg.search_score not in ("final", "block"):
+        raise VitkitError(f"DTA search_score must be final or block, got '{cfg.search_score}'")
     last = _depth(pm.model) - 1
-    with torch.no_grad():
-        ref = block_features(pm.model, pm.normalize(x), last, cfg.pool)
     scores = {}
     for li in track(layers, total=len(layers), description="DTA layer search", min_items=2):
+        at = last if cfg.search_score == "final" else li
         xa = cosine_attack(
             pm, x, li, cfg, steps=cfg.search_steps, generator=torch.Generator().manual_seed(cfg.seed)
         )
         with torch.no_grad():
-            fa = block_features(pm.model, pm.normalize(xa), last, cfg.pool)
+            ref = block_features(pm.model, pm.normalize(x), at, cfg.pool)
+            fa = block_features(pm.model, pm.normalize(xa), at, cfg.pool)
         scores[li] = float((1 - F.cosine_similarity(fa, ref, dim=1)).mean())
     return scores
 
@@ -142,6 +153,13 @@ def _asr(model: nn.Module, x: torch.Tensor, xa: torch.Tensor, y: torch.Tensor) -
     }
 
 
+def split_search(data: ImageDataset, cfg: DTAConfig) -> tuple[ImageDataset, ImageDataset]:
+    """(search images, evaluated images): disjoint, fixed by ``cfg.seed``."""
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + 1))
+    n_search = min(cfg.search_n, max(1, len(data) // 4))
+    return data.subset(perm[:n_search]), subsample(data.subset(perm[n_search:]), cfg.n, cfg.seed)
+
+
 def measure_dta(
     pretrained: nn.Module,
     downstream: dict[str, nn.Module],
@@ -155,6 +173,8 @@ def measure_dta(
     if not downstream:
         raise VitkitError("the downstream transfer attack needs at least one downstream (fine-tuned) model")
     check_eps(cfg.eps, "linf")
+    if cfg.search_score not in ("final", "block"):
+        raise VitkitError(f"DTA search_score must be final or block, got '{cfg.search_score}'")
     pretrained = pretrained.to(device).eval()
     depth = _depth(pretrained)
     size = model_input_size(pretrained)
@@ -168,11 +188,7 @@ def measure_dta(
         m.to(device).eval()
     pm = PixelModel(pretrained).to(device)
     tf = pixel_transform(pretrained)
-    # the search batch is disjoint from the evaluated images
-    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + 1))
-    n_search = min(cfg.search_n, max(1, len(data) // 4))
-    search = data.subset(perm[:n_search])
-    rest = subsample(data.subset(perm[n_search:]), cfg.n, cfg.seed)
+    search, rest = split_search(data, cfg)
     if cfg.layer is not None:
         layer = cfg.layer if cfg.layer >= 0 else depth + cfg.layer
         if not 0 <= layer < depth:
@@ -188,6 +204,10 @@ def measure_dta(
         layer = max(scores, key=scores.get)
     result = DTAResult(config=asdict(cfg), layer=layer, layer_scores=scores)
     attacks = {"dta": layer, "last_layer": depth - 1}
+    if cfg.per_block:
+        # every candidate block (all of them when the search was skipped): block_<i> entries
+        blocks = scores or range(depth)
+        attacks.update({f"block_{li}": li for li in blocks})
     g = torch.Generator().manual_seed(cfg.seed)
     xs_all, adv = [], {k: [] for k in [*attacks, "uniform_noise"]}
     ys = []
@@ -200,11 +220,14 @@ def measure_dta(
         xb = tf(rest.images[i : i + cfg.batch_size], rest.targets[i : i + cfg.batch_size])[0].to(device)
         xs_all.append(xb)
         ys.append(rest.targets[i : i + cfg.batch_size].to(device))
+        done: dict[int, torch.Tensor] = {}
         for k, li in attacks.items():
             # the same random start for every attack: when the search picks the last block, "dta"
-            # and "last_layer" are the same attack and must give the same numbers
-            start = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
-            adv[k].append(cosine_attack(pm, xb, li, cfg, generator=start))
+            # and "last_layer" are the same attack and must give the same numbers (computed once)
+            if li not in done:
+                start = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
+                done[li] = cosine_attack(pm, xb, li, cfg, generator=start)
+            adv[k].append(done[li])
         noise = (torch.rand(xb.shape, generator=g) * 2 - 1).to(xb) * cfg.eps
         adv["uniform_noise"].append((xb + noise).clamp(0, 1))
     x = torch.cat(xs_all)

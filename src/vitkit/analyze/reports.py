@@ -67,6 +67,8 @@ def run_attack(
     patches: int = 1,
     downstream: list[str] | None = None,
     layer: int | None = None,
+    search_score: str = "final",
+    per_block: bool = False,
     batch_size: int = 64,
     seed: int = 0,
     output: str | None = None,
@@ -87,7 +89,15 @@ def run_attack(
         first = next(iter(down.values()))
         ds = analysis_data(first, data)
         cfg = DTAConfig(
-            eps=eps, alpha=alpha or 1 / 255, steps=steps, layer=layer, n=n, batch_size=batch_size, seed=seed
+            eps=eps,
+            alpha=alpha or 1 / 255,
+            steps=steps,
+            layer=layer,
+            search_score=search_score,
+            per_block=per_block,
+            n=n,
+            batch_size=batch_size,
+            seed=seed,
         )
         res = measure_dta(model, down, ds, cfg, device=device)
         doc = {**_header(model, ds), **res.to_dict()}
@@ -162,10 +172,21 @@ def _plot_dta(res, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     if res.layer_scores:
         ks = sorted(res.layer_scores)
-        axes[0].plot(ks, [res.layer_scores[k] for k in ks], marker="o")
+        axes[0].plot(ks, [res.layer_scores[k] for k in ks], marker="o", color="k", label="search score")
         axes[0].axvline(res.layer, color="r", ls="--")
     axes[0].set_xlabel("attacked block")
-    axes[0].set_ylabel("final-feature 1 − cos")
+    where = "final-feature" if res.config.get("search_score", "final") == "final" else "attacked-block"
+    axes[0].set_ylabel(f"{where} 1 − cos")
+    per_block = sorted(
+        int(k.split("_")[1]) for k in next(iter(res.downstream.values()), {}) if k.startswith("block_")
+    )
+    if per_block:  # the direct test: transfer ASR when attacking each block
+        ax2 = axes[0].twinx()
+        for nm, r in res.downstream.items():
+            ax2.plot(per_block, [r[f"block_{b}"]["attack_success_rate"] for b in per_block], ls=":", marker=".",
+                     label=Path(nm).name)  # fmt: skip
+        ax2.set_ylabel("downstream ASR (dotted)")
+        ax2.legend(fontsize=6)
     names = list(res.downstream)
     kinds = ["dta", "last_layer", "uniform_noise"]
     w = 0.8 / len(kinds)

@@ -39,6 +39,13 @@ def attack(
         None, help="--method dta: fine-tuned run(s) to transfer to (repeatable)"
     ),
     layer: int | None = Opt(None, help="--method dta: attack this block instead of searching"),
+    search_score: str = Opt(
+        "final",
+        help="--method dta: rank blocks by the cosine drop at the last block (final) or their own (block)",
+    ),
+    per_block: bool = Opt(
+        False, "--per-block", help="--method dta: also attack every block and report each one's transfer ASR"
+    ),
     n: int | None = Opt(256, help="images attacked (a fixed random subset)"),
     data: str | None = Opt(None, help="dataset URI [default: the run's validation split]"),
     batch_size: int = Opt(64),
@@ -61,6 +68,8 @@ def attack(
         patches=patches,
         downstream=downstream,
         layer=layer,
+        search_score=search_score,
+        per_block=per_block,
         batch_size=batch_size,
         seed=seed,
         output=str(output) if output else None,
@@ -73,6 +82,11 @@ def attack(
                 f"  {name}: ASR dta {r['dta']['attack_success_rate']:.3f} | last layer "
                 f"{r['last_layer']['attack_success_rate']:.3f} | noise {r['uniform_noise']['attack_success_rate']:.3f}"
             )
+            blocks = [k for k in r if k.startswith("block_")]
+            if blocks:
+                lines.append(
+                    "    per block: " + " ".join(f"{r[k]['attack_success_rate']:.3f}" for k in blocks)
+                )
     elif method == "patch":
         lines = [
             f"{r['kind']} k={r['patches']}: accuracy {r['accuracy']:.4f}"
