@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SECTIONS = ("attacks", "patches", "dta", "dta_deep", "cka", "artifacts", "s2", "mil")
+SECTIONS = ("attacks", "patches", "dta", "dta_deep", "tokens", "cka", "artifacts", "s2", "mil")
 
 
 def log(msg: str) -> None:
@@ -235,6 +235,54 @@ def sec_dta_deep(root: Path, seeds: list[int], depth: int = 12) -> dict:
             f"dta_deep seed {s}: layer {r['layer']}, scores {r['layer_scores']}, block scores {r['layer_scores_block']}"
         )
         log(f"dta_deep seed {s}: ASR {per}")
+    return out
+
+
+def sec_tokens(root: Path, seeds: list[int]) -> dict:
+    """Token views of EViT / ToMe on the trained digits ViT: do the kept (EViT) or unmerged (ToMe)
+    patches sit on the digit strokes? Mean pixel intensity of kept vs fused / merged patches."""
+    import copy
+
+    import vitkit
+    from vitkit.analyze.attention import AttentionConfig, measure_attention, plot_attention
+    from vitkit.analyze.tokens import (
+        KEPT,
+        TokenReductionConfig,
+        measure_token_reduction,
+        plot_token_reduction,
+    )
+    from vitkit.compress.tokens import apply_evit, apply_tome
+    from vitkit.data import load_splits
+
+    val = load_splits("digits").val
+    out = {}
+    for s in seeds:
+        base = vitkit.load(vit_run(root, s))
+        for name, m in (
+            ("evit_keep0.5_at1,2", apply_evit(copy.deepcopy(base), {"keep": 0.5, "at": [1, 2]})),
+            ("tome_r2", apply_tome(copy.deepcopy(base), {"r": 2})),
+        ):
+            res = measure_token_reduction(m, val, TokenReductionConfig(n=None))
+            # mean intensity of every 4x4 grid cell (images in [0, 1], 16 px, one channel is enough)
+            cells = torch.nn.functional.avg_pool2d(res.images[:, :1], 4).flatten(1)  # (B, 16)
+            rows = {}
+            for b in res.blocks:
+                if b.kind == "keep":
+                    k = b.status == KEPT
+                    rows[b.block] = {"kept": float(cells[k].mean()), "fused": float(cells[~k].mean())}
+                else:
+                    merged = b.size.gather(1, b.token) > 1
+                    rows[b.block] = {
+                        "unmerged": float(cells[~merged].mean()),
+                        "merged": float(cells[merged].mean()),
+                    }
+            out[f"seed{s}_{name}"] = rows
+            log(f"tokens seed {s} {name}: {rows}")
+            if s == seeds[0]:
+                res8 = measure_token_reduction(m, val, TokenReductionConfig(n=8))
+                plot_token_reduction(res8, root / f"tokens_{name}.png")
+                att = measure_attention(m, val, AttentionConfig(layers=(0, 3), n=8))
+                plot_attention(att, root / f"attention_{name}.png")
     return out
 
 
