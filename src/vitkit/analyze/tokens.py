@@ -279,7 +279,8 @@ def plot_token_reduction(result: TokenReductionResult, path, max_images: int = 8
         legend.append("EViT: blue = fused into the extra token, black = dropped, clear = kept")
     if "merge" in kinds:
         legend.append("ToMe: one colour per merged group, clear = not merged")
-    fig.suptitle("; ".join(legend), fontsize=7)
+    # just above the first row (the default position floats far above tall figures)
+    fig.suptitle("; ".join(legend), fontsize=7, y=axes[0, 0].get_position().y1 + 0.3 / fig.get_figheight())
     save_figure(fig, path)
 
 
