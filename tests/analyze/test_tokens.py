@@ -11,8 +11,10 @@ import torch
 from vitkit.analyze.attention import AttentionConfig, measure_attention, rollout
 from vitkit.analyze.common import PixelModel
 from vitkit.analyze.tokens import (
+    DROPPED,
     FUSED,
     KEPT,
+    TokenReductionConfig,
     follow_steps,
     measure_token_reduction,
     plot_token_reduction,
@@ -157,3 +159,13 @@ def test_plot_has_one_panel_per_reduction_block(micro, digits, tmp_path):
     assert [b.block for b in res.blocks] == [0, 2, 3]  # r = 0: no reduction, nothing drawn
     plot_token_reduction(res, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_evit_without_fusion_marks_the_rest_dropped_and_their_attention_zero(micro, digits):
+    m = apply_evit(copy.deepcopy(micro), {"keep": 0.5, "at": [1], "fuse": False})
+    (b,) = measure_token_reduction(m, digits.val, TokenReductionConfig(n=4)).blocks
+    assert (b.status == DROPPED).sum(1).eq(8).all() and (b.status == KEPT).sum(1).eq(8).all()
+    res = measure_attention(m, digits.val, AttentionConfig(layers=(3,), heads="all", n=4))
+    maps = res.maps[3].flatten(2)  # (images, heads, 16 patches)
+    dropped = (b.status == DROPPED)[:, None].expand_as(maps)
+    assert maps.shape == (4, 4, 16) and (maps[dropped] == 0).all() and (maps[~dropped] > 0).all()

@@ -113,7 +113,8 @@ class TokenReductionResult:
 
 
 def follow_steps(steps: list[tuple[int, TokenStep]], n_patches: int) -> list[BlockTokens]:
-    """Compose the recorded steps (one forward) into the per-block state of every original patch."""
+    """Compose the steps recorded during ONE forward (in block order) into the per-block state of
+    every original patch; steps of several forwards must be split first."""
     out: list[BlockTokens] = []
     token: torch.Tensor | None = None  # (B, N0) current token of each patch
     fused_tok: torch.Tensor | None = None  # (B, n_cur) True for tokens that are (or hold) a fused token
