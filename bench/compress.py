@@ -152,7 +152,9 @@ def section_tokens(args, work: Path) -> dict:
     runs, acc = {"baseline": src}, {}
     for name, kw in variants:
         slug = name.replace(" ", "_").replace(".", "")
-        res = reduce_tokens_run(src, work / f"tok_{slug}", finetune=args.finetune, force=True, **kw)
+        res = reduce_tokens_run(
+            src, work / f"tok_{slug}", finetune=args.finetune, lr=args.ft_lr, force=True, **kw
+        )
         m = res.metrics
         acc[name] = {
             "off_the_shelf_top1": m["off_the_shelf_top1"],
@@ -174,7 +176,7 @@ def section_tokens(args, work: Path) -> dict:
     grid = getattr(models["baseline"].patch_embed, "grid_size", (0, 0))
     return {"source": str(src), "source_top1": src_metrics["top1"], "val_images": src_metrics.get("n"),
             "input_shape": list(shape), "patch_tokens": int(grid[0] * grid[1]), "evit_at": at or "default",
-            "finetune_epochs": args.finetune, "rows": rows}  # fmt: skip
+            "finetune_epochs": args.finetune, "finetune_lr": args.ft_lr, "rows": rows}  # fmt: skip
 
 
 # -- early exit -----------------------------------------------------------------------------------
@@ -305,7 +307,8 @@ def report(out: Path) -> str:
         res = d["result"]
         lines += [f"{f.stem}: `{res['source']}` ({res['patch_tokens']} patch tokens, input {res['input_shape']}, "
                   f"source top-1 {_pct(res['source_top1'])}% on {res['val_images']} images), EViT at {res['evit_at']}, "
-                  f"fine-tune {res['finetune_epochs']} epochs; {d['meta']['threads']} thread(s), batch 64, "
+                  f"fine-tune {res['finetune_epochs']} epochs (lr {res.get('finetune_lr') or 'run lr / 4'}); "
+                  f"{d['meta']['threads']} thread(s), batch 64, "
                   f"{d['meta']['repeats']} rounds; load before/after: `{d['uptime_before']}` / `{d['uptime_after']}`", "",
                   "| variant | top-1 off the shelf | top-1 fine-tuned | MFLOPs | throughput ratio (spread) | latency ratio |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
@@ -368,6 +371,9 @@ def main() -> None:
     )
     p.add_argument("--tome-r", default="0,1,2,3", help="tokens: ToMe r values (tokens merged per block)")
     p.add_argument("--tag", default="", help="tokens: suffix of the output file tokens_TAG.json")
+    p.add_argument(
+        "--ft-lr", type=float, default=None, help="tokens: fine-tuning lr [default: the run's lr / 4]"
+    )
     args = p.parse_args()
     if args.report:
         print(report(args.out))
