@@ -54,8 +54,8 @@ def demo(
     if best is not None:
         ratio = "—" if best["vs_bf16"] is None else f"{best['vs_bf16']:.2f}x"
         console.print(
-            f"best deployed graph ({best['stage']}): {best['drop_pt']:.2f} pt drop vs the distilled FP32 ViT "
-            f"(top-1 {best['accuracy']:.2%}); throughput {best['vs_fp32']:.2f}x timm fp32 eager, {ratio} timm bf16 "
+            f"best deployed graph ({best['stage']}): top-1 {-best['drop_pt']:+.2f} pt vs the distilled FP32 ViT "
+            f"({best['accuracy']:.2%}); throughput {best['vs_fp32']:.2f}x timm fp32 eager, {ratio} timm bf16 "
             "eager (bf16 is slower than fp32 on CPUs without AMX / AVX512-BF16)",
             highlight=False,
         )
