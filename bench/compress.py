@@ -8,6 +8,8 @@ Every timing is a ratio against a baseline measured in the same process, interle
            structured pruning (heads 0.25, MLP 0.3) timed alongside (throughput batch, latency batch 1)
   demo     the demo model (vitkit_micro_p4_16 trained on digits): EViT / ToMe / pruning off the shelf
            and after a short fine-tune, accuracy and speed
+  tokens   EViT keep 1.0/0.9/0.7/0.5 and ToMe r 0..3 on a trained run (--source; e.g. the demo's
+           distilled ViT, or a 64-token model), off the shelf and fine-tuned, timed interleaved
   exits    LGViT exits on the demo model: accuracy vs mean executed blocks and batch-1 latency
   repavit  RePaViT: FFN latency before/after at ViT-S width, accuracy after short training vs the
            same-size baseline (seeds)
@@ -129,6 +131,52 @@ def section_demo(args, work: Path) -> dict:
     from vitkit.runs import read_metrics
 
     return {"source_top1": read_metrics(src)["top1"], "finetune_epochs": args.finetune, "rows": rows}
+
+
+# -- token reduction on a trained run (issue 6's goal: >= 1.4x throughput at <= 0.5 pt) ------------
+def section_tokens(args, work: Path) -> dict:
+    """EViT (keep rates ``--keeps`` at ``--evit-at``) and ToMe (``--tome-r`` per block) on the trained
+    run ``--source``: top-1 off the shelf and after ``--finetune`` epochs (EViT with its keep-rate
+    warm-up over the first half), every variant timed against the source model in one process,
+    interleaved, batch 64. Keep 1.0 / r 0 fine-tuned are the control: what the extra epochs alone do."""
+    from vitkit.compress.stages import reduce_tokens_run
+    from vitkit.models import model_input_size
+    from vitkit.runs import load, read_metrics
+
+    src = Path(args.source)
+    at = [int(a) for a in args.evit_at.split(",")] if args.evit_at else None
+    variants = [
+        (f"evit keep {k:g}", dict(method="evit", keep=k, at=at)) for k in map(float, args.keeps.split(","))
+    ]
+    variants += [(f"tome r {r}", dict(method="tome", r=r)) for r in map(int, args.tome_r.split(","))]
+    runs, acc = {"baseline": src}, {}
+    for name, kw in variants:
+        slug = name.replace(" ", "_").replace(".", "")
+        res = reduce_tokens_run(
+            src, work / f"tok_{slug}", finetune=args.finetune, lr=args.ft_lr, force=True, **kw
+        )
+        m = res.metrics
+        acc[name] = {
+            "off_the_shelf_top1": m["off_the_shelf_top1"],
+            "finetuned_top1": m["top1"] if args.finetune else None,
+        }
+        runs[name] = work / f"tok_{slug}"
+        print(name, acc[name], flush=True)
+    models = {k: load(v) for k, v in runs.items()}
+    shape = model_input_size(models["baseline"])
+    cfg = BenchConfig(threads=args.threads, repeats=args.repeats, throughput_batch=64, latency_calls=20)
+    res = compare(models, shape, cfg)
+    b = res["baseline"]
+    rows = []
+    for k, v in res.items():
+        row = _row(k, v, b)
+        row.update(acc.get(k, {"off_the_shelf_top1": None, "finetuned_top1": None}))
+        rows.append(row)
+    src_metrics = read_metrics(src)
+    grid = getattr(models["baseline"].patch_embed, "grid_size", (0, 0))
+    return {"source": str(src), "source_top1": src_metrics["top1"], "val_images": src_metrics.get("n"),
+            "input_shape": list(shape), "patch_tokens": int(grid[0] * grid[1]), "evit_at": at or "default",
+            "finetune_epochs": args.finetune, "finetune_lr": args.ft_lr, "rows": rows}  # fmt: skip
 
 
 # -- early exit -----------------------------------------------------------------------------------
@@ -254,6 +302,22 @@ def report(out: Path) -> str:
                          f"{r['gflops'] * 1e3:.2f} | {r['parameters']:,} | {r['throughput_ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | "
                          f"{r['latency_ratio']:.2f}x |")  # fmt: skip
         lines.append("")
+    for f in sorted(out.glob("tokens*.json")):
+        d = json.loads(f.read_text())
+        res = d["result"]
+        lines += [f"{f.stem}: `{res['source']}` ({res['patch_tokens']} patch tokens, input {res['input_shape']}, "
+                  f"source top-1 {_pct(res['source_top1'])}% on {res['val_images']} images), EViT at {res['evit_at']}, "
+                  f"fine-tune {res['finetune_epochs']} epochs (lr {res.get('finetune_lr') or 'run lr / 4'}); "
+                  f"{d['meta']['threads']} thread(s), batch 64, "
+                  f"{d['meta']['repeats']} rounds; load before/after: `{d['uptime_before']}` / `{d['uptime_after']}`", "",
+                  "| variant | top-1 off the shelf | top-1 fine-tuned | MFLOPs | throughput ratio (spread) | latency ratio |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in res["rows"]:
+            lo, hi = r["throughput_ratio_spread"]
+            lines.append(f"| {r['name']} | {_pct(r['off_the_shelf_top1'])} | {_pct(r['finetuned_top1'])} | "
+                         f"{r['gflops'] * 1e3:.2f} | {r['throughput_ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | "
+                         f"{r['latency_ratio']:.2f}x |")  # fmt: skip
+        lines.append("")
     if d := load("exits"):
         res = d["result"]
         lines += [f"LGViT exits after blocks 1,2,3 of 4 (demo model); exit top-1 {res['exit_top1']}, final "
@@ -300,6 +364,16 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="deit: token reduction only")
     p.add_argument("--out", type=Path, default=Path("bench/out/compress"))
     p.add_argument("--report", action="store_true", help="print markdown tables from --out and exit")
+    p.add_argument("--source", help="tokens: the trained run to reduce (e.g. runs/demo/vit)")
+    p.add_argument("--keeps", default="1.0,0.9,0.7,0.5", help="tokens: EViT keep rates")
+    p.add_argument(
+        "--evit-at", default="", help="tokens: EViT block indices, e.g. 2 [default: EViT's quarters]"
+    )
+    p.add_argument("--tome-r", default="0,1,2,3", help="tokens: ToMe r values (tokens merged per block)")
+    p.add_argument("--tag", default="", help="tokens: suffix of the output file tokens_TAG.json")
+    p.add_argument(
+        "--ft-lr", type=float, default=None, help="tokens: fine-tuning lr [default: the run's lr / 4]"
+    )
     args = p.parse_args()
     if args.report:
         print(report(args.out))
@@ -309,7 +383,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     sections = [s for s in args.sections.split(",") if s]
     meta = {"python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "threads": args.threads, "command": " ".join(sys.argv)}  # fmt: skip
+            "threads": args.threads, "repeats": args.repeats, "command": " ".join(sys.argv)}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for s in sections:
@@ -319,6 +393,8 @@ def main() -> None:
                 out = section_deit(args)
             elif s == "demo":
                 out = section_demo(args, work)
+            elif s == "tokens":
+                out = section_tokens(args, work)
             elif s == "exits":
                 out = section_exits(args, work)
             elif s == "repavit":
@@ -329,7 +405,8 @@ def main() -> None:
                 raise SystemExit(f"unknown section {s}")
             doc = {"section": s, "meta": meta, "uptime_before": load_before, "uptime_after": _load(),
                    "seconds": time.time() - t0, "result": out}  # fmt: skip
-            (args.out / f"{s}.json").write_text(json.dumps(doc, indent=2, default=str))
+            name = f"tokens_{args.tag}" if s == "tokens" and args.tag else s
+            (args.out / f"{name}.json").write_text(json.dumps(doc, indent=2, default=str))
             print(json.dumps(doc, indent=2, default=str), flush=True)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from vitkit.cli import main
 from vitkit.deploy import BenchConfig, count_flops
-from vitkit.deploy.benchmark import BASELINE, bench_run, plot_bench
+from vitkit.deploy.benchmark import BASELINE, BF16_BASELINE, bench_run, plot_bench
 from vitkit.deploy.report import SECTION_IDS, build_report, pareto_front
 from vitkit.io import write_json
 from vitkit.models import model_input_size
@@ -33,7 +33,7 @@ def test_bench_run_times_every_runtime_against_timm(benched_run):
     run, doc = benched_run
     res = doc["results"]
     assert list(res) == ["vitkit fp32 eager", "vitkit bf16 eager", "onnxruntime fp32",
-                         "onnxruntime int8", BASELINE]  # fmt: skip
+                         "onnxruntime int8", BASELINE, BF16_BASELINE]  # fmt: skip
     model = load(run)
     flops = count_flops(model, torch.zeros(1, *model_input_size(model)))
     for r in res.values():
@@ -44,6 +44,9 @@ def test_bench_run_times_every_runtime_against_timm(benched_run):
         assert r["latency_ms_p50"] <= r["latency_ms_p90"] and len(r["throughput_rounds"]) == 2
         assert r["peak_memory_mb"] is not None
         assert r["throughput_vs_timm"] == pytest.approx(r["throughput"] / res[BASELINE]["throughput"])
+        assert r["throughput_vs_timm_bf16"] == pytest.approx(
+            r["throughput"] / res[BF16_BASELINE]["throughput"]
+        )
     assert doc["torch_threads"] == 1 and doc["config"]["repeats"] == 2
     assert (run / "bench.png").stat().st_size > 1000
 

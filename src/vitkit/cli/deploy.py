@@ -44,6 +44,12 @@ def export(
         if d["top1_onnx"] is not None
         else f"written: {res.path}; max |logit diff| {d['max_abs_logit_diff']:.2e}"
     )
+    for e in d.get("exits", []):
+        console.print(
+            f"written: {Path(run) / e['file']} (exit after {e['blocks']} blocks, {e['head']} head, "
+            f"{e['size_bytes'] / 1e6:.2f} MB); max |logit diff| {e['max_abs_logit_diff']:.2e}"
+            + (f", top-1 {e['top1_onnx']:.2%}" if e["top1_onnx"] is not None else "")
+        )
     if "int8" in d:
         q = d["int8"]
         console.print(

@@ -429,6 +429,35 @@ def frozen_backbone(model: nn.Module) -> Iterator[None]:
 
 
 # -- inference ------------------------------------------------------------------------------------
+class ExitPath(nn.Module):
+    """The deployable graph of one exit: the backbone up to the exit's block, then its exit head.
+
+    Shares its modules with ``model`` (no copy); ``forward(images)`` returns the exit's logits, equal
+    to what :func:`collect_exits` reports for that exit during ``model(images)``. Used to export each
+    exit as its own ONNX graph (``vitkit export`` on an early-exit run)."""
+
+    def __init__(self, model: nn.Module, blocks_before: int):
+        super().__init__()
+        found = [
+            i
+            for i, b in enumerate(model.blocks)
+            if isinstance(b, ExitBlock) and b.blocks_before == blocks_before
+        ]
+        if not found:
+            have = [b.blocks_before for b in exit_blocks(model)]
+            raise VitkitError(f"the model has no exit after {blocks_before} blocks (exits: {have})")
+        self.blocks_before = int(blocks_before)
+        self.model = model  # the exported graph holds only what forward touches (blocks after: pruned)
+        self.depth = found[0] + 1
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.model  # the embedding as timm's forward_features does it (prefix tokens, pos embed)
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        for blk in list(m.blocks)[: self.depth]:
+            x = blk(x)
+        return m.blocks[self.depth - 1].exit_head(x)[0]
+
+
 @dataclass
 class EarlyExitResult:
     logits: torch.Tensor  # (B, K): the logits of the exit each sample took (or the final head)

@@ -1,8 +1,9 @@
 """Benchmark a run directory in every runtime it can be deployed with, next to plain timm.
 
 For one run, in one process and interleaved round by round (``vitkit.deploy.bench.compare``):
-plain ``timm.create_model`` of the run's base architecture (the baseline, fp32 eager), the run in
-PyTorch eager fp32, optionally eager bf16 (autocast) and ``torch.compile``, and onnxruntime on
+plain ``timm.create_model`` of the run's base architecture (the baseline, fp32 eager; with bf16 also
+under bf16 autocast, "timm bf16 eager"), the run in PyTorch eager fp32, optionally eager bf16
+(autocast) and ``torch.compile``, and onnxruntime on
 ``RUN/model.onnx`` and ``RUN/model.int8.onnx`` when ``vitkit export`` wrote them (and the static
 INT8 QDQ graph ``RUN/model_int8.onnx`` of ``vitkit quantize --deploy onnx``). Peak memory is the
 rise of the process's resident set during one throughput-batch call, sampled every millisecond
@@ -26,6 +27,7 @@ from vitkit.errors import VitkitError
 BENCH_JSON = "bench.json"
 BENCH_PNG = "bench.png"
 BASELINE = "timm fp32 eager"
+BF16_BASELINE = "timm bf16 eager"  # with bf16: the same plain timm model under bf16 autocast
 QDQ_LABEL = "onnxruntime int8 qdq"  # vitkit quantize --deploy onnx: static W8A8, real INT8 kernels
 
 
@@ -121,14 +123,16 @@ def bench_run(
     models = runtime_variants(model, run_dir, bf16=bf16, compile=compile, onnx=onnx, threads=cfg.threads)
     if baseline:
         models[BASELINE] = timm_baseline(model)
+        if bf16:
+            models[BF16_BASELINE] = _Autocast(models[BASELINE])
     res = compare(models, shape, cfg, measure_flops=False)
     example = torch.zeros(1, *shape)
     flops = count_flops(model, example)
     params = sum(p.numel() for p in model.parameters())
     for name, r in res.items():
-        if name == BASELINE:
-            r.flops = count_flops(models[name], example)
-            r.parameters = sum(p.numel() for p in models[name].parameters())
+        if name in (BASELINE, BF16_BASELINE):
+            r.flops = count_flops(models[BASELINE], example)
+            r.parameters = sum(p.numel() for p in models[BASELINE].parameters())
         else:
             r.flops, r.parameters = flops, params
     mem: dict[str, float | None] = {}
@@ -136,7 +140,7 @@ def bench_run(
         xb = torch.zeros(cfg.throughput_batch, *shape)
         for name, m in models.items():
             mem[name] = peak_memory_mb(m, xb)
-    base = res.get(BASELINE)
+    base, base16 = res.get(BASELINE), res.get(BF16_BASELINE)
     results = {}
     for name, r in res.items():
         d = r.to_dict()
@@ -144,6 +148,9 @@ def bench_run(
         if base is not None:
             d["throughput_vs_timm"] = r.throughput / base.throughput
             d["latency_vs_timm"] = base.latency_ms_p50 / r.latency_ms_p50  # > 1: faster
+        if base16 is not None:
+            d["throughput_vs_timm_bf16"] = r.throughput / base16.throughput
+            d["latency_vs_timm_bf16"] = base16.latency_ms_p50 / r.latency_ms_p50
         results[name] = d
     first = res["vitkit fp32 eager"]
     return {

@@ -74,7 +74,7 @@ _EXPORT_RULES: dict[str, ExportRule] = {
     "explora": prepare_with("vitkit.adapt.lora:merge_lora"),
     "vpt": AS_IS,
     "dvpt": AS_IS,
-    # issue 6, compression: token reduction, pruning, exits (full path), reparameterised FFNs
+    # issue 6, compression: token reduction, pruning, exits (full path + one graph per exit), RePaViT
     "tome": AS_IS,
     "evit": AS_IS,
     "exits": AS_IS,
@@ -168,6 +168,9 @@ def export_run(
 ) -> RunExport:
     """Write ``RUN/model.onnx`` (and ``model.int8.onnx`` with ``int8="dynamic"``) and ``export.json``.
 
+    A run with LGViT exits also gets ``model.exit{k}.onnx`` per exit (the backbone up to block k and
+    that exit's head), each with its own parity check, listed under ``"exits"`` in ``export.json``.
+
     Parity: max |logit difference| between PyTorch and onnxruntime on up to ``images`` real images of
     the run's validation split; above ``bound`` the export fails (nothing is left behind). The INT8
     graph is an approximation: its logit difference is reported, and it fails when its top-1 agreement
@@ -235,6 +238,10 @@ def export_run(
         "size_bytes": onnx_path.stat().st_size,
         "export_seconds": export_seconds,
     }
+    if "exits" in doc["transforms"]:
+        doc["exits"] = _export_exits(
+            deployable, info.path, input_shape, dataset, exporter, onnx_logits, bound
+        )
     if int8:
         doc["int8"] = _quantize_dynamic(onnx_path, info.path / INT8_NAME, onnx_logits, ref, dataset)
         if doc["int8"]["top1_agreement"] < int8_agreement:
@@ -245,6 +252,58 @@ def export_run(
             )
     write_json(info.path / EXPORT_JSON, doc)
     return RunExport(onnx_path, doc)
+
+
+def exit_onnx_name(blocks_before: int) -> str:
+    return f"model.exit{blocks_before}.onnx"
+
+
+def _export_exits(
+    model: nn.Module,
+    run: Path,
+    input_shape: tuple[int, int, int],
+    dataset,
+    exporter: str,
+    logits_of: Callable[[Path], torch.Tensor],
+    bound: float,
+) -> list[dict[str, Any]]:
+    """One ONNX graph per LGViT exit (the backbone up to the exit's block + its head), each checked
+    against the exit logits PyTorch computes inside the full model on the same images. A graph above
+    ``bound`` removes every file this export wrote (the full-path graph included) and fails."""
+    from vitkit.compress.exits import ExitPath, all_exit_logits, exit_blocks
+    from vitkit.deploy.onnx import export_onnx
+
+    _, ref_per_exit = all_exit_logits(model, dataset)
+    rows: list[dict[str, Any]] = []
+    written: list[Path] = [run / ONNX_NAME]
+    try:
+        for blk in exit_blocks(model):
+            k = blk.blocks_before
+            path = run / exit_onnx_name(k)
+            export_onnx(ExitPath(model, k).eval(), path, input_shape, exporter=exporter)
+            written.append(path)
+            ref, got = ref_per_exit[k], logits_of(path)
+            diff = float((ref - got).abs().max())
+            if not diff <= bound:
+                raise VitkitError(
+                    f"{path}: exit after {k} blocks: onnxruntime logits differ from PyTorch by {diff:.2e} on "
+                    f"{len(dataset)} images of {dataset.name} (bound {bound:.0e}); the export was removed"
+                )
+            rows.append({
+                "blocks": k,
+                "head": blk.exit_head.kind,
+                "file": path.name,
+                "max_abs_logit_diff": diff,
+                "bound": bound,
+                "top1_pytorch": _accuracy(ref, dataset.targets),
+                "top1_onnx": _accuracy(got, dataset.targets),
+                "size_bytes": path.stat().st_size,
+            })  # fmt: skip
+    except BaseException:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
+    return rows
 
 
 def _quantize_dynamic(
