@@ -34,7 +34,7 @@ def quantize(
     recon_iters: Optional[int] = Opt(None, help="reconstruction iterations per block [default: 200]"),  # noqa: UP045
     smoothquant: bool = Opt(False, "--smoothquant", help="MPTQ-ViT SmoothQuant-with-bias before calibration"),
     mixed_precision: Optional[str] = Opt(  # noqa: UP045
-        None, help="greedy | uniform: allocate per-layer bits under --avg-bits (writes bits.png)"
+        None, help="greedy | lrp | uniform: allocate per-layer bits under --avg-bits (writes bits.png)"
     ),
     avg_bits: Optional[float] = Opt(None, help="parameter-weighted average weight bits"),  # noqa: UP045
     bit_choices: Optional[str] = Opt(None, help="comma-separated bits a layer may get [default: 4,8]"),  # noqa: UP045
