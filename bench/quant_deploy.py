@@ -1,7 +1,8 @@
-"""Real INT8 (onnxruntime QDQ) vs FP32 eager vs onnxruntime FP32: throughput at batch 1 and 64, and
-the accuracy of the deployed graph vs the simulated quantized model.
+"""Real INT8 (onnxruntime QDQ; PyTorch PT2E + Inductor oneDNN) vs FP32 eager, FP32 Inductor and
+onnxruntime FP32: throughput at batch 1 and 64, and the accuracy of each deployed graph vs the simulated
+quantized model.
 
-    python bench/quant_deploy.py --run RUN_DIR [--timm vit_small_patch16_224] [--repeats 3] [--threads 2]
+    python bench/quant_deploy.py --run RUN_DIR [--timm vit_small_patch16_224] [--repeats 3] [--threads 2] [--no-x86]
 
 ``--run``: a vitkit run (accuracy on its validation split + speed). ``--timm``: additionally a timm
 model with random weights at its own input size (speed only; calibrated on random images, so no
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ def throughput(fn, x, min_seconds: float = 1.5) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def engines(model, images_calib, tmp: Path, method: str = "minmax"):
+def engines(model, images_calib, tmp: Path, method: str = "minmax", x86: bool = True):
     from vitkit.compress.quant import quantize
     from vitkit.compress.quant.deploy import export_int8_onnx
     from vitkit.deploy.onnx import OnnxModel, export_onnx
@@ -39,28 +41,42 @@ def engines(model, images_calib, tmp: Path, method: str = "minmax"):
     q = quantize(copy.deepcopy(model), images_calib, method=method, calib_size=len(images_calib))
     export_onnx(model, tmp / "fp32.onnx", shape)
     export_int8_onnx(q, tmp / "int8.onnx", shape)
-    return q, {
+    eng = {
         "fp32 eager": lambda x: model(x),
-        "ort fp32": OnnxModel(tmp / "fp32.onnx"),
-        "ort int8 QDQ": OnnxModel(tmp / "int8.onnx"),
+        "ort fp32": OnnxModel(tmp / "fp32.onnx", threads=torch.get_num_threads()),
+        "ort int8 QDQ": OnnxModel(tmp / "int8.onnx", threads=torch.get_num_threads()),
     }
+    if x86:
+        from vitkit.compress.quant.x86 import compile_int8, pt2e_int8
+
+        program = pt2e_int8(model, images_calib)
+        # the same Inductor + freezing wrapper on the float model: the fair compiled FP32 baseline
+        eng["fp32 inductor"] = compile_int8(copy.deepcopy(model))
+        eng["pt2e int8 inductor"] = compile_int8(program)
+        eng["_program"] = program
+    return q, eng
 
 
 def measure(name, eng, shape, repeats):
     print(f"\n{name}: images/s (median of {repeats}; ratio vs fp32 eager with min–max over repeats)")
     for batch in (1, 64):
         x = torch.randn(batch, *shape)
-        speed = {k: [] for k in eng}
+        speed = {k: [] for k in eng if not k.startswith("_")}
         with torch.no_grad():
+            for k in speed:  # compile (first call per shape) outside the timed loop
+                eng[k](x)
             for _ in range(repeats):
-                for k, fn in eng.items():  # interleaved
-                    speed[k].append(throughput(fn, x))
+                for k in speed:  # interleaved
+                    speed[k].append(throughput(eng[k], x))
         base = speed["fp32 eager"]
         for k, v in speed.items():
             ratios = [a / b for a, b in zip(v, base)]
             vs_ort = [a / b for a, b in zip(v, speed["ort fp32"])]
+            vs_ind = [a / b for a, b in zip(v, speed.get("fp32 inductor", v))]
             print(f"| {name} | batch {batch} | {k} | {statistics.median(v):.1f} | {statistics.median(ratios):.2f}x "
-                  f"({min(ratios):.2f}–{max(ratios):.2f}) | {statistics.median(vs_ort):.2f}x |", flush=True)  # fmt: skip
+                  f"({min(ratios):.2f}–{max(ratios):.2f}) | {statistics.median(vs_ort):.2f}x "
+                  f"({min(vs_ort):.2f}–{max(vs_ort):.2f}) | {statistics.median(vs_ind):.2f}x "
+                  f"({min(vs_ind):.2f}–{max(vs_ind):.2f}) |", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -69,8 +85,10 @@ def main() -> None:
     ap.add_argument("--timm", default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-x86", action="store_true", help="skip the PT2E + Inductor engines")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print("uptime before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
     import vitkit
     from vitkit.api import data_splits_for
@@ -83,7 +101,11 @@ def main() -> None:
     shape = model_input_size(model)
     splits = data_splits_for(build_config(f"{args.run}/config.yaml"), shape[1])
     with tempfile.TemporaryDirectory() as d:
-        q, eng = engines(model, splits.train, Path(d))
+        from vitkit.compress.quant.config import make_config
+        from vitkit.compress.quant.transform import calibration_images
+
+        calib = calibration_images(model, splits.train, make_config())  # what quantize() itself uses
+        q, eng = engines(model, calib, Path(d), x86=not args.no_x86)
         sim = predict(q, splits.val)
         x = eval_transform(q).images(splits.val.images)
         got = OnnxModel(Path(d) / "int8.onnx")(x)
@@ -91,7 +113,15 @@ def main() -> None:
         print(f"accuracy ({args.run}): fp32 {fp:.4f}, simulated W8A8 minmax {evaluate(q, splits.val)['top1']:.4f}, "
               f"onnxruntime INT8 {float((got.argmax(1) == splits.val.targets).float().mean()):.4f}, "
               f"agreement with simulated {float((got.argmax(1) == sim.argmax(1)).float().mean()):.4f}")  # fmt: skip
-        print("| model | batch | engine | img/s | vs fp32 eager | vs ort fp32 |\n|---|---|---|---|---|---|")
+        if not args.no_x86:
+            with torch.no_grad():
+                for k in ("_program", "pt2e int8 inductor"):
+                    y = torch.cat([eng[k](x[i : i + 64]) for i in range(0, len(x), 64)])
+                    print(f"  {k.strip('_')}: top-1 {float((y.argmax(1) == splits.val.targets).float().mean()):.4f}, "
+                          f"agreement with simulated {float((y.argmax(1) == sim.argmax(1)).float().mean()):.4f}")  # fmt: skip
+        print(
+            "| model | batch | engine | img/s | vs fp32 eager | vs ort fp32 | vs fp32 inductor |\n|---|---|---|---|---|---|---|"
+        )
         measure(Path(args.run).name, eng, shape, args.repeats)
     if args.timm:
         m = vitkit.create_model(args.timm, num_classes=10)
@@ -99,8 +129,9 @@ def main() -> None:
         shape = model_input_size(m)
         calib = torch.randn(32, *shape)
         with tempfile.TemporaryDirectory() as d:
-            _, eng = engines(m, calib, Path(d))
+            _, eng = engines(m, calib, Path(d), x86=not args.no_x86)
             measure(args.timm, eng, shape, args.repeats)
+    print("uptime after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import statistics
+import subprocess
 import time
 
 import torch
@@ -75,7 +76,8 @@ def quantizer_mse(tensors, bits_list):
 
 
 def mixed_precision(model, splits, args) -> None:
-    """Greedy vs reverse (most sensitive first) vs uniform allocation at the same average bits."""
+    """Greedy vs LRP (relevance) vs reverse (most sensitive first) vs uniform allocation at the same
+    average bits."""
     from vitkit.compress.quant import quantize
     from vitkit.compress.quant.mixed import average_bits
     from vitkit.train import evaluate
@@ -83,7 +85,7 @@ def mixed_precision(model, splits, args) -> None:
     rows = []
     for seed in args.seeds:
         fp = evaluate(model, splits.val)["top1"]
-        for strategy in ("greedy", "reverse", "uniform"):
+        for strategy in args.strategies:
             q = quantize(copy.deepcopy(model), splits.train, method=args.methods[0], calib_size=args.calib,
                          seed=seed, mixed_precision=strategy, avg_bits=args.mixed, bit_choices=args.choices)  # fmt: skip
             bits = q.vitkit_manifest.transforms[-1].config["layer_bits"]
@@ -95,7 +97,7 @@ def mixed_precision(model, splits, args) -> None:
         f"\n| allocation ({args.methods[0]}, choices {args.choices}, budget {args.mixed}) | avg bits | top-1 mean ± sd (n) |"
     )
     print("|---|---|---|")
-    for strategy in ("greedy", "reverse", "uniform"):
+    for strategy in args.strategies:
         rs = [r for r in rows if r["strategy"] == strategy]
         t = [r["top1"] for r in rs]
         sd = statistics.stdev(t) if len(t) > 1 else 0.0
@@ -116,10 +118,16 @@ def main() -> None:
         "--mixed", type=float, default=None, help="only the mixed-precision comparison at this avg bits"
     )
     ap.add_argument("--choices", type=int, nargs="+", default=[2, 8])
+    ap.add_argument("--strategies", nargs="+", default=["greedy", "lrp", "reverse", "uniform"])
     ap.add_argument("--reconstruct", type=int, default=0, help="block-reconstruction iterations (0: off)")
     ap.add_argument("--skip-mse", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print(
+        "uptime before:",
+        subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        flush=True,
+    )
 
     import vitkit
     from vitkit.api import data_splits_for
@@ -172,3 +180,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print("uptime after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())

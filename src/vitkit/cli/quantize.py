@@ -34,13 +34,15 @@ def quantize(
     recon_iters: Optional[int] = Opt(None, help="reconstruction iterations per block [default: 200]"),  # noqa: UP045
     smoothquant: bool = Opt(False, "--smoothquant", help="MPTQ-ViT SmoothQuant-with-bias before calibration"),
     mixed_precision: Optional[str] = Opt(  # noqa: UP045
-        None, help="greedy | uniform: allocate per-layer bits under --avg-bits (writes bits.png)"
+        None, help="greedy | lrp | uniform: allocate per-layer bits under --avg-bits (writes bits.png)"
     ),
     avg_bits: Optional[float] = Opt(None, help="parameter-weighted average weight bits"),  # noqa: UP045
     bit_choices: Optional[str] = Opt(None, help="comma-separated bits a layer may get [default: 4,8]"),  # noqa: UP045
     seed: Optional[int] = Opt(None, help="calibration subset seed [default: 0]"),  # noqa: UP045
     deploy: Optional[str] = Opt(  # noqa: UP045
-        None, help="onnx: also write model_int8.onnx (QDQ, onnxruntime INT8; 8-bit uniform methods only)"
+        None,
+        help="onnx: also write model_int8.onnx (QDQ, onnxruntime INT8; 8-bit uniform methods only) | "
+        "torch-x86: also write model_int8_x86.pt2 (PT2E + Inductor oneDNN INT8; W8A8 only)",
     ),
     force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
     device: str = Opt("cpu"),
@@ -94,6 +96,20 @@ def quantize(
             f"onnxruntime INT8 (model_int8.onnx): top-1 {summary['onnx_int8_top1']:.4f}, "
             f"{100 * summary['onnx_vs_simulated_agreement']:.1f}% predictions agree with the simulated model"
         )
+    if "x86_reference_top1" in summary:
+        console.print(
+            f"PT2E INT8 (model_int8_x86.pt2): reference graph top-1 {summary['x86_reference_top1']:.4f}, "
+            f"{100 * summary['x86_reference_vs_simulated_agreement']:.1f}% predictions agree with the simulated model"
+        )
+        if "x86_int8_top1" in summary:
+            console.print(
+                f"Inductor-compiled INT8 ({', '.join(summary['x86_int8_kernels'])}): top-1 {summary['x86_int8_top1']:.4f}, "
+                f"{100 * summary['x86_vs_simulated_agreement']:.1f}% agree with the simulated model"
+            )
+        else:
+            console.print(
+                f"[yellow]Inductor compilation failed, reference graph only: {summary['x86_compile_error']}"
+            )
     if "avg_weight_bits" in summary:
         console.print(
             f"average weight bits: {summary['avg_weight_bits']:.2f} (per-layer table in quant.json, bits.png)"

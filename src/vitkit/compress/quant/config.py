@@ -87,7 +87,7 @@ class QuantConfig(BaseModel):
     recon_batch: int = Field(32, gt=0)
     recon_lr: float = Field(1e-3, gt=0)
     recon_round_weight: float = Field(0.01, ge=0)
-    mixed_precision: Literal["greedy", "reverse", "uniform"] | None = Field(
+    mixed_precision: Literal["greedy", "lrp", "reverse", "uniform"] | None = Field(
         None, description="allocate per-layer bits under avg_bits (result stored in layer_bits)"
     )
     avg_bits: float | None = Field(
@@ -141,7 +141,7 @@ class QuantConfig(BaseModel):
                 f"method 'ivit' is integer-only 8-bit (I-ViT); got w_bits={self.w_bits}, a_bits={self.a_bits}"
             )
         if (self.mixed_precision is None) != (self.avg_bits is None):
-            raise VitkitError("mixed precision needs both mixed_precision (greedy|uniform) and avg_bits")
+            raise VitkitError("mixed precision needs both mixed_precision (greedy|lrp|uniform) and avg_bits")
         if self.avg_bits is not None and not min(self.bit_choices) <= self.avg_bits <= max(self.bit_choices):
             raise VitkitError(
                 f"avg_bits={self.avg_bits} must lie within the bit choices {self.bit_choices} (set bit_choices)"

@@ -28,6 +28,7 @@ from vitkit.runs import CONFIG, prepare_run_dir, read_run, save_model, write_met
 
 QUANT_JSON = "quant.json"
 ONNX_INT8 = "model_int8.onnx"
+DEPLOY_TARGETS = (None, "onnx", "torch-x86")
 
 
 def _deploy_onnx(qmodel, val, path: Path) -> dict[str, Any]:
@@ -48,6 +49,43 @@ def _deploy_onnx(qmodel, val, path: Path) -> dict[str, Any]:
     }
 
 
+def _deploy_x86(model, qmodel, images, val, path: Path, compile: bool = True) -> dict[str, Any]:
+    """PT2E INT8 program calibrated on ``images``: top-1 of its reference graph and of the Inductor-
+    compiled graph (the one running oneDNN INT8 kernels), and their agreement with the simulated model."""
+    from vitkit.compress.quant.x86 import compile_int8, int8_kernels, pt2e_int8, save_int8_program
+    from vitkit.train.evaluate import eval_transform, predict
+
+    program = pt2e_int8(model.to("cpu"), images)
+    sim = predict(qmodel, val).cpu()
+    x = eval_transform(qmodel).images(val.images)
+
+    def scores(fn) -> dict[str, float]:
+        with torch.no_grad():
+            got = torch.cat([fn(x[i : i + 256]) for i in range(0, len(x), 256)])
+        return {
+            "top1": float((got.argmax(1) == val.targets).float().mean()),
+            "agreement": float((got.argmax(1) == sim.argmax(1)).float().mean()),
+        }
+
+    ref = scores(program)
+    out: dict[str, Any] = {
+        "x86_reduce_range": program.meta["vitkit_reduce_range"],
+        "x86_reference_top1": ref["top1"],
+        "x86_reference_vs_simulated_agreement": ref["agreement"],
+    }
+    if compile:
+        compiled = compile_int8(program)
+        try:
+            out["x86_int8_kernels"] = int8_kernels(compiled, x[:8])
+            comp = scores(compiled)
+            out["x86_int8_top1"] = comp["top1"]
+            out["x86_vs_simulated_agreement"] = comp["agreement"]
+        except Exception as e:  # Inductor failures vary; keep the reference graph, say why
+            out["x86_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    save_int8_program(program, path, x[:2])
+    return out
+
+
 def quantize_run(
     run_dir: str | os.PathLike,
     output: str | os.PathLike,
@@ -64,8 +102,17 @@ def quantize_run(
     from vitkit.train import build_config, evaluate
 
     cfg = make_config(config, **overrides)
-    if deploy not in (None, "onnx"):
-        raise VitkitError(f"--deploy must be 'onnx' (onnxruntime INT8 QDQ), got '{deploy}'")
+    if deploy not in DEPLOY_TARGETS:
+        raise VitkitError(
+            f"--deploy must be 'onnx' (onnxruntime INT8 QDQ) or 'torch-x86' (PT2E + Inductor INT8), got '{deploy}'"
+        )
+    if deploy == "torch-x86" and (
+        cfg.w_bits != 8 or cfg.a_bits != 8 or cfg.layer_bits or cfg.mixed_precision
+    ):
+        raise VitkitError(
+            f"--deploy torch-x86 is INT8 only: use --preset w8a8 without mixed precision (got W{cfg.w_bits}A{cfg.a_bits}"
+            f"{', layer_bits' if cfg.layer_bits or cfg.mixed_precision else ''})"
+        )
     src = Path(run_dir)
     info = read_run(src)
     if Path(output).resolve() == src.resolve():
@@ -100,13 +147,20 @@ def quantize_run(
         from vitkit.compress.quant.mixed import average_bits
 
         summary["avg_weight_bits"] = average_bits(final_cfg.layer_bits, model)
-    tmp = None
+    tmp, artifact = None, None
     if deploy == "onnx":
-        tmp = tempfile.TemporaryDirectory()
-        summary.update(_deploy_onnx(qmodel, splits.val, Path(tmp.name) / ONNX_INT8))
+        tmp, artifact = tempfile.TemporaryDirectory(), ONNX_INT8
+        summary.update(_deploy_onnx(qmodel, splits.val, Path(tmp.name) / artifact))
+    elif deploy == "torch-x86":
+        from vitkit.compress.quant.transform import calibration_images
+        from vitkit.compress.quant.x86 import PROGRAM_FILE
+
+        tmp, artifact = tempfile.TemporaryDirectory(), PROGRAM_FILE
+        images = calibration_images(model, splits.train, cfg)  # the simulated model's calibration images
+        summary.update(_deploy_x86(model, qmodel, images, splits.val, Path(tmp.name) / artifact))
     out = prepare_run_dir(output, force=force)
     if tmp is not None:
-        shutil.move(str(Path(tmp.name) / ONNX_INT8), out / ONNX_INT8)
+        shutil.move(str(Path(tmp.name) / artifact), out / artifact)
         tmp.cleanup()
     save_model(
         out, qmodel, classes=info.classes, task=info.task, data=info.data, extra={"quantized_from": str(src)}
