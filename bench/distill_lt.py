@@ -4,15 +4,22 @@ at 32 px, everything trained in this process:
 * part ``lt``: one CNN teacher trained once on the long-tailed data (at 28 px, its own lower
   resolution; class-balanced sampling), then per seed, interleaved, the same small ViT trained for
   the same epochs as: a plain ViT (CE), DeiT (hard distillation), DeiT-LT (OOD hard distillation,
-  strong augmentation, DRW of the DIST loss) and DeiT-LT without the strong augmentation. Reports
+  strong augmentation, DRW of the DIST loss) and optionally (``--variants ... deit-lt-mildaug``)
+  DeiT-LT without the strong augmentation. Reports
   overall, balanced and head/mid/tail accuracy ([0:3], [3:7], [7:10], DeiT-LT's CIFAR-10 groups,
   which these counts reproduce) of the CLS head, the DIST head and their mean; the plain ViT also
   with post-hoc logit adjustment (τ = 1).
-* part ``feature``: a bigger ViT teacher trained once; per seed the small ViT trained with CE only,
-  with G2SD's generic feature loss (joint with CE), and with ScaleKD (CAP + dual-view + logit KD).
+* part ``feature``: a bigger ViT teacher trained once on *balanced* Fashion-MNIST (cached in
+  ``--out``/vit-teacher); per seed the small ViT trained on the LT data with CE only, with G2SD's
+  generic feature loss (joint with CE), and with ScaleKD (CAP + dual-view + logit KD).
 
-    python bench/distill_lt.py                      # both parts, 3 seeds (long: see RESULTS.md)
-    python bench/distill_lt.py --part lt --epochs 4 --seeds 0 --train-size 3000   # a quick look
+Students: the micro preset with patch 8 at 32 px (16 tokens), batch 16 by default. The 2026-11-25
+results (RESULTS.md) ran the two parts as two processes, then merged them:
+
+    python bench/distill_lt.py --part lt --train-size 6000 --val-size 2000 --epochs 4 --teacher-epochs 8 --out O1
+    python bench/distill_lt.py --part feature --train-size 6000 --val-size 2000 --feature-epochs 4 \
+        --feature-teacher-train-size 6000 --feature-teacher-epochs 4 --out O2
+    python bench/distill_lt.py --report O1/results.json O2/results.json --out O3
 
 Writes ``results.json``, ``results.md`` and ``heads.png`` into --out.
 """
