@@ -1,4 +1,5 @@
-"""Distillation: DeiT token distillation, DeiT-LT, feature distillation (G2SD generic stage, ScaleKD).
+"""Distillation: DeiT token distillation, DeiT-LT, feature distillation (G2SD generic stage, ScaleKD),
+and SAM for training a flat teacher.
 
 The public names load lazily (``from vitkit.distill import distill``) so importing the package is cheap.
 """
@@ -26,6 +27,7 @@ _LAZY = {
     "ScaleKDObjective": "vitkit.distill.feature",
     "Teacher": "vitkit.distill.teacher",
     "load_teacher": "vitkit.distill.teacher",
+    "SAMObjective": "vitkit.distill.sam",
 }
 
 __all__ = sorted(_LAZY)
