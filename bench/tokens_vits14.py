@@ -48,11 +48,11 @@ def features(model: torch.nn.Module, images: torch.Tensor, size: int, batch: int
     return torch.cat(out).numpy()
 
 
-def variants() -> dict[str, tuple[str, object]]:
+def variants(keeps: list[float], tome_r: list[int]) -> dict[str, tuple[str, object]]:
     v: dict[str, tuple[str, object]] = {"baseline": ("none", None)}
-    for keep in (0.9, 0.7, 0.5):
+    for keep in keeps:
         v[f"evit keep {keep}"] = ("evit", EViTConfig(keep=keep, at=[3, 6, 9]))
-    for r in (8, 16):
+    for r in tome_r:
         v[f"tome r {r}"] = ("tome", ToMeConfig(r=r))
     return v
 
@@ -74,6 +74,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--keeps", default="0.9,0.7,0.5", help="EViT keep rates at blocks 3,6,9 ('' for none)")
+    ap.add_argument("--tome-r", default="8,16", help="ToMe r per block ('' for none)")
+    ap.add_argument("--no-timing", action="store_true", help="accuracy only")
     ap.add_argument("--out", default="bench/out/tokens_vits14")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,7 +93,9 @@ def main() -> None:
     xtr, ytr = fm["train"].images[tr_idx], fm["train"].targets[tr_idx].numpy()
     xte, yte = fm["test"].images[te_idx], fm["test"].targets[te_idx].numpy()
 
-    models = {name: build(kind, cfg, args.size) for name, (kind, cfg) in variants().items()}
+    keeps = [float(k) for k in args.keeps.split(",") if k]
+    tome_r = [int(r) for r in args.tome_r.split(",") if r]
+    models = {name: build(kind, cfg, args.size) for name, (kind, cfg) in variants(keeps, tome_r).items()}
     t = time.time()
     probe = LogisticRegression(max_iter=2000, C=1.0).fit(features(models["baseline"], xtr, args.size), ytr)
     rows = {}
@@ -105,6 +110,13 @@ def main() -> None:
         print(f"{name}: top-1 {rows[name]['top1']:.2f}%", flush=True)
     result["accuracy_seconds"] = time.time() - t
 
+    if args.no_timing:
+        result["rows"], result["uptime_after"] = rows, uptime()
+        (out / "results.json").write_text(json.dumps(result, indent=2))
+        b = rows["baseline"]["top1"]
+        for name, r in rows.items():
+            print(f"| {name} | {r['top1']:.2f} | {r['top1'] - b:+.2f} | {r['agreement_with_baseline']:.1f} |")
+        return
     bench = compare(
         models,
         (3, args.size, args.size),
