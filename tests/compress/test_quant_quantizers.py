@@ -233,3 +233,26 @@ def test_int_layernorm_matches_float_normalisation():
     tiny = torch.tensor([[0, 1, 0, 1, 0, 1, 0, 1], [5, 5, 5, 6, 5, 5, 5, 5]], dtype=torch.int64)
     y = int_layernorm(tiny).double() * math.sqrt(8) / 2**30
     torch.testing.assert_close(y, nn.functional.layer_norm(tiny.double(), (8,), eps=0), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])  # percentile clips by design
+def test_uniform_range_covers_outliers_of_large_tensors(method):
+    # Regression: the range was taken from a 2^18-element subsample, so on ViT-S-sized weights
+    # (1152 x 384) and activations the largest values were clipped, even at 16 bits (DINOv2 ViT-S/14
+    # lost ~30 pt at W8A8 from this alone).
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1152, 384, generator=g) * 0.02
+    w[7, 301] = 1.5  # one outlier weight: its channel's range must include it
+    qw = UniformQuantizer(16, symmetric=True, channels=1152, axis=0).calibrate(w, method=method)
+    assert (qw(w) - w).abs().max() < 1e-4
+
+    a = torch.randn(64, 257, 384, generator=g)  # 6.3M activations, per tensor
+    a[3, 0, 5] = 80.0  # a high-norm-token style outlier
+    qa = UniformQuantizer(16).calibrate(a, method="minmax")
+    assert (qa(a) - a).abs().max() < 80.0 / 2**15
+
+    for q in (Log2Quantizer(8), ShiftLog2Quantizer(8)):
+        p = torch.rand(64, 257, 257, generator=g) * 1e-3
+        p[1, 2, 3] = 1.0  # the one large probability must not be clipped by a subsampled maximum
+        q.calibrate(p)
+        assert q(p)[1, 2, 3] > 0.9

@@ -90,14 +90,15 @@ def subsample(x: torch.Tensor, n: int = MAX_SEARCH_ELEMENTS, seed: int = 0) -> t
 
 
 def _rows(x: torch.Tensor, axis: int, channels: int, max_elements: int = MAX_SEARCH_ELEMENTS) -> torch.Tensor:
-    """``x`` as (channels, M): the quantization axis first (M subsampled to bound the work)."""
+    """``x`` as (channels, M): the quantization axis first (M subsampled to bound the work;
+    ``max_elements=0``: every value)."""
     x = x.detach().float()
     if channels == 1:
         rows = x.reshape(1, -1)
     else:
         rows = x.movedim(axis, 0).reshape(channels, -1)
     per_row = max(max_elements // channels, 256)
-    if rows.shape[1] > per_row:
+    if max_elements > 0 and rows.shape[1] > per_row:
         g = torch.Generator().manual_seed(0)
         rows = rows[:, torch.randint(rows.shape[1], (per_row,), generator=g)]
     return rows
@@ -263,8 +264,12 @@ class UniformQuantizer(Quantizer):
         ratio α ∈ (0.2, 1] of the full range that minimizes the quantization MSE (per channel), or
         ``loss`` (e.g. the next layer's output error) for per-tensor quantizers.
         """
-        rows = _rows(x, self.axis, self.channels)
-        lo, hi = rows.min(1).values, rows.max(1).values
+        # The range comes from ALL values: a subsample misses the extremes, and clipping the largest
+        # weights / outlier activations (DINOv2's high-norm tokens) costs accuracy even at 16 bits.
+        full = _rows(x, self.axis, self.channels, max_elements=0)
+        lo, hi = full.min(1).values, full.max(1).values
+        # Searches run on all values up to weight-matrix sizes, on a fixed subsample beyond (activations).
+        rows = full if full.numel() <= 4 * MAX_SEARCH_ELEMENTS else _rows(x, self.axis, self.channels)
         if method == "minmax":
             self.set_range(lo, hi)
         elif method == "percentile" and percentile is not None:
@@ -275,8 +280,8 @@ class UniformQuantizer(Quantizer):
                 n = rows.shape[1] - 1
                 pairs = [
                     (sorted_rows[:, round((1 - p) * n)], sorted_rows[:, round(p * n)])
-                    for p in (0.999, 0.9999, 0.99999, 1.0)
-                ]
+                    for p in (0.999, 0.9999, 0.99999)
+                ] + [(lo, hi)]
             else:
                 pairs = [(lo * a, hi * a) for a in torch.linspace(0.2, 1.0, grid).tolist()]
             self._pick(rows, pairs, x, loss)
@@ -347,8 +352,7 @@ class Log2Quantizer(_LogBase):
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, loss: Loss | None = None) -> Log2Quantizer:
-        xs = subsample(x)
-        top = float(xs.max().clamp_min(1e-8))
+        top = float(x.detach().max().clamp_min(1e-8))  # the true maximum, not a subsample's
         loss = loss or (lambda xhat: (xhat - x).pow(2).mean())
         cands = [{"scale": top * 2 ** (-i / 4)} for i in range(9)]
 
@@ -434,7 +438,7 @@ class AdaLogQuantizer(_LogBase):
             raise VitkitError("AdaLogQuantizer: cannot recalibrate after its shift was folded into a bias")
         loss = loss or (lambda xhat: (xhat - x).pow(2).mean())
         xs = subsample(x) + float(self.shift)
-        top = float(xs.max().clamp_min(1e-8))
+        top = float((x.detach().max() + float(self.shift)).clamp_min(1e-8))  # true max, not the subsample's
         scales = (
             [fixed_scale]
             if fixed_scale is not None
@@ -565,8 +569,8 @@ class ShiftLog2Quantizer(Quantizer):
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, loss: Loss | None = None) -> ShiftLog2Quantizer:
         loss = loss or (lambda xhat: (xhat - x).pow(2).mean())
-        xs = subsample(x).clamp_min(0)
-        lo_x, hi_x = float(xs.min()), float(xs.max())
+        xs = x.detach().float().clamp_min(0)
+        lo_x, hi_x = float(xs.min()), float(xs.max())  # the full range, not a subsample's
 
         def params(eta: float) -> dict:
             m, big = math.log2(lo_x + eta), math.log2(hi_x + eta)
