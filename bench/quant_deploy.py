@@ -1,12 +1,15 @@
-"""Real INT8 (onnxruntime QDQ; PyTorch PT2E + Inductor oneDNN) vs FP32 eager, FP32 Inductor and
-onnxruntime FP32: throughput at batch 1 and 64, and the accuracy of each deployed graph vs the simulated
+"""Real INT8 (onnxruntime QDQ; PyTorch PT2E + Inductor oneDNN) vs FP32 eager, bf16 eager (autocast),
+FP32 Inductor and onnxruntime FP32: throughput at batch 1 and 64, and the accuracy of each deployed graph vs the simulated
 quantized model.
 
     python bench/quant_deploy.py --run RUN_DIR [--timm vit_small_patch16_224] [--repeats 3] [--threads 2] [--no-x86]
+        [--bf16-batches 1]
 
 ``--run``: a vitkit run (accuracy on its validation split + speed). ``--timm``: additionally a timm
 model with random weights at its own input size (speed only; calibrated on random images, so no
-accuracy). Every engine is timed in the same process, interleaved, ``repeats`` times.
+accuracy). Every engine is timed in the same process, interleaved, ``repeats`` times. bf16 eager is
+timm's model under ``torch.autocast("cpu", torch.bfloat16)``; on a CPU without AMX it is several times
+slower than FP32, so ``--bf16-batches`` limits it to the batch sizes worth waiting for.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ def throughput(fn, x, min_seconds: float = 1.5) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def _bf16(model, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(x)
+
+
 def engines(model, images_calib, tmp: Path, method: str = "minmax", x86: bool = True):
     from vitkit.compress.quant import quantize
     from vitkit.compress.quant.deploy import export_int8_onnx
@@ -43,6 +51,7 @@ def engines(model, images_calib, tmp: Path, method: str = "minmax", x86: bool = 
     export_int8_onnx(q, tmp / "int8.onnx", shape)
     eng = {
         "fp32 eager": lambda x: model(x),
+        "bf16 eager": lambda x: _bf16(model, x),
         "ort fp32": OnnxModel(tmp / "fp32.onnx", threads=torch.get_num_threads()),
         "ort int8 QDQ": OnnxModel(tmp / "int8.onnx", threads=torch.get_num_threads()),
     }
@@ -57,11 +66,11 @@ def engines(model, images_calib, tmp: Path, method: str = "minmax", x86: bool = 
     return q, eng
 
 
-def measure(name, eng, shape, repeats):
+def measure(name, eng, shape, repeats, bf16_batches=(1, 64)):
     print(f"\n{name}: images/s (median of {repeats}; ratio vs fp32 eager with min–max over repeats)")
     for batch in (1, 64):
         x = torch.randn(batch, *shape)
-        speed = {k: [] for k in eng if not k.startswith("_")}
+        speed = {k: [] for k in eng if not k.startswith("_") and (k != "bf16 eager" or batch in bf16_batches)}
         with torch.no_grad():
             for k in speed:  # compile (first call per shape) outside the timed loop
                 eng[k](x)
@@ -72,11 +81,19 @@ def measure(name, eng, shape, repeats):
         for k, v in speed.items():
             ratios = [a / b for a, b in zip(v, base)]
             vs_ort = [a / b for a, b in zip(v, speed["ort fp32"])]
-            vs_ind = [a / b for a, b in zip(v, speed.get("fp32 inductor", v))]
+            vs_ind = [a / b for a, b in zip(v, speed["fp32 inductor"])] if "fp32 inductor" in speed else None
+            vs_bf16 = [a / b for a, b in zip(v, speed["bf16 eager"])] if "bf16 eager" in speed else None
+            ind_cell = (
+                f"{statistics.median(vs_ind):.2f}x ({min(vs_ind):.2f}–{max(vs_ind):.2f})" if vs_ind else "—"
+            )
+            bf16_cell = (
+                f"{statistics.median(vs_bf16):.2f}x ({min(vs_bf16):.2f}–{max(vs_bf16):.2f})"
+                if vs_bf16
+                else "—"
+            )
             print(f"| {name} | batch {batch} | {k} | {statistics.median(v):.1f} | {statistics.median(ratios):.2f}x "
                   f"({min(ratios):.2f}–{max(ratios):.2f}) | {statistics.median(vs_ort):.2f}x "
-                  f"({min(vs_ort):.2f}–{max(vs_ort):.2f}) | {statistics.median(vs_ind):.2f}x "
-                  f"({min(vs_ind):.2f}–{max(vs_ind):.2f}) |", flush=True)  # fmt: skip
+                  f"({min(vs_ort):.2f}–{max(vs_ort):.2f}) | {ind_cell} | {bf16_cell} |", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -86,6 +103,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-x86", action="store_true", help="skip the PT2E + Inductor engines")
+    ap.add_argument(
+        "--bf16-batches", type=int, nargs="*", default=[1, 64], help="batch sizes that time bf16 eager"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print("uptime before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
@@ -120,9 +140,10 @@ def main() -> None:
                     print(f"  {k.strip('_')}: top-1 {float((y.argmax(1) == splits.val.targets).float().mean()):.4f}, "
                           f"agreement with simulated {float((y.argmax(1) == sim.argmax(1)).float().mean()):.4f}")  # fmt: skip
         print(
-            "| model | batch | engine | img/s | vs fp32 eager | vs ort fp32 | vs fp32 inductor |\n|---|---|---|---|---|---|---|"
+            "| model | batch | engine | img/s | vs fp32 eager | vs ort fp32 | vs fp32 inductor | vs bf16 eager |\n"
+            "|---|---|---|---|---|---|---|---|"
         )
-        measure(Path(args.run).name, eng, shape, args.repeats)
+        measure(Path(args.run).name, eng, shape, args.repeats, args.bf16_batches)
     if args.timm:
         m = vitkit.create_model(args.timm, num_classes=10)
         m.eval()
@@ -130,7 +151,7 @@ def main() -> None:
         calib = torch.randn(32, *shape)
         with tempfile.TemporaryDirectory() as d:
             _, eng = engines(m, calib, Path(d), x86=not args.no_x86)
-            measure(args.timm, eng, shape, args.repeats)
+            measure(args.timm, eng, shape, args.repeats, args.bf16_batches)
     print("uptime after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 
