@@ -44,6 +44,38 @@ def run(model: torch.nn.Module, x: torch.Tensor, batch: int, pre_logits: bool = 
     return torch.cat(out)
 
 
+def ablate(model: torch.nn.Module, xcal: torch.Tensor, x: torch.Tensor, args) -> list[dict]:
+    """Quantize once, then switch on ONE group of quantizers at a time (role × slot, all blocks):
+    which quantization points cost the accuracy (agreement with FP32, relative class-token error)."""
+    from vitkit.compress.quant import find_points
+    from vitkit.compress.quant.layers import quantizers_of
+    from vitkit.compress.quant.points import set_quantizers_enabled
+
+    bits, method = args.bits[0], args.methods[0]
+    w, a = (int(b) for b in (bits.split(":") if ":" in bits else (bits, bits)))
+    q = quantize(copy.deepcopy(model), xcal, method=method, w_bits=w, a_bits=a,
+                 calib_size=args.calib, calib_batch=min(args.calib, 32), seed=0)  # fmt: skip
+    groups: dict[str, list] = {}
+    for p in find_points(model):
+        for slot, quantizer in quantizers_of(q.get_submodule(p.name)).items():
+            groups.setdefault(f"{p.role}.{slot}", []).append(quantizer)
+    ref_feat = run(model, x, args.batch, pre_logits=True)
+    ref_pred = run(model, x, args.batch).argmax(1)
+    rows = []
+    for name in ["all", *groups]:
+        set_quantizers_enabled(q, name == "all")
+        for quantizer in groups.get(name, []):
+            quantizer.enabled = True
+        feat = run(q, x, args.batch, pre_logits=True)
+        pred = run(q, x, args.batch).argmax(1)
+        row = {"group": name, "bits": bits, "method": method,
+               "rel_feature_error": float((feat - ref_feat).norm() / ref_feat.norm()),
+               "agreement_with_fp32": float((pred == ref_pred).float().mean() * 100)}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=500, help="probe training images")
@@ -56,6 +88,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--ablate",
+        type=int,
+        default=0,
+        help="N > 0: only the per-group ablation on N test images (first bits/method, seed 0)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     result: dict = {"args": vars(args), "uptime_before": uptime(), "rows": []}
@@ -87,6 +125,13 @@ def main() -> None:
     result["fp32_top1"] = fp
     print(f"probe fit {result['probe_seconds']:.0f} s; FP32 top-1 {fp:.2f} % "
           f"({result['fp32_eval_seconds']:.0f} s for {args.test} images)", flush=True)  # fmt: skip
+
+    if args.ablate:
+        result["ablation"] = ablate(model, xcal, xte[: args.ablate], args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
 
     for bits in args.bits:
         for method in args.methods:
