@@ -34,14 +34,10 @@ def throughput(fn, x, min_seconds: float = 1.5) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _bf16(model, x):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        return model(x)
-
-
 def engines(model, images_calib, tmp: Path, method: str = "minmax", x86: bool = True):
     from vitkit.compress.quant import quantize
     from vitkit.compress.quant.deploy import export_int8_onnx
+    from vitkit.deploy.benchmark import _Autocast
     from vitkit.deploy.onnx import OnnxModel, export_onnx
     from vitkit.models import model_input_size
 
@@ -51,7 +47,7 @@ def engines(model, images_calib, tmp: Path, method: str = "minmax", x86: bool = 
     export_int8_onnx(q, tmp / "int8.onnx", shape)
     eng = {
         "fp32 eager": lambda x: model(x),
-        "bf16 eager": lambda x: _bf16(model, x),
+        "bf16 eager": _Autocast(model),  # the bf16 baseline of `vitkit bench`
         "ort fp32": OnnxModel(tmp / "fp32.onnx", threads=torch.get_num_threads()),
         "ort int8 QDQ": OnnxModel(tmp / "int8.onnx", threads=torch.get_num_threads()),
     }

@@ -44,6 +44,28 @@ def run(model: torch.nn.Module, x: torch.Tensor, batch: int, pre_logits: bool = 
     return torch.cat(out)
 
 
+@torch.no_grad()
+def features_and_logits(
+    model: torch.nn.Module, x: torch.Tensor, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-logits class-token features and logits from one forward pass per batch."""
+    feats, logits = [], []
+    for i in range(0, len(x), batch):
+        f = model.forward_features(x[i : i + batch])
+        feats.append(model.forward_head(f, pre_logits=True))
+        logits.append(model.forward_head(f))
+    return torch.cat(feats), torch.cat(logits)
+
+
+def quantize_copy(
+    model: torch.nn.Module, xcal: torch.Tensor, bits: str, method: str, seed: int
+) -> torch.nn.Module:
+    """``bits``: "N" (WNAN) or "W:A"."""
+    w, a = (int(b) for b in (bits.split(":") if ":" in bits else (bits, bits)))
+    return quantize(copy.deepcopy(model), xcal, method=method, w_bits=w, a_bits=a,
+                    calib_size=len(xcal), calib_batch=min(len(xcal), 32), seed=seed)  # fmt: skip
+
+
 def ablate(model: torch.nn.Module, xcal: torch.Tensor, x: torch.Tensor, args) -> list[dict]:
     """Quantize once, then switch on ONE group of quantizers at a time (role × slot, all blocks):
     which quantization points cost the accuracy (agreement with FP32, relative class-token error)."""
@@ -52,22 +74,20 @@ def ablate(model: torch.nn.Module, xcal: torch.Tensor, x: torch.Tensor, args) ->
     from vitkit.compress.quant.points import set_quantizers_enabled
 
     bits, method = args.bits[0], args.methods[0]
-    w, a = (int(b) for b in (bits.split(":") if ":" in bits else (bits, bits)))
-    q = quantize(copy.deepcopy(model), xcal, method=method, w_bits=w, a_bits=a,
-                 calib_size=args.calib, calib_batch=min(args.calib, 32), seed=0)  # fmt: skip
+    q = quantize_copy(model, xcal, bits, method, seed=0)
     groups: dict[str, list] = {}
     for p in find_points(model):
         for slot, quantizer in quantizers_of(q.get_submodule(p.name)).items():
             groups.setdefault(f"{p.role}.{slot}", []).append(quantizer)
-    ref_feat = run(model, x, args.batch, pre_logits=True)
-    ref_pred = run(model, x, args.batch).argmax(1)
+    ref_feat, ref_logits = features_and_logits(model, x, args.batch)
+    ref_pred = ref_logits.argmax(1)
     rows = []
     for name in ["all", *groups]:
         set_quantizers_enabled(q, name == "all")
         for quantizer in groups.get(name, []):
             quantizer.enabled = True
-        feat = run(q, x, args.batch, pre_logits=True)
-        pred = run(q, x, args.batch).argmax(1)
+        feat, logits = features_and_logits(q, x, args.batch)
+        pred = logits.argmax(1)
         row = {"group": name, "bits": bits, "method": method,
                "rel_feature_error": float((feat - ref_feat).norm() / ref_feat.norm()),
                "agreement_with_fp32": float((pred == ref_pred).float().mean() * 100)}  # fmt: skip
@@ -137,9 +157,7 @@ def main() -> None:
         for method in args.methods:
             for seed in args.seeds:
                 t0 = time.perf_counter()
-                w, a = (int(b) for b in (bits.split(":") if ":" in bits else (bits, bits)))
-                q = quantize(copy.deepcopy(model), xcal, method=method, w_bits=w, a_bits=a,
-                             calib_size=args.calib, calib_batch=min(args.calib, 32), seed=seed)  # fmt: skip
+                q = quantize_copy(model, xcal, bits, method, seed)
                 calib_wall = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 pred = run(q, xte, args.batch).argmax(1).numpy()
