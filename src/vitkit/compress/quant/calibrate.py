@@ -83,12 +83,36 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _row_sample(x: torch.Tensor, n: int = MAX_ROWS, seed: int = 0) -> torch.Tensor:
+def _row_sample(
+    x: torch.Tensor, n: int = MAX_ROWS, seed: int = 0, extremes: int = MAX_ROWS // 8
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Up to ``n`` token rows of ``x`` for the output-error searches, with per-row weights (None:
+    every row). Always included: the ``extremes`` rows holding the largest and the smallest values
+    (DINOv2's few high-norm tokens, which a random sample misses and a search on it then clips);
+    the rest is a fixed random sample of the other rows, weighted so that a weighted mean over the
+    sample estimates the mean over all rows."""
     rows = x.reshape(-1, x.shape[-1])
-    if len(rows) <= n:
-        return rows
+    total = len(rows)
+    if total <= n:
+        return rows, None
+    e = min(extremes, n // 2)
+    fixed = torch.cat(
+        [rows.amax(1).topk(e - e // 2).indices, rows.amin(1).topk(e // 2, largest=False).indices]
+    )
+    fixed = fixed.unique()
+    others = torch.ones(total, dtype=torch.bool)
+    others[fixed] = False
+    others = others.nonzero().squeeze(1)
     g = torch.Generator().manual_seed(seed)
-    return rows[torch.randperm(len(rows), generator=g)[:n]]
+    picked = others[torch.randperm(len(others), generator=g)[: n - len(fixed)]]
+    weights = torch.cat(
+        [torch.ones(len(fixed)), torch.full((len(picked),), len(others) / max(len(picked), 1))]
+    )
+    return rows[torch.cat([fixed, picked])], weights
+
+
+def _weighted_mean(per_row: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return per_row.mean() if weights is None else (per_row * weights).sum() / weights.sum()
 
 
 def _map_sample(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -157,20 +181,38 @@ def _capture_points(block: nn.Module, pts: list[QuantPoint], x: torch.Tensor, bs
     return {n: {k: torch.cat(v) for k, v in d.items()} for n, d in got.items()}
 
 
-def _linear_loss(x_rows: torch.Tensor, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def _linear_loss(
+    x_rows: torch.Tensor, weight: torch.Tensor, row_weights: torch.Tensor | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The next linear layer's output error (mean over the rows, weighted as sampled)."""
     w = weight.detach().float()
-    return lambda xhat: ((xhat - x_rows) @ w.T).pow(2).mean()
+    return lambda xhat: _weighted_mean(((xhat - x_rows) @ w.T).pow(2).mean(1), row_weights)
+
+
+def _sample_mse(
+    x_rows: torch.Tensor, row_weights: torch.Tensor | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda xhat: _weighted_mean((xhat - x_rows).pow(2).mean(1), row_weights)
 
 
 def _calibrate_input(q: Quantizer, x: torch.Tensor, cfg: QuantConfig, weight: torch.Tensor | None) -> None:
+    """A linear layer's input quantizer. Uniform quantizers without an output-error search see
+    every value; searches against the next layer's output run on a row sample (with the extreme
+    rows) and take the range from every value."""
     spec = cfg.spec
-    if isinstance(q, UniformQuantizer) and q.channels > 1:
+    output_loss = spec.output_loss and weight is not None and x.ndim >= 2
+    if isinstance(q, UniformQuantizer) and (q.channels > 1 or not output_loss):
         q.calibrate(x, method=spec.act_calib, percentile=cfg.percentile)
         return
-    rows = _row_sample(x) if x.ndim >= 2 else x
-    loss = _linear_loss(rows, weight) if (spec.output_loss and weight is not None) else None
+    if x.ndim < 2:
+        q.calibrate(x)
+        return
+    rows, row_weights = _row_sample(x)
+    loss = _linear_loss(rows, weight, row_weights) if output_loss else _sample_mse(rows, row_weights)
     if isinstance(q, UniformQuantizer):
-        q.calibrate(rows, loss=loss, method=spec.act_calib, percentile=cfg.percentile)
+        q.calibrate(rows, loss=loss, method=spec.act_calib, percentile=cfg.percentile, reference=x)
+    elif isinstance(q, AdaLogQuantizer):
+        q.calibrate(rows, loss=loss, reference=x)
     else:
         q.calibrate(rows, loss=loss)
 
@@ -257,7 +299,7 @@ def _calibrate_point(model, p: QuantPoint, captured: dict, values: dict, cfg: Qu
         if isinstance(m.a_quantizer, Quantizer):
             sa, sb = _map_sample(a, b)
             loss = (lambda ah: ((ah - sa) @ sb).pow(2).mean()) if cfg.spec.output_loss else None
-            _calibrate_operand(m.a_quantizer, sa if loss else a, cfg, loss)
+            _calibrate_operand(m.a_quantizer, sa if loss else a, cfg, loss, reference=a)
         if isinstance(m.b_quantizer, Quantizer):
             _calibrate_operand(m.b_quantizer, b, cfg, None)
     elif isinstance(m, QuantSoftmax):
@@ -285,9 +327,11 @@ def _calibrate_point(model, p: QuantPoint, captured: dict, values: dict, cfg: Qu
             m.calibrate(got["in"])
 
 
-def _calibrate_operand(q: Quantizer, x: torch.Tensor, cfg: QuantConfig, loss) -> None:
+def _calibrate_operand(
+    q: Quantizer, x: torch.Tensor, cfg: QuantConfig, loss, reference: torch.Tensor | None = None
+) -> None:
     if isinstance(q, UniformQuantizer):
-        q.calibrate(x, loss=loss, method=cfg.spec.act_calib, percentile=cfg.percentile)
+        q.calibrate(x, loss=loss, method=cfg.spec.act_calib, percentile=cfg.percentile, reference=reference)
     else:
         q.calibrate(x, loss=loss)
 

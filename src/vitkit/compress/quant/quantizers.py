@@ -50,6 +50,7 @@ from vitkit.errors import VitkitError
 MIN_BITS, MAX_BITS = 2, 16
 GELU_MIN = 0.16997124  # -min GELU(x): the shift that makes post-GELU values non-negative
 MAX_SEARCH_ELEMENTS = 1 << 18  # calibration searches run on a fixed random subsample of this size
+TAIL_FRACTION = 1e-3  # values kept exactly at each end of a large tensor (percentile candidates reach 0.1 %)
 
 Loss = Callable[[torch.Tensor], torch.Tensor]  # xhat -> scalar (lower is better)
 
@@ -89,25 +90,75 @@ def subsample(x: torch.Tensor, n: int = MAX_SEARCH_ELEMENTS, seed: int = 0) -> t
     return flat[torch.randint(flat.numel(), (n,), generator=g)]
 
 
-def _rows(x: torch.Tensor, axis: int, channels: int, max_elements: int = MAX_SEARCH_ELEMENTS) -> torch.Tensor:
-    """``x`` as (channels, M): the quantization axis first (M subsampled to bound the work;
-    ``max_elements=0``: every value)."""
+def _rows(x: torch.Tensor, axis: int, channels: int) -> torch.Tensor:
+    """``x`` as (channels, M) float: the quantization axis first."""
     x = x.detach().float()
-    if channels == 1:
-        rows = x.reshape(1, -1)
-    else:
-        rows = x.movedim(axis, 0).reshape(channels, -1)
-    per_row = max(max_elements // channels, 256)
-    if max_elements > 0 and rows.shape[1] > per_row:
-        g = torch.Generator().manual_seed(0)
-        rows = rows[:, torch.randint(rows.shape[1], (per_row,), generator=g)]
-    return rows
+    return x.reshape(1, -1) if channels == 1 else x.movedim(axis, 0).reshape(channels, -1)
 
 
 def _quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
     """Per-row quantile by sorting (torch.quantile refuses more than 16M elements)."""
     k = min(max(round(q * (rows.shape[1] - 1)), 0), rows.shape[1] - 1)
     return rows.sort(dim=1).values[:, k]
+
+
+class CalibrationValues:
+    """The values of a tensor as (channels, M) rows for calibration searches.
+
+    Up to ``4 · max_elements`` values: every value. Beyond: the ``k`` smallest and ``k`` largest
+    values of each row exactly (k = ``tail`` of the row, at least 0.1 %), plus a fixed random sample
+    of the values between them, weighted so that a weighted mean over :attr:`rows` estimates the
+    mean over the full row. A plain subsample misses the few extreme values (DINOv2's high-norm
+    tokens, a fraction of a percent of all values); the range, the percentiles and the clipping
+    error then come out wrong while the rounding error of the bulk needs only a sample.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        axis: int = -1,
+        channels: int = 1,
+        tail: float = TAIL_FRACTION,
+        max_elements: int = MAX_SEARCH_ELEMENTS,
+        seed: int = 0,
+    ):
+        full = _rows(x, axis, channels)
+        self.n = n = full.shape[1]
+        self.lo, self.hi = full.min(1).values, full.max(1).values
+        k = min(n, math.ceil(max(tail, TAIL_FRACTION) * n) + 2)
+        if full.numel() <= 4 * max_elements or 2 * k >= n:
+            self.rows, self.weights = full, None
+            self._sorted: torch.Tensor | None = None
+            return
+        self.k = k
+        self._low = full.topk(k, dim=1, largest=False).values  # ascending
+        self._high = full.topk(k, dim=1).values  # descending
+        g = torch.Generator().manual_seed(seed)
+        middle = full[:, torch.randint(n, (max(max_elements // channels, 256),), generator=g)]
+        inside = (middle > self._low[:, -1:]) & (middle < self._high[:, -1:])
+        per_value = (n - 2 * k) / inside.sum(1, keepdim=True).clamp_min(1)
+        tails = torch.ones_like(self._low)
+        self.rows = torch.cat([self._low, middle, self._high], 1)
+        self.weights = torch.cat([tails, inside.float() * per_value, tails], 1)
+
+    def quantile(self, q: float) -> torch.Tensor:
+        """Per-row quantile (the value at rank round(q·(n − 1)) of the sorted row), exact."""
+        r = min(max(round(q * (self.n - 1)), 0), self.n - 1)
+        if self.weights is None:
+            if self._sorted is None:
+                self._sorted = self.rows.sort(dim=1).values
+            return self._sorted[:, r]
+        if r < self.k:
+            return self._low[:, r]
+        if self.n - 1 - r < self.k:
+            return self._high[:, self.n - 1 - r]
+        raise ValueError(f"quantile {q} lies outside the exact tails ({self.k} of {self.n} values)")
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-row (weighted) mean of ``values`` computed element-wise from :attr:`rows`."""
+        if self.weights is None:
+            return values.mean(1)
+        return (values * self.weights).sum(1) / self.weights.sum(1)
 
 
 class Quantizer(nn.Module):
@@ -256,6 +307,7 @@ class UniformQuantizer(Quantizer):
         method: str = "minmax",
         percentile: float | None = None,
         grid: int = 40,
+        reference: torch.Tensor | None = None,
     ) -> UniformQuantizer:
         """Set (s, z) from ``x``.
 
@@ -263,33 +315,33 @@ class UniformQuantizer(Quantizer):
         best of p ∈ {0.999, 0.9999, 0.99999, 1} by MSE (RepQ-ViT's rule). ``mse`` (OMSE): the clip
         ratio α ∈ (0.2, 1] of the full range that minimizes the quantization MSE (per channel), or
         ``loss`` (e.g. the next layer's output error) for per-tensor quantizers.
+
+        ``reference``: all the values when ``x`` is only the sample ``loss`` is computed on; the
+        range, the percentiles and the candidates come from it (default: ``x``).
         """
-        # The range comes from ALL values: a subsample misses the extremes, and clipping the largest
-        # weights / outlier activations (DINOv2's high-norm tokens) costs accuracy even at 16 bits.
-        full = _rows(x, self.axis, self.channels, max_elements=0)
-        lo, hi = full.min(1).values, full.max(1).values
-        # Searches run on all values up to weight-matrix sizes, on a fixed subsample beyond (activations).
-        rows = full if full.numel() <= 4 * MAX_SEARCH_ELEMENTS else _rows(x, self.axis, self.channels)
+        # Range, percentiles and MSE come from ALL values (exact tails + weighted sample of the
+        # bulk, see CalibrationValues): clipping the largest weights / outlier activations (DINOv2's
+        # high-norm tokens) costs accuracy even at 16 bits.
+        source = x if reference is None else reference
+        tail = 1 - percentile if method == "percentile" and percentile is not None else TAIL_FRACTION
+        values = CalibrationValues(source, self.axis, self.channels, tail=tail)
+        lo, hi = values.lo, values.hi
         if method == "minmax":
             self.set_range(lo, hi)
         elif method == "percentile" and percentile is not None:
-            self.set_range(_quantile(rows, 1 - percentile), _quantile(rows, percentile))
+            self.set_range(values.quantile(1 - percentile), values.quantile(percentile))
         elif method in ("percentile", "mse"):
             if method == "percentile":
-                sorted_rows = rows.sort(dim=1).values
-                n = rows.shape[1] - 1
-                pairs = [
-                    (sorted_rows[:, round((1 - p) * n)], sorted_rows[:, round(p * n)])
-                    for p in (0.999, 0.9999, 0.99999)
-                ] + [(lo, hi)]
+                ps = (0.999, 0.9999, 0.99999)
+                pairs = [(values.quantile(1 - p), values.quantile(p)) for p in ps] + [(lo, hi)]
             else:
                 pairs = [(lo * a, hi * a) for a in torch.linspace(0.2, 1.0, grid).tolist()]
-            self._pick(rows, pairs, x, loss)
+            self._pick(values, pairs, x, loss)
         else:
             raise VitkitError(f"uniform calibration method must be minmax, percentile or mse, got '{method}'")
         return self._done()
 
-    def _pick(self, rows, pairs, x, loss) -> None:
+    def _pick(self, values: CalibrationValues, pairs, x, loss) -> None:
         if loss is not None and self.channels == 1:
 
             def apply(c):
@@ -300,13 +352,14 @@ class UniformQuantizer(Quantizer):
             self.set_range(best["lo"], best["hi"])
             return
         # Per row (channel): the candidate with the smallest quantization MSE of that row.
+        rows = values.rows
         best_err = torch.full((self.channels,), math.inf)
         best_lo, best_hi = pairs[-1][0].clone(), pairs[-1][1].clone()
         for lo, hi in pairs:
             self.set_range(lo, hi)
             s, z = self.scale[:, None], self.zero_point[:, None]
             xhat = (torch.clamp(torch.round(rows / s) + z, self.qmin, self.qmax) - z) * s
-            err = (xhat - rows).pow(2).mean(1)
+            err = values.mean((xhat - rows).pow(2))
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_lo = torch.where(better, lo.expand_as(best_lo), best_lo)
@@ -429,16 +482,22 @@ class AdaLogQuantizer(_LogBase):
 
     @torch.no_grad()
     def calibrate(
-        self, x: torch.Tensor, loss: Loss | None = None, fixed_scale: float | None = None
+        self,
+        x: torch.Tensor,
+        loss: Loss | None = None,
+        fixed_scale: float | None = None,
+        reference: torch.Tensor | None = None,
     ) -> AdaLogQuantizer:
         """Coarse-to-fine search of the base q (and of the scale unless ``fixed_scale``, e.g. 1 for
         post-softmax): q on a stride-4 grid then ±3 around the best, alternating with scale
-        candidates in the top percentiles of x + η (a simplification of AdaLog's FPCS)."""
+        candidates in the top percentiles of x + η (a simplification of AdaLog's FPCS).
+        ``reference``: all the values when ``x`` is only the sample ``loss`` is computed on."""
         if bool(self.shift_folded):
             raise VitkitError("AdaLogQuantizer: cannot recalibrate after its shift was folded into a bias")
         loss = loss or (lambda xhat: (xhat - x).pow(2).mean())
-        xs = subsample(x) + float(self.shift)
-        top = float((x.detach().max() + float(self.shift)).clamp_min(1e-8))  # true max, not the subsample's
+        source = x if reference is None else reference
+        xs = subsample(source) + float(self.shift)
+        top = float((source.detach().max() + float(self.shift)).clamp_min(1e-8))  # the true max
         scales = (
             [fixed_scale]
             if fixed_scale is not None
