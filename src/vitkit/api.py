@@ -141,11 +141,12 @@ def train_model(
         if t.finalize is not None:
             final = t.finalize(final)
     counts = data.train.class_counts()
+    # fp32, the precision the weights are saved in, whatever training ran in: `vitkit evaluate` and
+    # every later stage (quantize, export, compare) reproduce these numbers from the saved run.
     metrics = evaluate(
         final,
         data.val,
         device=next(final.parameters()).device,
-        precision=result.precision,
         class_counts=None if data.multilabel else counts,
     )
     task = "multilabel" if data.multilabel else "multiclass"
@@ -158,6 +159,7 @@ def train_model(
             "epochs": result.epochs_completed,
             "train_seconds": round(result.train_seconds, 3),
             "precision": result.precision,
+            "eval_precision": "fp32",
             "world_size": result.dist.world_size,
             "weight_checksums": result.weight_checksums,
             "data_description": data.description,

@@ -14,11 +14,11 @@ from vitkit.train.loop import (
     TrainingInterrupted,
     fit,
     resolve_device,
-    resolve_precision,
     weight_checksum,
 )
 from vitkit.train.objectives import ClassificationObjective, Objective, ObjectiveOutput
 from vitkit.train.optim import build_optimizer, build_scheduler, lion_from_adamw
+from vitkit.train.precision import bf16_cpu_conv_hazard, bf16_is_fast, resolve_precision
 
 __all__ = [
     "ClassificationObjective",
@@ -27,6 +27,8 @@ __all__ = [
     "ObjectiveOutput",
     "TrainConfig",
     "TrainingInterrupted",
+    "bf16_cpu_conv_hazard",
+    "bf16_is_fast",
     "build_config",
     "build_optimizer",
     "build_scheduler",

@@ -39,6 +39,7 @@ from vitkit.train.evaluate import autocast_context, classification_metrics, mult
 from vitkit.train.longtail import SAMPLER_POWERS, sampling_indices
 from vitkit.train.objectives import ClassificationObjective, Objective
 from vitkit.train.optim import build_optimizer, build_scheduler
+from vitkit.train.precision import resolve_precision
 
 
 class TrainingInterrupted(Exception):
@@ -72,23 +73,6 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise VitkitError(f"device '{device}' asked for, but no CUDA device is available")
     return dev
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """bf16 pays off on GPUs with bf16 and on CPUs with AMX or AVX-512 BF16; elsewhere it is emulated
-    and several times slower than fp32 (measured on an AVX2-only EPYC: 7x slower)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-    avx512_bf16 = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return bool(amx or avx512_bf16)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if bf16_is_fast(device) else "fp32"
-    return precision
 
 
 def default_objective(cfg: TrainConfig, multilabel: bool) -> Objective:
@@ -222,7 +206,6 @@ def fit(
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    precision = resolve_precision(cfg.precision, device)
     dist = init_distributed(device)
     run_dir = Path(run_dir) if run_dir is not None else None
     objective = objective or default_objective(cfg, data.multilabel)
@@ -245,6 +228,8 @@ def fit(
         multilabel=data.multilabel,
     )
     eval_tf = BatchTransform(cfg.img_size or (h, w), c, mean, std, train=False)
+    img_hw = (cfg.img_size, cfg.img_size) if cfg.img_size else None
+    precision = resolve_precision(cfg.precision, device, model, img_hw)
 
     raw_model = model.to(device)
     train_model: nn.Module = raw_model
@@ -401,7 +386,8 @@ def fit(
                             )
                             raise NonFiniteLossError(
                                 f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (update {update + 1}); "
-                                f"training stopped and {kept}. Lower --lr or set --clip-grad.",
+                                f"training stopped and {kept}. Lower --lr or set --clip-grad"
+                                + (" (or train with --precision fp32)." if precision == "bf16" else "."),
                                 epoch + 1,
                                 step + 1,
                             )
