@@ -1,15 +1,17 @@
-"""Real INT8 (onnxruntime QDQ; PyTorch PT2E + Inductor oneDNN) vs FP32 eager, bf16 eager (autocast),
-FP32 Inductor and onnxruntime FP32: throughput at batch 1 and 64, and the accuracy of each deployed graph vs the simulated
-quantized model.
+"""Real INT8 (onnxruntime QDQ; PyTorch PT2E + Inductor oneDNN, also int8-mixed-bf16) vs FP32 eager,
+bf16 eager (autocast), FP32 / bf16 Inductor and onnxruntime FP32: throughput at batch 1 and 64, and the
+accuracy of each deployed graph vs the simulated quantized model.
 
     python bench/quant_deploy.py --run RUN_DIR [--timm vit_small_patch16_224] [--repeats 3] [--threads 2] [--no-x86]
-        [--bf16-batches 1]
+        [--bf16-batches 1] [--compiled-bf16 auto|yes|no]
 
 ``--run``: a vitkit run (accuracy on its validation split + speed). ``--timm``: additionally a timm
 model with random weights at its own input size (speed only; calibrated on random images, so no
 accuracy). Every engine is timed in the same process, interleaved, ``repeats`` times. bf16 eager is
 timm's model under ``torch.autocast("cpu", torch.bfloat16)``; on a CPU without AMX it is several times
-slower than FP32, so ``--bf16-batches`` limits it to the batch sizes worth waiting for.
+slower than FP32, so ``--bf16-batches`` limits it to the batch sizes worth waiting for. The compiled
+bf16 engines (bf16 Inductor: the float model compiled under bf16 autocast, the strongest float
+baseline on an AMX CPU; PT2E int8-mixed-bf16) run by default only where bf16 units exist.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def throughput(fn, x, min_seconds: float = 1.5) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def engines(model, images_calib, tmp: Path, method: str = "minmax", x86: bool = True):
+def engines(model, images_calib, tmp: Path, method: str = "minmax", x86: bool = True, bf16: bool = True):
     from vitkit.compress.quant import quantize
     from vitkit.compress.quant.deploy import export_int8_onnx
     from vitkit.deploy.benchmark import _Autocast
@@ -55,15 +57,26 @@ def engines(model, images_calib, tmp: Path, method: str = "minmax", x86: bool = 
         from vitkit.compress.quant.x86 import compile_int8, pt2e_int8
 
         program = pt2e_int8(model, images_calib)
-        # the same Inductor + freezing wrapper on the float model: the fair compiled FP32 baseline
+        # the same Inductor + freezing wrapper on the float model: the fair compiled FP32 / bf16 baselines
         eng["fp32 inductor"] = compile_int8(copy.deepcopy(model))
         eng["pt2e int8 inductor"] = compile_int8(program)
+        if bf16:
+            eng["bf16 inductor"] = compile_int8(copy.deepcopy(model), bf16=True)
+            eng["pt2e int8-mixed-bf16 inductor"] = compile_int8(copy.deepcopy(program), bf16=True)
         eng["_program"] = program
     return q, eng
 
 
+BASELINES = ("fp32 eager", "ort fp32", "fp32 inductor", "bf16 eager", "bf16 inductor")
+
+
+def header() -> str:
+    cols = " | ".join(f"vs {b}" for b in BASELINES)
+    return f"| model | batch | engine | img/s | {cols} |\n|---|---|---|---|{'---|' * len(BASELINES)}"
+
+
 def measure(name, eng, shape, repeats, bf16_batches=(1, 64)):
-    print(f"\n{name}: images/s (median of {repeats}; ratio vs fp32 eager with min–max over repeats)")
+    print(f"\n{name}: images/s (median of {repeats}; ratios: median (min–max) over the interleaved repeats)")
     for batch in (1, 64):
         x = torch.randn(batch, *shape)
         speed = {k: [] for k in eng if not k.startswith("_") and (k != "bf16 eager" or batch in bf16_batches)}
@@ -73,23 +86,17 @@ def measure(name, eng, shape, repeats, bf16_batches=(1, 64)):
             for _ in range(repeats):
                 for k in speed:  # interleaved
                     speed[k].append(throughput(eng[k], x))
-        base = speed["fp32 eager"]
         for k, v in speed.items():
-            ratios = [a / b for a, b in zip(v, base)]
-            vs_ort = [a / b for a, b in zip(v, speed["ort fp32"])]
-            vs_ind = [a / b for a, b in zip(v, speed["fp32 inductor"])] if "fp32 inductor" in speed else None
-            vs_bf16 = [a / b for a, b in zip(v, speed["bf16 eager"])] if "bf16 eager" in speed else None
-            ind_cell = (
-                f"{statistics.median(vs_ind):.2f}x ({min(vs_ind):.2f}–{max(vs_ind):.2f})" if vs_ind else "—"
+            cells = []
+            for b in BASELINES:
+                if b not in speed:
+                    cells.append("—")
+                    continue
+                r = [a / c for a, c in zip(v, speed[b])]
+                cells.append(f"{statistics.median(r):.2f}x ({min(r):.2f}–{max(r):.2f})")
+            print(
+                f"| {name} | {batch} | {k} | {statistics.median(v):.1f} | {' | '.join(cells)} |", flush=True
             )
-            bf16_cell = (
-                f"{statistics.median(vs_bf16):.2f}x ({min(vs_bf16):.2f}–{max(vs_bf16):.2f})"
-                if vs_bf16
-                else "—"
-            )
-            print(f"| {name} | batch {batch} | {k} | {statistics.median(v):.1f} | {statistics.median(ratios):.2f}x "
-                  f"({min(ratios):.2f}–{max(ratios):.2f}) | {statistics.median(vs_ort):.2f}x "
-                  f"({min(vs_ort):.2f}–{max(vs_ort):.2f}) | {ind_cell} | {bf16_cell} |", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -100,10 +107,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-x86", action="store_true", help="skip the PT2E + Inductor engines")
     ap.add_argument(
+        "--compiled-bf16",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="time bf16 Inductor and PT2E int8-mixed-bf16 (auto: where the CPU has AMX / AVX512-BF16)",
+    )
+    ap.add_argument(
         "--bf16-batches", type=int, nargs="*", default=[1, 64], help="batch sizes that time bf16 eager"
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from vitkit.train.precision import bf16_is_fast
+
+    fast = bf16_is_fast(torch.device("cpu"))
+    compiled_bf16 = args.compiled_bf16 == "yes" or (args.compiled_bf16 == "auto" and fast)
+    print(f"bf16 units (AMX / AVX512-BF16): {fast}; VNNI: {torch.cpu._is_vnni_supported()}")
     print("uptime before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
     import vitkit
@@ -121,7 +139,7 @@ def main() -> None:
         from vitkit.compress.quant.transform import calibration_images
 
         calib = calibration_images(model, splits.train, make_config())  # what quantize() itself uses
-        q, eng = engines(model, calib, Path(d), x86=not args.no_x86)
+        q, eng = engines(model, calib, Path(d), x86=not args.no_x86, bf16=compiled_bf16)
         sim = predict(q, splits.val)
         x = eval_transform(q).images(splits.val.images)
         got = OnnxModel(Path(d) / "int8.onnx")(x)
@@ -131,14 +149,11 @@ def main() -> None:
               f"agreement with simulated {float((got.argmax(1) == sim.argmax(1)).float().mean()):.4f}")  # fmt: skip
         if not args.no_x86:
             with torch.no_grad():
-                for k in ("_program", "pt2e int8 inductor"):
+                for k in ("_program", "pt2e int8 inductor", "pt2e int8-mixed-bf16 inductor"):
                     y = torch.cat([eng[k](x[i : i + 64]) for i in range(0, len(x), 64)])
                     print(f"  {k.strip('_')}: top-1 {float((y.argmax(1) == splits.val.targets).float().mean()):.4f}, "
                           f"agreement with simulated {float((y.argmax(1) == sim.argmax(1)).float().mean()):.4f}")  # fmt: skip
-        print(
-            "| model | batch | engine | img/s | vs fp32 eager | vs ort fp32 | vs fp32 inductor | vs bf16 eager |\n"
-            "|---|---|---|---|---|---|---|---|"
-        )
+        print(header())
         measure(Path(args.run).name, eng, shape, args.repeats, args.bf16_batches)
     if args.timm:
         m = vitkit.create_model(args.timm, num_classes=10)
@@ -146,7 +161,7 @@ def main() -> None:
         shape = model_input_size(m)
         calib = torch.randn(32, *shape)
         with tempfile.TemporaryDirectory() as d:
-            _, eng = engines(m, calib, Path(d), x86=not args.no_x86)
+            _, eng = engines(m, calib, Path(d), x86=not args.no_x86, bf16=compiled_bf16)
             measure(args.timm, eng, shape, args.repeats, args.bf16_batches)
     print("uptime after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 

@@ -21,6 +21,7 @@ import json
 import statistics
 import subprocess
 import time
+from pathlib import Path
 
 import torch
 from sklearn.linear_model import LogisticRegression
@@ -58,12 +59,13 @@ def features_and_logits(
 
 
 def quantize_copy(
-    model: torch.nn.Module, xcal: torch.Tensor, bits: str, method: str, seed: int
+    model: torch.nn.Module, xcal: torch.Tensor, bits: str, method: str, seed: int, reconstruct: int = 0
 ) -> torch.nn.Module:
-    """``bits``: "N" (WNAN) or "W:A"."""
+    """``bits``: "N" (WNAN) or "W:A"; ``reconstruct`` > 0: block reconstruction, that many iterations."""
     w, a = (int(b) for b in (bits.split(":") if ":" in bits else (bits, bits)))
+    extra = {"reconstruct": True, "recon_iters": reconstruct} if reconstruct else {}
     return quantize(copy.deepcopy(model), xcal, method=method, w_bits=w, a_bits=a,
-                    calib_size=len(xcal), calib_batch=min(len(xcal), 32), seed=seed)  # fmt: skip
+                    calib_size=len(xcal), calib_batch=min(len(xcal), 32), seed=seed, **extra)  # fmt: skip
 
 
 def ablate(model: torch.nn.Module, xcal: torch.Tensor, x: torch.Tensor, args) -> list[dict]:
@@ -108,6 +110,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--reconstruct", type=int, default=0, help="block reconstruction iterations per block")
+    ap.add_argument(
+        "--resume", action="store_true", help="keep the rows already in --out (same probe) and skip them"
+    )
     ap.add_argument(
         "--ablate",
         type=int,
@@ -117,6 +123,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     result: dict = {"args": vars(args), "uptime_before": uptime(), "rows": []}
+    if args.resume and args.out and Path(args.out).is_file():
+        with open(args.out) as f:
+            result["rows"] = json.load(f)["rows"]
     print("uptime before:", result["uptime_before"], flush=True)
 
     fm = load_fashion_mnist()
@@ -156,15 +165,22 @@ def main() -> None:
     for bits in args.bits:
         for method in args.methods:
             for seed in args.seeds:
+                done = [r for r in result["rows"] if (r["bits"], r["method"], r["seed"]) == (bits, method, seed)
+                        and r.get("reconstruct", 0) == args.reconstruct]  # fmt: skip
+                if done:
+                    if done[0]["fp32"] != fp:
+                        raise SystemExit(f"--resume: {args.out} was measured with another probe (FP32 {done[0]['fp32']})")
+                    continue
                 t0 = time.perf_counter()
-                q = quantize_copy(model, xcal, bits, method, seed)
+                q = quantize_copy(model, xcal, bits, method, seed, args.reconstruct)
                 calib_wall = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 pred = run(q, xte, args.batch).argmax(1).numpy()
                 row = {"bits": bits, "method": method, "seed": seed, "fp32": fp,
                        "top1": float((pred == yte).mean() * 100),
                        "agreement_with_fp32": float((pred == fp_pred).mean() * 100),
-                       "calib_s": q.vitkit_quant_report.seconds, "calib_wall_s": calib_wall,
+                       "reconstruct": args.reconstruct, "calib_s": q.vitkit_quant_report.seconds,
+                       "recon_s": q.vitkit_quant_report.reconstruction_seconds, "calib_wall_s": calib_wall,
                        "eval_s": time.perf_counter() - t0}  # fmt: skip
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
@@ -185,7 +201,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for bits in args.bits:
         for method in args.methods:
-            rs = [r for r in result["rows"] if r["bits"] == bits and r["method"] == method]
+            rs = [r for r in result["rows"] if r["bits"] == bits and r["method"] == method
+                  and r.get("reconstruct", 0) == args.reconstruct]  # fmt: skip
             if not rs:
                 continue
             t1 = [r["top1"] for r in rs]

@@ -15,7 +15,7 @@ from vitkit.compress.quant import quantize
 from vitkit.compress.quant.config import make_config
 from vitkit.compress.quant.transform import calibration_images
 from vitkit.errors import VitkitError
-from vitkit.train import evaluate
+from vitkit.train import bf16_is_fast, evaluate
 from vitkit.train.evaluate import eval_transform, predict
 
 pytest.importorskip("torchao")
@@ -84,3 +84,6 @@ def test_cli_deploy_torch_x86_runs_onednn_int8_kernels(trained_run, tmp_path, ca
     assert "qlinear_pointwise" in info["x86_int8_kernels"]  # Inductor lowered to oneDNN INT8 linears
     assert info["x86_int8_top1"] >= fp - 0.01 and info["x86_vs_simulated_agreement"] >= 0.95
     assert (out / "model_int8_x86.pt2").is_file() and info["simulated"] is False
+    if bf16_is_fast(torch.device("cpu")):  # int8-mixed-bf16 is measured where bf16 units exist
+        assert info["x86_int8_mixed_bf16_top1"] >= fp - 0.015
+        assert info["x86_int8_mixed_bf16_vs_simulated_agreement"] >= 0.95

@@ -54,6 +54,7 @@ def _deploy_x86(model, qmodel, images, val, path: Path, compile: bool = True) ->
     compiled graph (the one running oneDNN INT8 kernels), and their agreement with the simulated model."""
     from vitkit.compress.quant.x86 import compile_int8, int8_kernels, pt2e_int8, save_int8_program
     from vitkit.train.evaluate import eval_transform, predict
+    from vitkit.train.precision import bf16_is_fast
 
     program = pt2e_int8(model.to("cpu"), images)
     sim = predict(qmodel, val).cpu()
@@ -80,6 +81,10 @@ def _deploy_x86(model, qmodel, images, val, path: Path, compile: bool = True) ->
             comp = scores(compiled)
             out["x86_int8_top1"] = comp["top1"]
             out["x86_vs_simulated_agreement"] = comp["agreement"]
+            if bf16_is_fast(torch.device("cpu")):  # int8-mixed-bf16 pays off only with bf16 units
+                mixed = scores(compile_int8(program, bf16=True))
+                out["x86_int8_mixed_bf16_top1"] = mixed["top1"]
+                out["x86_int8_mixed_bf16_vs_simulated_agreement"] = mixed["agreement"]
         except Exception as e:  # Inductor failures vary; keep the reference graph, say why
             out["x86_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     save_int8_program(program, path, x[:2])

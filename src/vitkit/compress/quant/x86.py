@@ -100,26 +100,32 @@ def pt2e_int8(
 class CompiledInt8(nn.Module):
     """A PT2E program compiled by Inductor with freezing, so the quantized patterns run as INT8 kernels.
 
+    ``bf16=True`` is PT2E's *int8-mixed-bf16* recipe: the call runs under bf16 autocast, so the INT8
+    kernels hand bf16 to the ops that stay float (LayerNorm, softmax, GELU, the attention matmuls),
+    which then run on the CPU's bf16 units (AMX / AVX512-BF16); without them it is slower, not faster.
+
     Inductor's ``freezing`` is switched on with a config patch around each call: passed as
     ``torch.compile(options={"freezing": True})`` it failed here (``UnsupportedOperatorException:
     onednn.qconv_prepack`` under fake tensors, torch 2.14.1 / torchao 0.18.0). Compilation happens on
     the first call (tens of seconds on 2 cores; cached on disk afterwards)."""
 
-    def __init__(self, program: nn.Module):
+    def __init__(self, program: nn.Module, bf16: bool = False):
         super().__init__()
         self.program = program
+        self.bf16 = bf16
         self.compiled = torch.compile(program)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch._inductor.config as inductor_config
 
-        with torch.no_grad(), inductor_config.patch(freezing=True):
-            return self.compiled(x)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+        with torch.no_grad(), inductor_config.patch(freezing=True), autocast:
+            return self.compiled(x).float()
 
 
-def compile_int8(program: torch.fx.GraphModule | nn.Module) -> CompiledInt8:
+def compile_int8(program: torch.fx.GraphModule | nn.Module, bf16: bool = False) -> CompiledInt8:
     """``program`` compiled by Inductor so its INT8 kernels run (see :class:`CompiledInt8`)."""
-    return CompiledInt8(program)
+    return CompiledInt8(program, bf16=bf16)
 
 
 def int8_kernels(compiled: nn.Module, x: torch.Tensor) -> list[str]:
@@ -145,8 +151,9 @@ def save_int8_program(program: torch.fx.GraphModule, path: str | os.PathLike, ex
     return Path(path)
 
 
-def load_int8_program(path: str | os.PathLike, *, compile: bool = True) -> nn.Module:
-    """The saved INT8 program (compiled with Inductor unless ``compile=False``)."""
+def load_int8_program(path: str | os.PathLike, *, compile: bool = True, bf16: bool = False) -> nn.Module:
+    """The saved INT8 program (compiled with Inductor unless ``compile=False``; ``bf16``: the
+    int8-mixed-bf16 recipe, see :class:`CompiledInt8`)."""
     _torchao()  # registers the quantized ops' lowerings before the graph is compiled
     if not Path(path).is_file():
         raise VitkitError(
@@ -156,4 +163,4 @@ def load_int8_program(path: str | os.PathLike, *, compile: bool = True) -> nn.Mo
         program = torch.export.load(path).module()
     except Exception as e:
         raise VitkitError(f"'{path}' is not a torch.export program ({type(e).__name__})") from None
-    return compile_int8(program) if compile else program
+    return compile_int8(program, bf16=bf16) if compile else program
