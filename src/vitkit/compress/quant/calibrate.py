@@ -100,13 +100,16 @@ def _row_sample(
         [rows.amax(1).topk(e - e // 2).indices, rows.amin(1).topk(e // 2, largest=False).indices]
     )
     fixed = fixed.unique()
-    others = torch.ones(total, dtype=torch.bool)
+    others = torch.ones(total, dtype=torch.bool, device=rows.device)
     others[fixed] = False
     others = others.nonzero().squeeze(1)
     g = torch.Generator().manual_seed(seed)
     picked = others[torch.randperm(len(others), generator=g)[: n - len(fixed)]]
     weights = torch.cat(
-        [torch.ones(len(fixed)), torch.full((len(picked),), len(others) / max(len(picked), 1))]
+        [
+            torch.ones(len(fixed), device=rows.device),
+            torch.full((len(picked),), len(others) / max(len(picked), 1), device=rows.device),
+        ]
     )
     return rows[torch.cat([fixed, picked])], weights
 
@@ -241,7 +244,7 @@ def _post_ln(
         return (x - z) / s, False
     assert spec.reparam is not None
     q = layer.input_quantizer
-    per_channel = UniformQuantizer(q.bits, symmetric=False, channels=x.shape[-1], axis=-1)
+    per_channel = UniformQuantizer(q.bits, symmetric=False, channels=x.shape[-1], axis=-1).to(x.device)
     per_channel.calibrate(
         x, method="percentile" if spec.act_calib != "minmax" else "minmax", percentile=cfg.percentile
     )

@@ -66,8 +66,8 @@ def layer_sensitivity(
             ref = m(x)
         out[name] = {}
         for b in choices:
-            wq = UniformQuantizer(b, channels=m.weight.shape[0], axis=0).calibrate(m.weight)
-            xq = UniformQuantizer(b).calibrate(x)
+            wq = UniformQuantizer(b, channels=m.weight.shape[0], axis=0).to(x.device).calibrate(m.weight)
+            xq = UniformQuantizer(b).to(x.device).calibrate(x)
             if isinstance(m, nn.Linear):
                 y = nn.functional.linear(xq(x), wq(m.weight), m.bias)
             else:

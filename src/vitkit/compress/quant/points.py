@@ -174,6 +174,9 @@ def build_structure(model: nn.Module, cfg: QuantConfig) -> dict[str, dict]:
         raise VitkitError(
             f"{type(model).__name__} has no quantization points (no Linear, attention or patch embedding)"
         )
+    # Quantizers are built on the CPU; they join the model's device at the end (a model split over
+    # several devices is left to the caller: its quantizers stay where they are built).
+    devices = {t.device for t in [*model.parameters(), *model.buffers()]}
     resolved: dict[str, dict] = {}
     for p in points:
         bits = point_bits(cfg, p.name, p.role)
@@ -222,6 +225,8 @@ def build_structure(model: nn.Module, cfg: QuantConfig) -> dict[str, dict]:
         from vitkit.compress.quant.intonly import install_integer_ops
 
         install_integer_ops(model, points)
+    if len(devices) == 1:
+        model.to(devices.pop())
     return resolved
 
 

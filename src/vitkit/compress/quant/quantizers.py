@@ -353,7 +353,7 @@ class UniformQuantizer(Quantizer):
             return
         # Per row (channel): the candidate with the smallest quantization MSE of that row.
         rows = values.rows
-        best_err = torch.full((self.channels,), math.inf)
+        best_err = torch.full((self.channels,), math.inf, device=rows.device)
         best_lo, best_hi = pairs[-1][0].clone(), pairs[-1][1].clone()
         for lo, hi in pairs:
             self.set_range(lo, hi)
@@ -682,7 +682,7 @@ class TanQuantizer(Quantizer):
     def levels(self) -> torch.Tensor:
         """The 2^b reconstruction levels."""
         n = 2**self.bits - 1
-        t = 2 * torch.arange(n + 1, dtype=torch.float32) / n - 1
+        t = 2 * torch.arange(n + 1, dtype=torch.float32, device=self.theta.device) / n - 1
         return 0.5 + torch.atan(t * torch.tan(self.theta)) / (2 * self.theta)
 
     def extra_repr(self) -> str:

@@ -94,5 +94,7 @@ def _apply_affine(norm: nn.LayerNorm, linear: nn.Linear, a: torch.Tensor, c: tor
     shift = w_new @ c64
     linear.weight.copy_(w_new.to(linear.weight.dtype))
     if linear.bias is None:
-        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
+        linear.bias = nn.Parameter(
+            torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
+        )
     linear.bias.copy_((linear.bias.double() - shift).to(linear.bias.dtype))
