@@ -7,8 +7,8 @@ probe on the frozen class-token features of ``--train`` Fashion-MNIST training i
 ``model.head``, so the FP32 model IS the probe. Then every (bits, method, seed) is calibrated with
 ``vitkit.compress.quant.quantize`` on ``--calib`` other training images (disjoint from the probe's;
 seed s takes the s-th such subset, so the seeds are different calibration sets, not only different
-sampling inside calibration) and evaluated (simulated quantization) on ``--test`` held-out test images, against FP32 top-1 of the
-same model on the same images, measured in the same run.
+sampling inside calibration) and evaluated (simulated quantization) on ``--test`` held-out test
+images, against FP32 top-1 of the same model on the same images, measured in the same run.
 
     python bench/quant_vits14.py --train 400 --calib 32 --test 200 --bits 8 4 --methods minmax repq ias \
         --seeds 0 --threads 2 --out bench/out/quant_vits14.json
@@ -142,10 +142,10 @@ def main() -> None:
     te_idx = torch.randperm(len(fm["test"]), generator=g)[: args.test]
     xtr = prepare(fm["train"].images[tr_idx[: args.train]], args.size)
     ytr = fm["train"].targets[tr_idx[: args.train]].numpy()
-
-    def calibration_images(seed: int) -> torch.Tensor:
-        start = args.train + seed * args.calib
-        return prepare(fm["train"].images[tr_idx[start : start + args.calib]], args.size)
+    calib_start = {s: args.train + s * args.calib for s in {0, *args.seeds}}
+    xcal = {
+        s: prepare(fm["train"].images[tr_idx[i : i + args.calib]], args.size) for s, i in calib_start.items()
+    }
 
     xte = prepare(fm["test"].images[te_idx], args.size)
     yte = fm["test"].targets[te_idx].numpy()
@@ -168,7 +168,7 @@ def main() -> None:
           f"({result['fp32_eval_seconds']:.0f} s for {args.test} images)", flush=True)  # fmt: skip
 
     if args.ablate:
-        result["ablation"] = ablate(model, calibration_images(0), xte[: args.ablate], args)
+        result["ablation"] = ablate(model, xcal[0], xte[: args.ablate], args)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
@@ -187,7 +187,7 @@ def main() -> None:
                         )
                     continue
                 t0 = time.perf_counter()
-                q = quantize_copy(model, calibration_images(seed), bits, method, seed, args.reconstruct)
+                q = quantize_copy(model, xcal[seed], bits, method, seed, args.reconstruct)
                 calib_wall = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 pred = run(q, xte, args.batch).argmax(1).numpy()

@@ -24,9 +24,10 @@ def float_model():
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_quantize_on_cuda_matches_the_cpu(float_model, digits, method):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_quantize_on_cuda_matches_the_cpu(float_model, digits, method, monkeypatch):
+    # fp32 on both devices; restored after the test so the setting does not leak into others
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     cfg = dict(method=method, w_bits=8, a_bits=8, calib_size=64)
     on_cpu = quantize(copy.deepcopy(float_model), digits.train, **cfg)
     on_gpu = quantize(copy.deepcopy(float_model).cuda(), digits.train, **cfg)
