@@ -321,6 +321,8 @@ def run_pipeline(path: str | os.PathLike, *, force: bool = False, echo=print) ->
             if not hasattr(e, "format_message"):  # not a click usage error: a bug, keep the traceback
                 raise
             raise VitkitError(f"{head} failed: {e.format_message()}") from e
+        if code == 130:  # Ctrl-C inside the stage: typer turned it into exit code 130; stop the pipeline too
+            raise KeyboardInterrupt
         if code not in (None, 0):
             raise VitkitError(f"{head} failed with exit code {code}")
         write_json(record, {"key": key, "argv": argv, "stage": s.verb})

@@ -7,7 +7,6 @@ import os
 import sys
 import warnings
 
-import click
 import typer
 
 from vitkit.errors import VitkitError
@@ -37,26 +36,38 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
         console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
 
+def _exit_code(code: object) -> int:
+    """The process exit status for a ``SystemExit.code`` (None is success; a message is failure)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    console.print(str(code), highlight=False, markup=False)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script and of ``python -m vitkit`` (also under torchrun)."""
-    _register()
-    warnings.showwarning = _one_line_warnings
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    """Entry point of the console script and of ``python -m vitkit`` (also under torchrun).
+
+    typer runs in standalone mode: it prints its own short usage message for every usage error
+    (unknown option or verb, wrong type, missing argument, bad choice) and exits 2, exits 0 after
+    ``--help`` and 130 on Ctrl-C. vitkit's own :class:`VitkitError` passes through typer untouched
+    and becomes one ``error:`` line here. Nothing is caught by exception class from click: typer
+    >= 0.2x vendors its own copy of click, whose classes the separately installed click package
+    does not match (issue 28).
+    """
     try:
-        app(args=argv, standalone_mode=False)
+        _register()
+        warnings.showwarning = _one_line_warnings
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        app(args=argv, prog_name="vitkit", standalone_mode=True)
+    except SystemExit as e:
+        return _exit_code(e.code)
     except VitkitError as e:
         console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         return e.exit_code
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except click.exceptions.Abort:
-        console.print("[red]aborted[/]")
-        return 130
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]")
+    except KeyboardInterrupt:  # during start-up (imports), before typer handles it
+        console.print("[red]interrupted[/]", highlight=False)
         return 130
     return 0
 

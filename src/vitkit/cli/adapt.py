@@ -5,13 +5,10 @@
 from pathlib import Path
 from typing import Optional
 
-import typer
-
 from vitkit.cli import app
+from vitkit.cli.options import Arg, Opt
 from vitkit.errors import VitkitError
 from vitkit.progress import console
-
-Opt = typer.Option
 
 
 def _ints(text: Optional[str], flag: str) -> Optional[list[int]]:
@@ -167,7 +164,7 @@ def pretrain(
 
 @app.command(rich_help_panel="Adapt")
 def finetune(
-    run: Path = typer.Argument(..., help="pretrained run (MAE, ExPLoRA or supervised)"),
+    run: Path = Arg(..., help="pretrained run (MAE, ExPLoRA or supervised)"),
     output: Path = Opt(..., "-o", "--output", help="new run directory"),
     peft: Optional[str] = Opt(
         None, help="lora | lora-qv | vpt-shallow | vpt-deep | dvpt | linear [default: full fine-tuning]"

@@ -7,13 +7,10 @@ unless ``-o`` says otherwise.
 
 from pathlib import Path
 
-import typer
-
 from vitkit.cli import app
+from vitkit.cli.options import Arg, Opt
 from vitkit.progress import console
 
-Opt = typer.Option
-Arg = typer.Argument
 PANEL = "Analyze"
 
 

@@ -2,17 +2,14 @@
 
 from pathlib import Path
 
-import typer
-
 from vitkit.cli import app
+from vitkit.cli.options import Arg, Opt
 from vitkit.progress import console
-
-Opt = typer.Option
 
 
 @app.command(rich_help_panel="Deploy")
 def bench(
-    runs: list[Path] = typer.Argument(..., help="run directories"),
+    runs: list[Path] = Arg(..., help="run directories"),
     threads: int = Opt(2, help="torch and onnxruntime threads (fixed and recorded)"),
     repeats: int = Opt(5, help="timed rounds (≥ 5 recommended)"),
     batch: int = Opt(64, help="throughput batch size"),

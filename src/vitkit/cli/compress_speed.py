@@ -6,12 +6,10 @@ Each transforming verb reads a run and writes a new one (``-o``); the logic is i
 
 from pathlib import Path
 
-import typer
-
 from vitkit.cli import app
+from vitkit.cli.options import Arg, Opt
 from vitkit.progress import console
 
-Opt = typer.Option
 PANEL = "Compress"
 
 
@@ -28,7 +26,7 @@ def _summary(path: Path, m: dict, keys: tuple[str, ...]) -> None:
 
 @app.command("reduce-tokens", rich_help_panel=PANEL)
 def reduce_tokens(
-    run: Path = typer.Argument(..., help="run directory to reduce"),
+    run: Path = Arg(..., help="run directory to reduce"),
     output: Path | None = Opt(None, "-o", "--output", help="new run directory"),
     method: str = Opt("evit", help="evit (keep the attended tokens) | tome (merge similar tokens)"),
     keep: float = Opt(0.7, help="EViT: fraction of tokens kept at each reducing block, in (0, 1]"),
@@ -60,7 +58,7 @@ def reduce_tokens(
 
 @app.command(rich_help_panel=PANEL)
 def prune(
-    run: Path = typer.Argument(..., help="run directory to prune"),
+    run: Path = Arg(..., help="run directory to prune"),
     output: Path | None = Opt(None, "-o", "--output", help="new run directory"),
     method: str = Opt(
         "structured", help="structured (smaller dense model) | lpvit (tile masks) | dimap (masks)"
@@ -94,7 +92,7 @@ def prune(
 
 @app.command(rich_help_panel=PANEL)
 def reparam(
-    run: Path = typer.Argument(..., help="run trained with --repavit"),
+    run: Path = Arg(..., help="run trained with --repavit"),
     output: Path | None = Opt(None, "-o", "--output", help="new run directory"),
     force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
 ) -> None:
@@ -110,7 +108,7 @@ def reparam(
 
 @app.command(rich_help_panel=PANEL)
 def compare(
-    runs: list[Path] = typer.Argument(..., help="run directories; the first is the baseline"),
+    runs: list[Path] = Arg(..., help="run directories; the first is the baseline"),
     output: Path | None = Opt(None, "-o", "--output", help="write compare.json and compare.png here"),
     threads: int = Opt(2, help="torch threads (fixed and recorded)"),
     repeats: int = Opt(5, help="timed rounds, interleaved"),

@@ -3,13 +3,9 @@
 import time
 from pathlib import Path
 
-import typer
-
 from vitkit.cli import app
-from vitkit.demo import QUICK_EPOCHS
+from vitkit.cli.options import Opt
 from vitkit.progress import console
-
-Opt = typer.Option
 
 
 @app.command(rich_help_panel="Start here")
@@ -18,7 +14,7 @@ def demo(
     quick: bool = Opt(
         False,
         "--quick",
-        help=f"fewer epochs (student {QUICK_EPOCHS} instead of 60), a tiny CNN teacher, small bench batch",
+        help="fewer epochs (student 25 instead of 60; vitkit.demo.QUICK), a tiny CNN teacher, small bench batch",
     ),
     force: bool = Opt(False, "--force", help="rerun every stage, even unchanged completed ones"),
 ) -> None:

@@ -2,17 +2,14 @@
 
 from pathlib import Path
 
-import typer
-
 from vitkit.cli import app
+from vitkit.cli.options import Arg, Opt
 from vitkit.progress import console
-
-Opt = typer.Option
 
 
 @app.command(rich_help_panel="Deploy")
 def export(
-    run: Path = typer.Argument(..., help="run directory"),
+    run: Path = Arg(..., help="run directory"),
     format: str = Opt("onnx", "--format", help="onnx"),
     exporter: str = Opt("torchscript", help="torchscript (faster graphs here) | dynamo"),
     opt_level: str = Opt("all", help="onnxruntime graph optimization: none | basic | extended | all"),
@@ -62,7 +59,7 @@ def export(
 
 @app.command(rich_help_panel="Deploy")
 def report(
-    runs: list[Path] = typer.Argument(..., help="run directories"),
+    runs: list[Path] = Arg(..., help="run directories"),
     output: Path = Opt(Path("report.html"), "-o", "--output", help="HTML file to write"),
 ) -> None:
     """One self-contained HTML page: lineage, curves, metrics, confusion matrix, Pareto plot, analyses."""
@@ -75,7 +72,7 @@ def report(
 
 @app.command(rich_help_panel="Deploy")
 def pipeline(
-    file: Path = typer.Argument(..., help="pipeline YAML (see examples/*.yaml)"),
+    file: Path = Arg(..., help="pipeline YAML (see examples/*.yaml)"),
     force: bool = Opt(False, "--force", help="run every stage, even unchanged completed ones"),
     check: bool = Opt(False, "--check", help="validate the file and stop"),
 ) -> None:

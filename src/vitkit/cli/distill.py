@@ -5,10 +5,9 @@ from pathlib import Path
 import typer
 
 from vitkit.cli import app
+from vitkit.cli.options import Arg, Opt
 from vitkit.errors import VitkitError
 from vitkit.progress import console
-
-Opt = typer.Option
 
 
 @app.command(rich_help_panel="Train")
@@ -231,7 +230,7 @@ def print_heads(path: Path, metrics: dict) -> None:
 
 @app.command("evaluate-heads", rich_help_panel="Evaluate")
 def evaluate_heads_cmd(
-    run: Path = typer.Argument(..., help="run directory of a student with a DIST token"),
+    run: Path = Arg(..., help="run directory of a student with a DIST token"),
     data: str | None = Opt(None, help="dataset URI [default: the run's own validation split]"),
     output: Path | None = Opt(
         None, "-o", "--output", help="where to write metrics.json [default: RUN/heads-DATA]"

@@ -3,19 +3,16 @@
 from pathlib import Path
 from typing import Optional
 
-import typer
-
 from vitkit.cli import app
+from vitkit.cli.options import Arg, Opt
 from vitkit.progress import console
-
-Opt = typer.Option
 
 PRESETS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a4": (4, 4), "w3a3": (3, 3)}
 
 
 @app.command(rich_help_panel="Compress")
 def quantize(
-    run: Path = typer.Argument(..., help="run directory to quantize"),
+    run: Path = Arg(..., help="run directory to quantize"),
     output: Path = Opt(..., "-o", "--output", help="new run directory for the quantized model"),
     method: Optional[str] = Opt(  # noqa: UP045 - typer needs typing.Optional
         None,

@@ -10,13 +10,10 @@ import csv
 import io
 from pathlib import Path
 
-import typer
-
 from vitkit.cli import app
+from vitkit.cli.options import Opt
 from vitkit.errors import VitkitError
 from vitkit.progress import console
-
-Opt = typer.Option
 
 
 def _ints(text: str, option: str) -> list[int]:

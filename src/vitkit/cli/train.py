@@ -6,10 +6,11 @@ from pathlib import Path
 import typer
 
 from vitkit.cli import app
+from vitkit.cli.options import Arg, Opt
+from vitkit.cli.options import ConfigOpt as C
+from vitkit.config.train import TrainConfig
 from vitkit.errors import VitkitError
 from vitkit.progress import console
-
-Opt = typer.Option
 
 
 def _is_main() -> bool:
@@ -25,61 +26,51 @@ def train(
     resume: Path | None = Opt(None, "--resume", help="continue this run directory from its checkpoint"),
     force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
     quiet: bool = Opt(False, "--quiet", "-q", help="no progress bar or per-epoch lines"),
-    model: str | None = Opt(None, help="timm or vitkit model name [default: vitkit_micro_p4_16]"),
-    data: str | None = Opt(
-        None, help="digits | fashion-mnist | folder:PATH | csv:PATH | npz:PATH | mosaic:URI"
+    model: str | None = C(TrainConfig, "model"),
+    data: str | None = C(TrainConfig, "data"),
+    img_size: int | None = C(TrainConfig, "img_size"),
+    in_chans: int | None = C(TrainConfig, "in_chans"),
+    pretrained_file: str | None = C(TrainConfig, "pretrained_file"),
+    transform: list[str] | None = C(
+        TrainConfig, "transforms", "--transform", extra="repeatable; e.g. gmm:k=5"
     ),
-    img_size: int | None = Opt(None, help="input side in pixels [default: the model's]"),
-    in_chans: int | None = Opt(None, help="input channels [default: the model's]"),
-    pretrained_file: str | None = Opt(None, help="local weights to start from (.safetensors / .pth)"),
-    transform: list[str] | None = Opt(
-        None,
-        "--transform",
-        help="model transform applied before training, NAME or NAME:key=value,... (repeatable; e.g. gmm:k=5)",
-    ),
-    epochs: int | None = Opt(None, help="[default: 30]"),
-    batch_size: int | None = Opt(None, help="per process [default: 64]"),
-    accum_steps: int | None = Opt(None, help="gradient accumulation steps"),
-    optimizer: str | None = Opt(None, help="any timm optimizer: adamw, sgd, lion, ... [default: adamw]"),
-    lr: float | None = Opt(None, help="peak learning rate [default: adamw 1e-3, lion 1e-4, sgd 0.05]"),
-    weight_decay: float | None = Opt(None, help="[default: adamw 0.05, lion 0.5, sgd 5e-5]"),
-    layer_decay: float | None = Opt(None, help="layer-wise LR decay factor"),
-    sched: str | None = Opt(None, help="timm scheduler [default: cosine]"),
-    warmup_epochs: float | None = Opt(None),
-    min_lr: float | None = Opt(None),
-    clip_grad: float | None = Opt(None),
-    ema_decay: float | None = Opt(None, help="keep and evaluate an EMA of the weights"),
-    drop_path: float | None = Opt(None),
-    label_smoothing: float | None = Opt(None),
-    scale_min: float | None = Opt(None, help="random-resized-crop minimum area"),
-    translate: float | None = Opt(None),
-    hflip: float | None = Opt(None),
-    randaug: str | None = Opt(None, help="timm RandAugment string, e.g. rand-m9-mstd0.5"),
-    mixup: float | None = Opt(None),
-    cutmix: float | None = Opt(None),
-    reprob: float | None = Opt(None),
-    mixup_off_epoch: int | None = Opt(None, help="turn mixup/cutmix off from this epoch (0-based)"),
-    sampler: str | None = Opt(
-        None, help="random | balanced | sqrt: class-aware sampling for long-tailed data [default: random]"
-    ),
-    longtail: float | None = Opt(None, help="long-tail imbalance factor ρ (exponential profile)"),
-    val_fraction: float | None = Opt(None),
-    split_seed: int | None = Opt(None),
-    train_size: int | None = Opt(None),
-    val_size: int | None = Opt(None),
-    strict: bool | None = Opt(
-        None, "--strict/--no-strict", help="fail on unreadable images instead of skipping"
-    ),
-    loss: str | None = Opt(None, help="auto | ce | bce"),
-    precision: str | None = Opt(
-        None, help="auto | fp32 | bf16 (auto: bf16 only where the hardware makes it fast)"
-    ),
-    compile: bool | None = Opt(None, "--compile/--no-compile"),
-    device: str | None = Opt(None, help="auto | cpu | cuda[:N]"),
-    threads: int | None = Opt(None),
-    seed: int | None = Opt(None),
-    eval_every: int | None = Opt(None),
-    tensorboard: bool | None = Opt(None, "--tensorboard/--no-tensorboard"),
+    epochs: int | None = C(TrainConfig, "epochs"),
+    batch_size: int | None = C(TrainConfig, "batch_size"),
+    accum_steps: int | None = C(TrainConfig, "accum_steps"),
+    optimizer: str | None = C(TrainConfig, "optimizer"),
+    lr: float | None = C(TrainConfig, "lr", extra="adamw 1e-3, lion 1e-4, sgd 0.05"),
+    weight_decay: float | None = C(TrainConfig, "weight_decay"),
+    layer_decay: float | None = C(TrainConfig, "layer_decay"),
+    sched: str | None = C(TrainConfig, "sched"),
+    warmup_epochs: float | None = C(TrainConfig, "warmup_epochs"),
+    min_lr: float | None = C(TrainConfig, "min_lr"),
+    clip_grad: float | None = C(TrainConfig, "clip_grad"),
+    ema_decay: float | None = C(TrainConfig, "ema_decay"),
+    drop_path: float | None = C(TrainConfig, "drop_path"),
+    label_smoothing: float | None = C(TrainConfig, "label_smoothing"),
+    scale_min: float | None = C(TrainConfig, "scale_min"),
+    translate: float | None = C(TrainConfig, "translate"),
+    hflip: float | None = C(TrainConfig, "hflip"),
+    randaug: str | None = C(TrainConfig, "randaug"),
+    mixup: float | None = C(TrainConfig, "mixup"),
+    cutmix: float | None = C(TrainConfig, "cutmix"),
+    reprob: float | None = C(TrainConfig, "reprob"),
+    mixup_off_epoch: int | None = C(TrainConfig, "mixup_off_epoch"),
+    sampler: str | None = C(TrainConfig, "sampler"),
+    longtail: float | None = C(TrainConfig, "longtail"),
+    val_fraction: float | None = C(TrainConfig, "val_fraction"),
+    split_seed: int | None = C(TrainConfig, "split_seed"),
+    train_size: int | None = C(TrainConfig, "train_size"),
+    val_size: int | None = C(TrainConfig, "val_size"),
+    strict: bool | None = C(TrainConfig, "strict_data", "--strict/--no-strict"),
+    loss: str | None = C(TrainConfig, "loss"),
+    precision: str | None = C(TrainConfig, "precision"),
+    compile: bool | None = C(TrainConfig, "compile", "--compile/--no-compile"),
+    device: str | None = C(TrainConfig, "device"),
+    threads: int | None = C(TrainConfig, "threads"),
+    seed: int | None = C(TrainConfig, "seed"),
+    eval_every: int | None = C(TrainConfig, "eval_every"),
+    tensorboard: bool | None = C(TrainConfig, "tensorboard", "--tensorboard/--no-tensorboard"),
     exits: str | None = Opt(
         None, help="LGViT early-exit heads after these many blocks, e.g. 4,8 (trains in two stages)"
     ),
@@ -221,7 +212,7 @@ def _print_summary(
 
 @app.command(rich_help_panel="Evaluate")
 def evaluate(
-    run: Path = typer.Argument(..., help="run directory"),
+    run: Path = Arg(..., help="run directory"),
     data: str | None = Opt(None, help="dataset URI [default: the run's own validation split]"),
     output: Path | None = Opt(
         None, "-o", "--output", help="where to write metrics.json [default: RUN/eval-DATA]"
