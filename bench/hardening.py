@@ -53,7 +53,11 @@ def machine_facts() -> dict:
 
 def bad_input_cases() -> dict:
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests/cli").glob("test_bad_inputs_*.py"))
-    targets = [*files, "tests/cli/test_cli.py::test_bad_input_is_one_line_exit_2", "tests/cli/test_console_script.py"]
+    targets = [
+        *files,
+        "tests/cli/test_cli.py::test_bad_input_is_one_line_exit_2",
+        "tests/cli/test_console_script.py",
+    ]
     with tempfile.TemporaryDirectory() as d:
         xml = Path(d) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *targets]
@@ -89,7 +93,9 @@ def help_times(repeats: int) -> dict:
             "median_s": round(statistics.median(times), 3),
             "max_s": round(max(times), 3),
         }
-    probe = "import sys; from vitkit.cli import main; main(['train', '--help']); print('torch' in sys.modules)"
+    probe = (
+        "import sys; from vitkit.cli import main; main(['train', '--help']); print('torch' in sys.modules)"
+    )
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     out["imports_torch"] = res.stdout.strip().splitlines()[-1] == "True"
     return out
