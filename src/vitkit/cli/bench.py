@@ -13,7 +13,7 @@ Opt = typer.Option
 @app.command(rich_help_panel="Deploy")
 def bench(
     runs: list[Path] = typer.Argument(..., help="run directories"),
-    threads: int = Opt(2, help="torch and onnxruntime threads (fixed and recorded)"),
+    threads: int | None = Opt(None, help="torch and onnxruntime threads (fixed and recorded)"),
     repeats: int = Opt(5, help="timed rounds (≥ 5 recommended)"),
     batch: int = Opt(64, help="throughput batch size"),
     latency_calls: int = Opt(20, help="timed batch-1 calls per round"),
@@ -39,7 +39,8 @@ def bench(
     check_bench_options(repeats, batch, threads, precision)
     cfg = BenchConfig(threads=threads, repeats=repeats, throughput_batch=batch, latency_calls=latency_calls)
     report = {"config": cfg.__dict__, "runs": {}}
-    table = Table(title=f"bench ({threads} threads, median of {repeats} rounds, spread = min–max)")
+    table = Table()
+    used: list[int] = []  # thread counts of the runs (one each; chosen per run unless --threads)
     for col in ("run", "runtime", "params", "MFLOPs/img", "lat p50 ms", "lat p90 ms",
                 f"img/s @{batch}", "spread", "vs timm", "peak MB"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("run", "runtime") else "right")
@@ -54,6 +55,7 @@ def bench(
             memory=memory,
         )
         report["runs"][str(run)] = doc
+        used += [] if doc["config"]["threads"] in used else [doc["config"]["threads"]]
         if save:
             write_json(Path(run) / BENCH_JSON, doc)
             plot_bench(doc, Path(run) / BENCH_PNG)
@@ -72,6 +74,8 @@ def bench(
                 f"{ratio:.2f}x" if ratio is not None else "",
                 f"{mem:.1f}" if mem is not None else "",
             )
+    table.title = (f"bench ({'/'.join(map(str, used))} threads, median of {repeats} rounds, "
+                   "spread = min–max)")  # fmt: skip
     console.print(table)
     if save:
         console.print(f"written: RUN/{BENCH_JSON} and RUN/{BENCH_PNG} for each run")

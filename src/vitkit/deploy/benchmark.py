@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitkit.deploy.bench import BenchConfig, compare, count_flops, timm_baseline
+from vitkit.deploy.bench import BenchConfig, compare, count_flops, resolve_threads, timm_baseline
 from vitkit.errors import VitkitError
 
 BENCH_JSON = "bench.json"
@@ -119,7 +119,7 @@ def bench_run(
     model = load(run_dir)
     run_dir = Path(run_dir)
     shape = model_input_size(model)
-    torch.set_num_threads(cfg.threads)
+    cfg = resolve_threads(cfg, [model])  # before the onnxruntime sessions, which take the count too
     models = runtime_variants(model, run_dir, bf16=bf16, compile=compile, onnx=onnx, threads=cfg.threads)
     if baseline:
         models[BASELINE] = timm_baseline(model)
@@ -194,8 +194,8 @@ def plot_bench(doc: dict[str, Any], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def check_bench_options(repeats: int, batch: int, threads: int, precision: str) -> None:
-    if repeats < 1 or batch < 1 or threads < 1:
+def check_bench_options(repeats: int, batch: int, threads: int | None, precision: str) -> None:
+    if repeats < 1 or batch < 1 or (threads is not None and threads < 1):
         raise VitkitError("--repeats, --batch and --threads must be positive")
     if precision not in ("fp32", "bf16", "both"):
         raise VitkitError(f"--precision must be fp32, bf16 or both, got '{precision}'")

@@ -25,6 +25,7 @@ from vitkit.errors import NonFiniteLossError, VitkitError
 from vitkit.io import write_text
 from vitkit.models import model_input_size, model_normalization
 from vitkit.progress import console, progress_enabled
+from vitkit.threads import set_threads_for
 from vitkit.train.checkpoint import (
     CHECKPOINT_NAME,
     capture_rng,
@@ -204,9 +205,9 @@ def fit(
     Under ``torchrun`` each process trains on its shard of every epoch's permutation (DDP).
     """
     device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     dist = init_distributed(device)
+    # Not torch's default of one thread per core: that is far slower for small models on a busy machine.
+    set_threads_for(model, cfg.threads, quiet=quiet or not dist.is_main)
     run_dir = Path(run_dir) if run_dir is not None else None
     objective = objective or default_objective(cfg, data.multilabel)
     # Optional, so objectives written as plain duck-typed classes keep working.
