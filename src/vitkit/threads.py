@@ -38,7 +38,7 @@ class ThreadChoice:
         if self.load is not None:
             parts.append(f"load {self.load:.1f}")
         if self.params is not None:
-            parts.append(f"model {self.params / 1e6:.1f} M params")
+            parts.append(f"model {self.params / 1e6:.2g} M params")
         if self.source != "auto":
             parts.append(f"from {'--threads' if self.source == 'requested' else self.source}")
         return f"threads: {self.threads} ({', '.join(parts)})"
