@@ -32,3 +32,19 @@ def track(
     from rich.progress import track as rich_track
 
     yield from rich_track(items, total=total, description=description, console=console, transient=True)
+
+
+def format_seconds(seconds: float | None) -> str:
+    """``m:ss`` (``h:mm:ss`` from an hour on); ``–`` when unknown."""
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "–"
+    s = max(0, round(seconds))
+    h, rest = divmod(s, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def time_left(done: float, total: float, elapsed: float) -> float | None:
+    """Seconds left at the average rate so far; None before anything is done (no rate yet)."""
+    if done <= 0 or elapsed <= 0:
+        return None
+    return max(0.0, (total - done) * elapsed / done)
