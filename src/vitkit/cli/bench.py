@@ -1,11 +1,12 @@
 """``vitkit bench``: latency and throughput of runs in every runtime, next to plain timm, in one process."""
 
+import contextlib
 from pathlib import Path
 
 import typer
 
 from vitkit.cli import app
-from vitkit.progress import console
+from vitkit.progress import console, current_stage
 
 Opt = typer.Option
 
@@ -44,16 +45,19 @@ def bench(
     for col in ("run", "runtime", "params", "MFLOPs/img", "lat p50 ms", "lat p90 ms",
                 f"img/s @{batch}", "spread", "vs timm", "peak MB"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("run", "runtime") else "right")
-    for run in runs:
-        doc = bench_run(
-            run,
-            cfg,
-            baseline=baseline,
-            bf16=precision in ("bf16", "both"),
-            compile=compile,
-            onnx=onnx,
-            memory=memory,
-        )
+    stage = current_stage()
+    for i, run in enumerate(runs):
+        # In a pipeline stage: each run is one part of the stage's time left.
+        with stage.part(i, len(runs)) if stage else contextlib.nullcontext():
+            doc = bench_run(
+                run,
+                cfg,
+                baseline=baseline,
+                bf16=precision in ("bf16", "both"),
+                compile=compile,
+                onnx=onnx,
+                memory=memory,
+            )
         report["runs"][str(run)] = doc
         used += [] if doc["config"]["threads"] in used else [doc["config"]["threads"]]
         if save:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitkit.progress import report
 from vitkit.train.evaluate import autocast_context
 
 
@@ -119,6 +120,7 @@ def compare(
             run(m, x1)
         run(m, xb)
 
+    report("timing rounds", 0, cfg.repeats)
     lat: dict[str, list[float]] = {k: [] for k in models}
     lat_round: dict[str, list[float]] = {k: [] for k in models}
     thr: dict[str, list[float]] = {k: [] for k in models}
@@ -136,6 +138,7 @@ def compare(
             t = time.perf_counter()
             run(m, xb)
             thr[name].append(cfg.throughput_batch / (time.perf_counter() - t))
+        report("timing rounds", r + 1, cfg.repeats)
 
     out = {}
     for name, m in models.items():

@@ -24,7 +24,7 @@ from vitkit.data import AugmentConfig, BatchTransform, DataSplits
 from vitkit.errors import NonFiniteLossError, VitkitError
 from vitkit.io import write_text
 from vitkit.models import model_input_size, model_normalization
-from vitkit.progress import console, format_seconds, progress_enabled, time_left
+from vitkit.progress import console, format_seconds, progress_enabled, report, time_left
 from vitkit.threads import set_threads_for
 from vitkit.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -317,21 +317,23 @@ def fit(
     def run_left(done: int) -> float | None:
         return time_left(done - run_done0, run_steps - run_done0, time.perf_counter() - t_session)
 
-    progress = run_task = None
+    progress = run_task = task = None
+    own_progress = False
     if show:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        from rich.progress import Progress
 
-        progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=console,
-            transient=True,
-        )
+        from vitkit.progress import progress_columns, shared_progress
+
+        # Inside a pipeline stage the bars join the stage's display (rich shows one at a time).
+        progress = shared_progress()
+        if progress is None:
+            progress = Progress(*progress_columns(), console=console, transient=True)
+            own_progress = True
         # A run-level bar above the per-epoch one: the epoch bar alone says nothing about the run.
         run_task = progress.add_task("run", total=run_steps, completed=run_done0, info=_run_info(0.0, None))
-        progress.start()
+        if own_progress:
+            progress.start()
+    report("training steps", run_done0, run_steps)
 
     try:
         with _Interrupt() as interrupt:
@@ -421,9 +423,10 @@ def fit(
                     loss_sum += loss.item()
                     loss_n += 1
                     seen += len(x)
+                    done = epoch * steps_per_epoch + step + 1
+                    report("training steps", done, run_steps)
                     if task is not None:
                         elapsed = time.perf_counter() - t0
-                        done = epoch * steps_per_epoch + step + 1
                         progress.update(
                             task,
                             advance=1,
@@ -475,8 +478,12 @@ def fit(
                 if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
                     raise TrainingInterrupted(ckpt_path if dist.is_main else None, epoch + 1, 0)
     finally:
-        if progress is not None:
+        if own_progress:
             progress.stop()
+        elif progress is not None:
+            for t in (task, run_task):
+                if t is not None and t in progress.task_ids:
+                    progress.remove_task(t)
         history.close()
 
     final = ema.module if ema is not None else raw_model
