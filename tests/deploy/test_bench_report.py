@@ -42,7 +42,7 @@ def test_bench_run_times_every_runtime_against_timm(benched_run):
             r["throughput"] > 0 and r["throughput_spread"][0] <= r["throughput"] <= r["throughput_spread"][1]
         )
         assert r["latency_ms_p50"] <= r["latency_ms_p90"] and len(r["throughput_rounds"]) == 2
-        assert r["peak_memory_mb"] is not None
+        assert r["peak_memory_mb"] > 0  # was 0.0 once warm-up had left the memory resident
         assert r["throughput_vs_timm"] == pytest.approx(r["throughput"] / res[BASELINE]["throughput"])
         assert r["throughput_vs_timm_bf16"] == pytest.approx(
             r["throughput"] / res[BF16_BASELINE]["throughput"]
@@ -111,3 +111,4 @@ def test_report_cli_bad_run_is_one_line(tmp_path, capsys):
     code = main(["report", str(tmp_path / "nope"), "-o", str(tmp_path / "r.html")])
     out = capsys.readouterr()
     assert code == 2 and "does not exist" in out.out + out.err and not (tmp_path / "r.html").exists()
+
