@@ -21,7 +21,20 @@ from rich.console import Console
 
 T = TypeVar("T")
 
-console = Console(stderr=True)
+# Off a terminal (a pipe, a log file, CI) rich assumes 80 columns and cuts tables (``vitkit bench``:
+# 10 columns) and wraps long lines; there the width is wide unless COLUMNS says otherwise.
+WIDTH_OFF_TERMINAL = 250
+
+
+def make_console() -> Console:
+    """The console on stderr: the terminal's width on a terminal, else ``WIDTH_OFF_TERMINAL``."""
+    c = Console(stderr=True)
+    if not c.is_terminal and not os.environ.get("COLUMNS"):
+        c = Console(stderr=True, width=WIDTH_OFF_TERMINAL)
+    return c
+
+
+console = make_console()
 STAGE_LINE_SECONDS = 30.0  # off a terminal: a stage's progress line this often (none for quick stages)
 
 
