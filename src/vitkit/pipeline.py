@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from vitkit.errors import VitkitError
+from vitkit.progress import StageProgress
 
 ANALYSIS_VERBS = {"export", "evaluate", "bench", "report", "attack", "perturb", "similarity",
                   "attention", "artifacts", "mil", "compare", "evaluate-heads", "rank-configs"}  # fmt: skip
@@ -314,7 +315,10 @@ def run_pipeline(path: str | os.PathLike, *, force: bool = False, echo=print) ->
         echo(f"{head}: vitkit {' '.join(argv)}")
         record.unlink(missing_ok=True)
         try:
-            code = group.main(args=argv, standalone_mode=False, prog_name="vitkit")
+            # A bar (or, off a terminal, a line every 30 s) with the stage's elapsed time and time
+            # left: some stages (calibration, attacks, bench) print nothing for minutes otherwise.
+            with StageProgress(head, echo=echo):
+                code = group.main(args=argv, standalone_mode=False, prog_name="vitkit")
         except VitkitError as e:
             raise VitkitError(f"{head} failed: {e}") from e
         except Exception as e:

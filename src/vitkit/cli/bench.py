@@ -1,16 +1,19 @@
 """``vitkit bench``: latency and throughput of runs in every runtime, next to plain timm, in one process."""
 
+import contextlib
 from pathlib import Path
 
 from vitkit.cli import app
 from vitkit.cli.options import Arg, Opt
-from vitkit.progress import console
+from vitkit.progress import console, current_stage
 
 
 @app.command(rich_help_panel="Deploy")
 def bench(
     runs: list[Path] = Arg(..., help="run directories"),
-    threads: int = Opt(2, help="torch and onnxruntime threads (fixed and recorded)"),
+    threads: int | None = Opt(
+        None, help="torch and onnxruntime threads, recorded [default: chosen from the model size and free cores]"
+    ),
     repeats: int = Opt(5, help="timed rounds (≥ 5 recommended)"),
     batch: int = Opt(64, help="throughput batch size"),
     latency_calls: int = Opt(20, help="timed batch-1 calls per round"),
@@ -36,21 +39,26 @@ def bench(
     check_bench_options(repeats, batch, threads, precision)
     cfg = BenchConfig(threads=threads, repeats=repeats, throughput_batch=batch, latency_calls=latency_calls)
     report = {"config": cfg.__dict__, "runs": {}}
-    table = Table(title=f"bench ({threads} threads, median of {repeats} rounds, spread = min–max)")
+    table = Table()
+    used: list[int] = []  # thread counts of the runs (one each; chosen per run unless --threads)
     for col in ("run", "runtime", "params", "MFLOPs/img", "lat p50 ms", "lat p90 ms",
                 f"img/s @{batch}", "spread", "vs timm", "peak MB"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("run", "runtime") else "right")
-    for run in runs:
-        doc = bench_run(
-            run,
-            cfg,
-            baseline=baseline,
-            bf16=precision in ("bf16", "both"),
-            compile=compile,
-            onnx=onnx,
-            memory=memory,
-        )
+    stage = current_stage()
+    for i, run in enumerate(runs):
+        # In a pipeline stage: each run is one part of the stage's time left.
+        with stage.part(i, len(runs)) if stage else contextlib.nullcontext():
+            doc = bench_run(
+                run,
+                cfg,
+                baseline=baseline,
+                bf16=precision in ("bf16", "both"),
+                compile=compile,
+                onnx=onnx,
+                memory=memory,
+            )
         report["runs"][str(run)] = doc
+        used += [] if doc["config"]["threads"] in used else [doc["config"]["threads"]]
         if save:
             write_json(Path(run) / BENCH_JSON, doc)
             plot_bench(doc, Path(run) / BENCH_PNG)
@@ -69,6 +77,8 @@ def bench(
                 f"{ratio:.2f}x" if ratio is not None else "",
                 f"{mem:.1f}" if mem is not None else "",
             )
+    table.title = (f"bench ({'/'.join(map(str, used))} threads, median of {repeats} rounds, "
+                   "spread = min–max)")  # fmt: skip
     console.print(table)
     if save:
         console.print(f"written: RUN/{BENCH_JSON} and RUN/{BENCH_PNG} for each run")

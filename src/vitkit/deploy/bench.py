@@ -1,6 +1,7 @@
 """Latency and throughput of a model, always next to a baseline measured in the same process.
 
-Method: fixed thread count; warm-up calls first; then ``repeats`` rounds in which the model and its
+Method: fixed thread count (given, or chosen once from the largest model's size and the free cores:
+``vitkit.threads``); warm-up calls first; then ``repeats`` rounds in which the model and its
 baseline are timed alternately (so drift on a shared machine hits both alike). Latency is per call
 at batch 1 (p50/p90 over all timed calls); throughput is images per second at the large batch, one
 value per round. Reported: medians, the spread (min–max over rounds) and the ratio of medians.
@@ -8,6 +9,7 @@ value per round. Reported: medians, the spread (min–max over rounds) and the r
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -17,12 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitkit.progress import report
 from vitkit.train.evaluate import autocast_context
 
 
 @dataclass
 class BenchConfig:
-    threads: int = 2
+    threads: int | None = None  # None: chosen by vitkit.threads (OMP_NUM_THREADS, model size, free cores)
     repeats: int = 5
     warmup: int = 3
     latency_batch: int = 1
@@ -75,6 +78,16 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
+def resolve_threads(cfg: BenchConfig, models: list[nn.Module], quiet: bool = False) -> BenchConfig:
+    """``cfg`` with its thread count fixed (and applied): the given one, or the choice for the largest
+    model; one count for all models, so that they are compared under the same conditions."""
+    from vitkit.threads import set_threads_for
+
+    largest = max(models, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+    choice = set_threads_for(largest, cfg.threads, quiet=quiet)
+    return dataclasses.replace(cfg, threads=choice.threads)
+
+
 def _percentile(xs: list[float], q: float) -> float:
     s = sorted(xs)
     k = (len(s) - 1) * q
@@ -92,8 +105,7 @@ def compare(
     """Time every model on the same inputs, interleaved round by round. ``forward`` defaults to
     ``model(x)`` under no_grad and the configured precision. ``measure_flops=False`` leaves FLOPs at 0
     (for wrapped runtimes such as onnxruntime or compiled graphs that the flop counter cannot see)."""
-    cfg = cfg or BenchConfig()
-    torch.set_num_threads(cfg.threads)
+    cfg = resolve_threads(cfg or BenchConfig(), list(models.values()), quiet=True)
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn(cfg.latency_batch, *input_shape, generator=g)
     xb = torch.randn(cfg.throughput_batch, *input_shape, generator=g)
@@ -108,6 +120,7 @@ def compare(
             run(m, x1)
         run(m, xb)
 
+    report("timing rounds", 0, cfg.repeats)
     lat: dict[str, list[float]] = {k: [] for k in models}
     lat_round: dict[str, list[float]] = {k: [] for k in models}
     thr: dict[str, list[float]] = {k: [] for k in models}
@@ -125,6 +138,7 @@ def compare(
             t = time.perf_counter()
             run(m, xb)
             thr[name].append(cfg.throughput_batch / (time.perf_counter() - t))
+        report("timing rounds", r + 1, cfg.repeats)
 
     out = {}
     for name, m in models.items():

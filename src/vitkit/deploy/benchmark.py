@@ -5,13 +5,24 @@ plain ``timm.create_model`` of the run's base architecture (the baseline, fp32 e
 under bf16 autocast, "timm bf16 eager"), the run in PyTorch eager fp32, optionally eager bf16
 (autocast) and ``torch.compile``, and onnxruntime on
 ``RUN/model.onnx`` and ``RUN/model.int8.onnx`` when ``vitkit export`` wrote them (and the static
-INT8 QDQ graph ``RUN/model_int8.onnx`` of ``vitkit quantize --deploy onnx``). Peak memory is the
-rise of the process's resident set during one throughput-batch call, sampled every millisecond
-(a coarse number: allocator caches and onnxruntime arenas count once they are first touched).
+INT8 QDQ graph ``RUN/model_int8.onnx`` of ``vitkit quantize --deploy onnx``).
+
+Peak memory (``peak_memory_mb``) is the rise of the process's resident set during one steady-state
+throughput-batch call: the call's activations and workspace, not the weights nor one-time costs.
+Measured in this process, after a warm-up call, by returning freed heap memory to the OS
+(glibc ``malloc_trim``) and resetting the kernel's peak-RSS counter (``/proc/self/clear_refs``),
+then reading ``VmHWM`` after the call (a sampling thread where the counter cannot be reset);
+onnxruntime is measured in a fresh session without its memory arena. Why: the earlier measurement
+(RSS sampled every ms around the call) read 0.0 MB, because the warm-up and timed calls had already
+left that memory resident in the allocator's free lists (a 0.2 M-param ViT at batch 64: 36 MB on a
+process's first call, 0.004 MB after three calls, 5.8 MB after ``malloc_trim``). A fresh process
+per runtime would also see the memory, but costs a torch import per runtime (seconds each, some
+25 runtimes in ``vitkit demo``) and counts one-time costs in with the call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -21,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitkit.deploy.bench import BenchConfig, compare, count_flops, timm_baseline
+from vitkit.deploy.bench import BenchConfig, compare, count_flops, resolve_threads, timm_baseline
 from vitkit.errors import VitkitError
 
 BENCH_JSON = "bench.json"
@@ -54,32 +65,85 @@ class _Runtime(nn.Module):
         return self.fn(x)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
 
 
-def peak_memory_mb(model: nn.Module, x: torch.Tensor) -> float | None:
-    """Rise of resident memory during one call (MB), sampled every ms; None where /proc is missing."""
-    if not Path("/proc/self/statm").exists():
-        return None
-    base = _rss_bytes()
-    peak = [base]
+def _malloc_trim() -> None:
+    """Return freed heap memory to the OS (glibc only; elsewhere nothing happens)."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: no malloc_trim
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _sampled_peak_kb(call: Any) -> int:
+    peak = [_status_kb("VmRSS")]
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
+            peak[0] = max(peak[0], _status_kb("VmRSS"))
             time.sleep(0.001)
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
-    with torch.no_grad():
-        model(x)
-    stop.set()
-    t.join()
-    peak[0] = max(peak[0], _rss_bytes())
-    return (peak[0] - base) / 1e6
+    try:
+        call()
+    finally:
+        stop.set()
+        t.join()
+    return max(peak[0], _status_kb("VmRSS"))
+
+
+def peak_memory_mb(model: nn.Module, x: torch.Tensor) -> float | None:
+    """Peak rise of resident memory during one steady-state call on ``x`` (MB; see the module
+    docstring); None where /proc is missing."""
+    import gc
+
+    if not Path("/proc/self/status").exists():
+        return None
+
+    def call() -> None:
+        with torch.no_grad():
+            model(x)
+
+    call()  # one-time costs (kernel selection, thread pools, lazy buffers) are not the call's memory
+    gc.collect()
+    _malloc_trim()
+    base = _status_kb("VmRSS")
+    if _reset_peak_rss():
+        call()
+        peak = _status_kb("VmHWM")
+    else:
+        peak = _sampled_peak_kb(call)
+    return max(0, peak - base) * 1024 / 1e6
+
+
+def _for_memory(model: nn.Module) -> nn.Module:
+    """The model to measure: an onnxruntime session is replaced by a fresh one without its arena
+    (an arena keeps the memory of earlier calls, so a call would add nothing)."""
+    from vitkit.deploy.onnx import OnnxModel
+
+    fn = getattr(model, "fn", None)
+    if isinstance(model, _Runtime) and isinstance(fn, OnnxModel):
+        return _Runtime(OnnxModel(fn.path, threads=fn.threads, optimization=fn.optimization, arena=False))
+    return model
 
 
 def runtime_variants(
@@ -119,7 +183,7 @@ def bench_run(
     model = load(run_dir)
     run_dir = Path(run_dir)
     shape = model_input_size(model)
-    torch.set_num_threads(cfg.threads)
+    cfg = resolve_threads(cfg, [model])  # before the onnxruntime sessions, which take the count too
     models = runtime_variants(model, run_dir, bf16=bf16, compile=compile, onnx=onnx, threads=cfg.threads)
     if baseline:
         models[BASELINE] = timm_baseline(model)
@@ -139,7 +203,7 @@ def bench_run(
     if memory:
         xb = torch.zeros(cfg.throughput_batch, *shape)
         for name, m in models.items():
-            mem[name] = peak_memory_mb(m, xb)
+            mem[name] = peak_memory_mb(_for_memory(m), xb)
     base, base16 = res.get(BASELINE), res.get(BF16_BASELINE)
     results = {}
     for name, r in res.items():
@@ -194,8 +258,8 @@ def plot_bench(doc: dict[str, Any], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def check_bench_options(repeats: int, batch: int, threads: int, precision: str) -> None:
-    if repeats < 1 or batch < 1 or threads < 1:
+def check_bench_options(repeats: int, batch: int, threads: int | None, precision: str) -> None:
+    if repeats < 1 or batch < 1 or (threads is not None and threads < 1):
         raise VitkitError("--repeats, --batch and --threads must be positive")
     if precision not in ("fp32", "bf16", "both"):
         raise VitkitError(f"--precision must be fp32, bf16 or both, got '{precision}'")

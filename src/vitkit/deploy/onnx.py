@@ -84,7 +84,13 @@ def export_onnx(
 class OnnxModel:
     """An onnxruntime CPU session that takes and returns torch tensors (normalized images → logits)."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, optimization: str = "all"):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        threads: int | None = None,
+        optimization: str = "all",
+        arena: bool = True,
+    ):
         import onnxruntime as ort
 
         levels = {
@@ -101,12 +107,14 @@ class OnnxModel:
             raise VitkitError(f"ONNX file '{path}' does not exist")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = levels[optimization]
+        # Without its arena a session returns each call's memory (peak-memory measurement needs that).
+        opts.enable_cpu_mem_arena = arena
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
-        self.path = Path(path)
+        self.path, self.threads, self.optimization = Path(path), threads, optimization
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(

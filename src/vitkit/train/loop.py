@@ -24,7 +24,8 @@ from vitkit.data import AugmentConfig, BatchTransform, DataSplits
 from vitkit.errors import NonFiniteLossError, VitkitError
 from vitkit.io import write_text
 from vitkit.models import model_input_size, model_normalization
-from vitkit.progress import console, progress_enabled
+from vitkit.progress import console, format_seconds, progress_enabled, report, time_left
+from vitkit.threads import set_threads_for
 from vitkit.train.checkpoint import (
     CHECKPOINT_NAME,
     capture_rng,
@@ -204,9 +205,9 @@ def fit(
     Under ``torchrun`` each process trains on its shard of every epoch's permutation (DDP).
     """
     device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     dist = init_distributed(device)
+    # Not torch's default of one thread per core: that is far slower for small models on a busy machine.
+    set_threads_for(model, cfg.threads, quiet=quiet or not dist.is_main)
     run_dir = Path(run_dir) if run_dir is not None else None
     objective = objective or default_objective(cfg, data.multilabel)
     # Optional, so objectives written as plain duck-typed classes keep working.
@@ -307,22 +308,32 @@ def fit(
             "config": cfg.model_dump(mode="json"),
         }
 
-    progress = None
-    if show:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    # Steps of the whole run, for its time left: the average wall time per step of this session,
+    # validation and checkpoints included (so the estimate covers them too).
+    run_steps = cfg.epochs * steps_per_epoch
+    run_done0 = start_epoch * steps_per_epoch + start_step
+    t_session = time.perf_counter()
 
-        progress = Progress(
-            TextColumn("[bold]epoch {task.fields[epoch]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(
-                "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"
-            ),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
-        progress.start()
+    def run_left(done: int) -> float | None:
+        return time_left(done - run_done0, run_steps - run_done0, time.perf_counter() - t_session)
+
+    progress = run_task = task = None
+    own_progress = False
+    if show:
+        from rich.progress import Progress
+
+        from vitkit.progress import progress_columns, shared_progress
+
+        # Inside a pipeline stage the bars join the stage's display (rich shows one at a time).
+        progress = shared_progress()
+        if progress is None:
+            progress = Progress(*progress_columns(), console=console, transient=True)
+            own_progress = True
+        # A run-level bar above the per-epoch one: the epoch bar alone says nothing about the run.
+        run_task = progress.add_task("run", total=run_steps, completed=run_done0, info=_run_info(0.0, None))
+        if own_progress:
+            progress.start()
+    report("training steps", run_done0, run_steps)
 
     try:
         with _Interrupt() as interrupt:
@@ -352,13 +363,10 @@ def fit(
                     m.train()
                 task = (
                     progress.add_task(
-                        "",
+                        f"epoch {epoch + 1}/{cfg.epochs}",
                         total=steps_per_epoch,
                         completed=first,
-                        epoch=f"{epoch + 1}/{cfg.epochs}",
-                        loss=float("nan"),
-                        lr=optimizer.param_groups[0]["lr"],
-                        ips=0.0,
+                        info=_epoch_info(None, optimizer.param_groups[0]["lr"], None, None),
                     )
                     if progress
                     else None
@@ -415,13 +423,24 @@ def fit(
                     loss_sum += loss.item()
                     loss_n += 1
                     seen += len(x)
+                    done = epoch * steps_per_epoch + step + 1
+                    report("training steps", done, run_steps)
                     if task is not None:
+                        elapsed = time.perf_counter() - t0
                         progress.update(
                             task,
                             advance=1,
-                            loss=loss_sum / loss_n,
-                            lr=optimizer.param_groups[0]["lr"],
-                            ips=seen / max(time.perf_counter() - t0, 1e-9),
+                            info=_epoch_info(
+                                loss_sum / loss_n,
+                                optimizer.param_groups[0]["lr"],
+                                seen / max(elapsed, 1e-9),
+                                time_left(step + 1 - first, steps_per_epoch - first, elapsed),
+                            ),
+                        )
+                        progress.update(
+                            run_task,
+                            completed=done,
+                            info=_run_info(time.perf_counter() - t_session, run_left(done)),
                         )
                     if interrupt.requested and boundary and step + 1 < steps_per_epoch:
                         saved = None
@@ -448,7 +467,8 @@ def fit(
                     row.update(last_val)
                 history.add(row)
                 if dist.is_main and not quiet:
-                    console.print(_format_row(row, cfg.epochs))
+                    left = run_left((epoch + 1) * steps_per_epoch) if epoch + 1 < cfg.epochs else None
+                    console.print(_format_row(row, cfg.epochs, left))
                 if ckpt_path is not None and dist.is_main:
                     save_checkpoint(ckpt_path, checkpoint_state(epoch + 1, 0))
                 if on_epoch_end is not None:
@@ -458,8 +478,12 @@ def fit(
                 if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
                     raise TrainingInterrupted(ckpt_path if dist.is_main else None, epoch + 1, 0)
     finally:
-        if progress is not None:
+        if own_progress:
             progress.stop()
+        elif progress is not None:
+            for t in (task, run_task):
+                if t is not None and t in progress.task_ids:
+                    progress.remove_task(t)
         history.close()
 
     final = ema.module if ema is not None else raw_model
@@ -484,11 +508,25 @@ def weight_checksum(model: nn.Module) -> float:
         return float(sum(p.double().sum().item() * (i + 1) for i, p in enumerate(model.parameters())))
 
 
-def _format_row(row: dict, epochs: int) -> str:
+def _epoch_info(loss: float | None, lr: float, ips: float | None, left: float | None) -> str:
+    """The epoch bar's text; ``loss –`` until the first step has a loss (not ``loss nan``)."""
+    return (
+        f"loss {'–' if loss is None else format(loss, '.4f')}  lr {lr:.2e}  "
+        f"{'–' if ips is None else format(ips, '.0f')} img/s  epoch left {format_seconds(left)}"
+    )
+
+
+def _run_info(elapsed: float, left: float | None) -> str:
+    return f"elapsed {format_seconds(elapsed)}  run left {format_seconds(left)}"
+
+
+def _format_row(row: dict, epochs: int, left: float | None = None) -> str:
     parts = [f"epoch {row['epoch']:>3}/{epochs}", f"loss {row['train_loss']:.4f}"]
     for k in ("val_top1", "val_mean_auroc", "val_loss"):
         if k in row and row[k] is not None and not (isinstance(row[k], float) and math.isnan(row[k])):
             parts.append(f"{k} {row[k]:.4f}")
             break
     parts.append(f"{row['img_per_s']:.0f} img/s")
+    if left is not None:  # the per-epoch lines are the only progress where no bar shows (logs, pipes)
+        parts.append(f"run left {format_seconds(left)}")
     return "  ".join(parts)
