@@ -508,7 +508,7 @@ def _npz_targets(y: np.ndarray, n: int, source: str) -> tuple[torch.Tensor, int]
         if bad.any():
             r, c = (int(i) for i in np.argwhere(bad)[0])
             raise VitkitError(
-                f"{source}: 'y' is multi-hot (N, K) and must hold only 0 and 1, found {y[r, c]!r} at row {r}, "
+                f"{source}: 'y' is multi-hot (N, K) and must hold only 0 and 1, found {y[r, c].item()!r} at row {r}, "
                 f"column {c} ({int(bad.sum())} such values)"
             )
         return torch.from_numpy(y.astype(np.float32)), y.shape[1]
