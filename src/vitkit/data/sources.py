@@ -157,6 +157,12 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+def _show(text: object) -> str:
+    """User text (a file name, a CSV cell) fit for a one-line message: characters that are not
+    printable, line breaks among them (\\n, \\v, \\u2028, ...), are shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _read_image(path: Path, img_size: int | None) -> np.ndarray:
     with Image.open(path) as im:
         im.load()
@@ -181,12 +187,12 @@ def _read_images(
             # (a 30000x30000 PNG of a few bytes); a dataset image that large is unusable anyway.
             why = f"refused as a possible decompression bomb: {_one_line(e)}"
             if strict:
-                raise VitkitError(f"{source}: cannot read image '{p}': {why}") from e
+                raise VitkitError(f"{source}: cannot read image '{_show(p)}': {why}") from e
             reasons[p] = why
             return None
         except _DECODE_ERRORS as e:
             if strict:
-                raise VitkitError(f"{source}: cannot read image '{p}': {_one_line(e)}") from e
+                raise VitkitError(f"{source}: cannot read image '{_show(p)}': {_one_line(e)}") from e
             reasons[p] = _one_line(e)
             return None
 
@@ -197,7 +203,7 @@ def _read_images(
     bad = [p for p, a in zip(paths, arrays) if a is None]
     if bad:
         warnings.warn(
-            f"{source}: skipped {len(bad)} unreadable image(s), e.g. '{bad[0]}': {reasons.get(bad[0], '?')} "
+            f"{source}: skipped {len(bad)} unreadable image(s), e.g. '{_show(bad[0])}': {reasons.get(bad[0], '?')} "
             "(use --strict to fail instead)",
             VitkitDataWarning,
             stacklevel=3,
@@ -244,7 +250,7 @@ def _load_class_folders(
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise VitkitError(
-            f"{source}: class folder '{unknown[0]}' is not among the training classes {classes}"
+            f"{source}: class folder '{_show(unknown[0])}' is not among the training classes {classes}"
         )
     paths, labels = [], []
     for i, c in enumerate(classes):
@@ -332,12 +338,12 @@ def load_csv(path: str, img_size: int | None = None, strict: bool = False) -> Im
         for n, r in numbered:
             raw = (r.get(label_col) or "").strip()
             if not raw:
-                raise VitkitError(f"{source} line {n}: empty '{label_col}'")
+                raise VitkitError(f"{source} line {n}: empty '{_show(label_col)}'")
             sep = next((s for s in _LABEL_SEPARATORS if s in raw), None)
             labs = [x.strip() for x in raw.split(sep)] if sep else [raw]
             if not all(labs):
                 raise VitkitError(
-                    f"{source} line {n}: empty label in '{raw}' (labels are separated by | or ;)"
+                    f"{source} line {n}: empty label in '{_show(raw)}' (labels are separated by | or ;)"
                 )
             per_row.append(labs)
         classes = sorted({lab for labs in per_row for lab in labs}, key=_natural_key)
@@ -366,7 +372,7 @@ def load_csv(path: str, img_size: int | None = None, strict: bool = False) -> Im
                     x = float("nan")
                 if x not in (0.0, 1.0):
                     raise VitkitError(
-                        f"{source} line {n}: column '{c}' holds '{v[:20]}'; class columns must hold 0 or 1 "
+                        f"{source} line {n}: column '{_show(c)}' holds '{_show(v[:20])}'; class columns must hold 0 or 1 "
                         "when there is no 'label' column"
                     )
                 row.append(x)
@@ -378,13 +384,13 @@ def load_csv(path: str, img_size: int | None = None, strict: bool = False) -> Im
     for n, r in numbered:
         name = (r.get(path_col) or "").strip()
         if not name:
-            raise VitkitError(f"{source} line {n}: empty '{path_col}' (expected an image path)")
+            raise VitkitError(f"{source} line {n}: empty '{_show(path_col)}' (expected an image path)")
         paths.append(Path(name) if os.path.isabs(name) else base / name)
     missing = [(n, p) for n, p in zip(lines, paths) if not _is_file(p)]
     if missing:
         n, p = missing[0]
         raise VitkitError(
-            f"{source} line {n}: image '{p}' not found ({len(missing)} missing in all; paths are relative to {base})"
+            f"{source} line {n}: image '{_show(p)}' not found ({len(missing)} missing in all; paths are relative to {base})"
         )
     arrays, _ = _read_images(paths, img_size, strict, source)
     keep = [i for i, a in enumerate(arrays) if a is not None]
@@ -533,7 +539,7 @@ def _npz_class_names(names: np.ndarray, source: str) -> list[str]:
     out = [c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c) for c in names.tolist()]
     dup = next((c for i, c in enumerate(out) if c in out[:i]), None)
     if dup is not None:
-        raise VitkitError(f"{source}: 'classes' names '{dup}' twice; class names must be unique")
+        raise VitkitError(f"{source}: 'classes' names '{_show(dup)}' twice; class names must be unique")
     return out
 
 

@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from vitkit.data.dataset import DataSplits, ImageDataset
-from vitkit.data.sources import VitkitDataWarning, build_mosaic, load_source, parse_uri
+from vitkit.data.sources import VitkitDataWarning, _show, build_mosaic, load_source, parse_uri
 from vitkit.errors import VitkitError
 
 
@@ -161,7 +161,7 @@ def check_classes(data: ImageDataset, uri: str) -> None:
         return
     present = [c for c, n in zip(data.classes, data.class_counts()) if n > 0]
     if len(present) < 2:
-        which = f"of one class ('{present[0]}')" if present else "without a class"
+        which = f"of one class ('{_show(present[0])}')" if present else "without a class"
         raise VitkitError(
             f"{uri}: all {len(data)} images are {which}; a classifier needs images of at least 2 classes"
         )
