@@ -79,6 +79,13 @@ def data_dir(tmp_path: Path) -> Path:
     np.save(d / "single.npy", np.zeros(3))
     (d / "single.npz").write_bytes((d / "single.npy").read_bytes())
     (d / "junk.npz").write_bytes(b"PK\x03\x04 not a zip at all")
+    # what the property tests (tests/data/test_data_properties.py) throw at the loaders, via the CLI
+    noise = np.random.default_rng(1)
+    for c in ("a", "b"):
+        (d / "noise" / c).mkdir(parents=True)
+        for ext in (".png", ".jpg", ".webp"):
+            (d / "noise" / c / f"x{ext}").write_bytes(noise.bytes(64))
+    (d / "noise.csv").write_bytes(b"path,label\n" + noise.bytes(64).replace(b"\n", b"\xff") + b"\xff")
     return d
 
 
@@ -119,6 +126,8 @@ def data_dir(tmp_path: Path) -> Path:
          r"img_size 18 is not a multiple of the patch size 4 of 'vitkit_nano_p4_16' .*use img_size 16 or 20"),
         (["--data", "digits", "--img-size", "2"], r"img_size 2 .*use img_size 4\b"),
         (["--data", "digits", "--val-fraction", "1.0"], r"field 'val_fraction'"),
+        (["--data", "folder:{d}/noise", "--img-size", "16"], r"folder:.*noise: none of the 6 image files could be read"),
+        (["--data", "csv:{d}/noise.csv"], r"noise\.csv line 2: not UTF-8 text \(byte 0x"),
         # names holding rich markup: printed as typed, not parsed (was a MarkupError traceback)
         (["--data", "folder:{d}/nowhere[/x]"], r"image folder '.*nowhere\[/x\]' does not exist"),
         (["--data", "folder:{d}/markup", "--img-size", "16"], r"one class \('\[bold\]'\)"),
