@@ -20,6 +20,7 @@ from vitkit.runs import (
     CONFIG,
     METRICS,
     RunInfo,
+    check_run_dir,
     load,
     prepare_run_dir,
     read_run,
@@ -102,7 +103,9 @@ def train_model(
         if not (out / "checkpoint.pt").is_file():
             raise VitkitError(f"cannot resume '{out}': no checkpoint.pt there")
     elif is_main:
-        prepare_run_dir(out, force=force)
+        # Only checked here: the directory is created once data and model are known to be good, so
+        # a bad dataset or img_size leaves nothing behind.
+        check_run_dir(out, force=force)
 
     seed_everything(cfg.seed)
     if data is None:
@@ -120,6 +123,8 @@ def train_model(
             objective = t.wrap_objective(objective or default_objective(cfg, data.multilabel))
     _check_head(model, data.train.num_classes, cfg.model)
     if is_main:
+        if not resume:
+            prepare_run_dir(out, force=force)
         write_yaml(out / CONFIG, cfg.model_dump(mode="json"))
         write_yaml(
             out / "classes.yaml",

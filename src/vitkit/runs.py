@@ -56,17 +56,23 @@ class RunInfo:
         return len(self.classes)
 
 
-def prepare_run_dir(path: str | os.PathLike, force: bool = False) -> Path:
-    """Create an empty run directory; refuse to reuse a non-empty one unless ``force``."""
+def check_run_dir(path: str | os.PathLike, force: bool = False) -> None:
+    """Raise the error :func:`prepare_run_dir` would, without creating anything (to fail early)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise VitkitError(f"output '{p}' exists and is not a directory")
+    if p.exists() and any(p.iterdir()) and not force:
+        hint = " (use --resume to continue it)" if (p / CHECKPOINT_NAME).exists() else ""
+        raise VitkitError(
+            f"output directory '{p}' already exists and is not empty; choose another -o or pass --force{hint}"
+        )
+
+
+def prepare_run_dir(path: str | os.PathLike, force: bool = False) -> Path:
+    """Create an empty run directory; refuse to reuse a non-empty one unless ``force``."""
+    p = Path(path)
+    check_run_dir(p, force)
     if p.exists() and any(p.iterdir()):
-        if not force:
-            hint = " (use --resume to continue it)" if (p / CHECKPOINT_NAME).exists() else ""
-            raise VitkitError(
-                f"output directory '{p}' already exists and is not empty; choose another -o or pass --force{hint}"
-            )
         shutil.rmtree(p)
     p.mkdir(parents=True, exist_ok=True)
     return p

@@ -224,3 +224,97 @@ def test_load_eval_data_prefers_test_split(tmp_path):
     x = np.zeros((6, 8, 8), np.uint8)
     np.savez(tmp_path / "a.npz", x=x, y=np.arange(6) % 2)
     assert len(load_eval_data(f"npz:{tmp_path / 'a.npz'}")) == 6
+
+
+def _data_warnings(fn):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(x.message) for x in w if issubclass(x.category, VitkitDataWarning)]
+
+
+def test_small_training_split_warns_and_empty_splits_fail(tmp_path, digits):
+    # the default hold-out and a deliberate --train-size do not warn
+    assert _data_warnings(lambda: load_splits("digits"))[1] == []
+    assert _data_warnings(lambda: load_splits("digits", train_size=100))[1] == []
+    s, w = _data_warnings(lambda: load_splits("digits", val_fraction=0.999))
+    assert len(s.train) == 10 and len(w) == 1
+    assert "only 10 images for 10 classes, fewer than the 1787 held out by val_fraction 0.999" in w[0]
+    # more held out than trained on, though every class keeps plenty
+    s, w = _data_warnings(lambda: load_splits("digits", val_fraction=0.6))
+    assert len(w) == 1 and f"fewer than the {len(s.val)} held out" in w[0]
+    # fewer than 2 training images per class, from a size limit the user asked for
+    assert (
+        "only 10 images for 10 classes" in _data_warnings(lambda: load_splits("digits", train_size=10))[1][0]
+    )
+    x = np.zeros((3, 8, 8), np.uint8)
+    np.savez(tmp_path / "singletons.npz", x=x, y=np.arange(3))
+    with pytest.raises(VitkitError, match=r"val_fraction 0\.2 leaves no validation images"):
+        load_splits(f"npz:{tmp_path / 'singletons.npz'}")
+
+
+def test_training_needs_two_classes(tmp_path, digits):
+    x = np.zeros((6, 8, 8), np.uint8)
+    np.savez(tmp_path / "one.npz", x=x, y=np.zeros(6, int), classes=np.array(["cat", "dog"]))
+    with pytest.raises(VitkitError, match=r"all 6 images are of one class \('cat'\).*at least 2 classes"):
+        load_splits(f"npz:{tmp_path / 'one.npz'}")
+    # evaluation data may hold one class
+    assert len(load_eval_data(f"npz:{tmp_path / 'one.npz'}")) == 6
+    np.savez(tmp_path / "allpos.npz", x=x, y=np.ones((6, 3)))
+    with pytest.raises(VitkitError, match="no class is present in some images and absent in others"):
+        load_splits(f"npz:{tmp_path / 'allpos.npz'}")
+    y = np.ones((6, 3))
+    y[0, 2] = 0  # one class varies: learnable
+    np.savez(tmp_path / "ok.npz", x=x, y=y)
+    with pytest.warns(VitkitDataWarning, match="only 5 images for 3 classes"):  # learnable, but tiny
+        assert load_splits(f"npz:{tmp_path / 'ok.npz'}").multilabel
+    _write_folder(tmp_path / "f", digits, n_per_class=3, classes=(4,))
+    with pytest.raises(VitkitError, match=r"all 3 images are of one class \('class_4'\)"):
+        load_splits(f"folder:{tmp_path / 'f'}", img_size=8)
+
+
+def test_csv_utf8_bom_line_numbers_and_cells(tmp_path, digits):
+    _write_folder(tmp_path / "imgs", digits, n_per_class=2)
+    # a spreadsheet's byte-order mark does not hide the 'path' column
+    bom = "path,label\nimgs/class_0/0.png,a\nimgs/class_1/0.png,b\n".encode("utf-8-sig")
+    (tmp_path / "bom.csv").write_bytes(bom)
+    assert load_source(f"csv:{tmp_path / 'bom.csv'}", img_size=8)["all"].classes == ["a", "b"]
+    # line numbers count physical lines (a quoted label spans two)
+    (tmp_path / "q.csv").write_text('path,label\nimgs/class_0/0.png,"a\nb"\nimgs/nope.png,b\n')
+    with pytest.raises(VitkitError, match=r"q\.csv line 4: image .*nope\.png' not found"):
+        load_source(f"csv:{tmp_path / 'q.csv'}")
+    (tmp_path / "cp1252.csv").write_bytes("path,label\r\nimgs/class_0/0.png,\x93a\x94\r\n".encode("latin-1"))
+    with pytest.raises(
+        VitkitError, match=r"line 2: not UTF-8 text \(byte 0x93 at offset 31\); save the CSV as UTF-8"
+    ):
+        load_source(f"csv:{tmp_path / 'cp1252.csv'}")
+    # a line break inside a cell is shown escaped: the message stays one line
+    (tmp_path / "vt.csv").write_text("path,cat,dog\nimgs/class_0/0.png,1,1\u20280\n")
+    with pytest.raises(VitkitError, match=r"column 'dog' holds '1\\u20280'") as e:
+        load_source(f"csv:{tmp_path / 'vt.csv'}")
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_npz_names_labels_and_values(tmp_path):
+    x = np.zeros((4, 8, 8), np.uint8)
+    # names may list classes that this file has no image of (e.g. a small evaluation set)
+    np.savez(tmp_path / "names.npz", x=x, y=np.array([0, 1, 0, 1]), classes=np.array(["a", "b", "c"]))
+    assert load_source(f"npz:{tmp_path / 'names.npz'}")["all"].classes == ["a", "b", "c"]
+    np.savez(tmp_path / "bytes.npz", x=x, y=np.array([0, 1, 0, 1]), classes=np.array([b"a", b"b"]))
+    assert load_source(f"npz:{tmp_path / 'bytes.npz'}")["all"].classes == ["a", "b"]
+    np.savez(
+        tmp_path / "nanrow.npz", x=np.full((4, 8, 8), 0.5), y=np.array([[0, 1], [1, 0], [0, 1], [1, -1]])
+    )
+    with pytest.raises(
+        VitkitError, match=r"'y' is multi-hot .* found -1 at row 3, column 1 \(1 such values\)"
+    ):
+        load_source(f"npz:{tmp_path / 'nanrow.npz'}")
+    f16 = np.full((4, 8, 8), 1.0, np.float16)
+    np.savez(tmp_path / "f16.npz", x=f16, y=np.array([0, 1, 0, 1]))
+    assert int(load_source(f"npz:{tmp_path / 'f16.npz'}")["all"].images.max()) == 255
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the NaN cast warning of numpy is gone: it is an error now
+        f16[1, 2, 3] = np.nan
+        np.savez(tmp_path / "f16.npz", x=f16, y=np.array([0, 1, 0, 1]))
+        with pytest.raises(VitkitError, match=r"'x' holds 1 NaN/inf value\(s\), the first in image 1"):
+            load_source(f"npz:{tmp_path / 'f16.npz'}")

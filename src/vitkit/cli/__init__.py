@@ -8,6 +8,7 @@ import sys
 import warnings
 
 import typer
+from rich.markup import escape
 
 from vitkit.errors import VitkitError
 from vitkit.progress import console
@@ -32,8 +33,9 @@ def _register() -> None:
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
+    # soft_wrap: one line however long (paths); escape: '[...]' in a file or class name is not markup.
     if int(os.environ.get("RANK", "0")) == 0:
-        console.print(f"[yellow]warning:[/] {message}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def _exit_code(code: object) -> int:
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return _exit_code(e.code)
     except VitkitError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # escape: a user's '[/x]' in a path would otherwise raise rich's MarkupError here.
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:  # during start-up (imports), before typer handles it
         console.print("[red]interrupted[/]", highlight=False)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from vitkit.data.dataset import DataSplits, ImageDataset
-from vitkit.data.sources import build_mosaic, load_source, parse_uri
+from vitkit.data.sources import VitkitDataWarning, _show, build_mosaic, load_source, parse_uri
 from vitkit.errors import VitkitError
 
 
@@ -108,17 +109,33 @@ def load_splits(
             {**inner.description, "uri": uri, "mosaic": True},
         )
     sources = load_source(uri, img_size=img_size, strict=strict)
+    lopsided = ""
     if "train" in sources:
         train = sources["train"]
+        check_classes(train, uri)
         val = sources.get("val") or sources.get("test")
         how = "official split"
     else:
+        check_classes(sources["all"], uri)
         train, val = stratified_split(sources["all"], val_fraction, seed)
         how = f"stratified {val_fraction:.0%} hold-out, seed {seed}"
+        if len(val) == 0:
+            raise VitkitError(
+                f"{uri}: val_fraction {val_fraction:g} leaves no validation images: no class has 2 or more images "
+                f"({len(sources['all'])} images, {sources['all'].num_classes} classes); add images, or give a "
+                "folder with train/ and val/"
+            )
+        # Judged before --train-size/--longtail shrink the training split on purpose.
+        if len(train) < len(val):
+            lopsided = (
+                f", fewer than the {len(val)} held out by val_fraction {val_fraction:g} "
+                "(a hold-out of 0.1-0.3 is usual)"
+            )
     if longtail is not None:
         train = longtail_subset(train, longtail, seed)
     train = limit_size(train, train_size, seed)
     val = limit_size(val, val_size, seed)
+    _warn_small_train(train, uri, lopsided)
     train.name = val.name = uri
     return DataSplits(
         train,
@@ -126,6 +143,47 @@ def load_splits(
         None,
         {"uri": uri, "validation": how, "train_size": len(train), "val_size": len(val), "longtail": longtail},
     )
+
+
+def check_classes(data: ImageDataset, uri: str) -> None:
+    """A training set must give a classifier something to tell apart: ≥ 2 classes that have images.
+
+    With one class the loss goes to 0 and top-1 to 1.0 without anything being learned.
+    """
+    if data.multilabel:
+        t = data.targets
+        varies = (t.amax(0) != t.amin(0)) if len(t) else torch.zeros(t.shape[1], dtype=torch.bool)
+        if not bool(varies.any()):
+            raise VitkitError(
+                f"{uri}: no class is present in some images and absent in others ({len(t)} images, "
+                f"{t.shape[1]} classes); multi-label training needs at least one class that varies"
+            )
+        return
+    present = [c for c, n in zip(data.classes, data.class_counts()) if n > 0]
+    if len(present) < 2:
+        which = f"of one class ('{_show(present[0])}')" if present else "without a class"
+        raise VitkitError(
+            f"{uri}: all {len(data)} images are {which}; a classifier needs images of at least 2 classes"
+        )
+
+
+# A training split with fewer than 2 images per class leaves some class with a single example (with
+# val_fraction 0.999 every class has exactly one): nothing to learn but that image. Scaled by the
+# class count because a fixed count (say 50) would flag small deliberate experiments on 2-3 classes
+# and miss a 1000-class set with 50 images.
+_MIN_TRAIN_PER_CLASS = 2
+
+
+def _warn_small_train(train: ImageDataset, uri: str, lopsided: str) -> None:
+    n, c = len(train), train.num_classes
+    if n == 0:
+        raise VitkitError(f"{uri}: the training split has no images")
+    if n < _MIN_TRAIN_PER_CLASS * c or lopsided:
+        warnings.warn(
+            f"{uri}: the training split has only {n} images for {c} classes{lopsided}",
+            VitkitDataWarning,
+            stacklevel=3,
+        )
 
 
 def load_eval_data(uri: str, img_size: int | None = None, strict: bool = False) -> ImageDataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from typing import Any
 
@@ -87,10 +88,41 @@ def create_model(
             ) from e
         raise VitkitError(f"could not build '{name}' with {build_kwargs}: {str(e).splitlines()[0]}") from e
 
+    if img_size is not None:
+        _check_patch_grid(model, name, int(img_size))
     if unfused_attention:
         use_vitkit_attention(model)
     set_manifest(model, Manifest(name=name, kwargs=build_kwargs))
     return model
+
+
+def _check_patch_grid(model: nn.Module, name: str, img_size: int) -> None:
+    """Refuse an ``img_size`` that is not a multiple of the patch size.
+
+    timm's patch embedding is a conv with stride = patch size and builds its grid with floor
+    division, so at 18 px with 4 px patches it silently ignores the last 2 pixel rows and columns.
+    Padding instead needs both ``dynamic_img_pad`` and ``dynamic_img_size`` (with the pad alone the
+    position embedding is one row short and the forward pass fails), so only that pair is let through.
+    """
+    from timm.layers import PatchEmbed
+
+    pe = getattr(model, "patch_embed", None)
+    if not isinstance(pe, PatchEmbed) or pe.img_size is None:
+        return  # hybrid/conv stems: their own stride arithmetic
+    if getattr(pe, "dynamic_img_pad", False) and getattr(model, "dynamic_img_size", False):
+        return
+    ph, pw = pe.patch_size
+    step = math.lcm(ph, pw)
+    if img_size % step == 0:
+        return
+    lower, upper = img_size // step * step, (img_size // step + 1) * step
+    sizes = f"{lower} or {upper}" if lower > 0 else str(upper)
+    patch = str(ph) if ph == pw else f"{ph}x{pw}"
+    raise VitkitError(
+        f"img_size {img_size} is not a multiple of the patch size {patch} of '{name}' (the patch embedding "
+        f"would silently drop the last {img_size % step} pixel rows and columns); use img_size {sizes}, or "
+        "model_kwargs dynamic_img_pad and dynamic_img_size true to pad"
+    )
 
 
 def _set_input_size(model: nn.Module, img_size: int, in_chans: int | None = None) -> None:
