@@ -29,6 +29,7 @@ from vitkit.train.checkpoint import (
     CHECKPOINT_NAME,
     capture_rng,
     check_compatible,
+    clean_stale_temps,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -270,6 +271,8 @@ def fit(
         if ckpt_path is None:
             raise VitkitError("resume=True needs a run directory holding checkpoint.pt")
         state = load_checkpoint(ckpt_path)
+        if dist.is_main:
+            clean_stale_temps(run_dir)  # a killed run's half-written checkpoint temp files
         check_compatible(raw_model.state_dict(), state["model"], str(ckpt_path))
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
