@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from vitkit.cli import app
+from vitkit.io import check_output
 from vitkit.progress import console
 
 Opt = typer.Option
@@ -30,6 +31,9 @@ def bench(
     output: Path | None = Opt(None, "-o", "--output", help="write all runs' results as JSON here"),
 ) -> None:
     """Latency (batch 1, p50/p90), throughput, memory, parameters and FLOPs in each runtime, vs plain timm."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "file")
     from rich.table import Table
 
     from vitkit.deploy import BenchConfig

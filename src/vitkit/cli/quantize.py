@@ -6,6 +6,7 @@ from typing import Optional
 import typer
 
 from vitkit.cli import app
+from vitkit.io import check_output
 from vitkit.progress import console
 
 Opt = typer.Option
@@ -48,6 +49,8 @@ def quantize(
     device: str = Opt("cpu"),
 ) -> None:
     """Post-training quantization of a run into a new run (simulated INT-k; writes quant.json)."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    check_output(output, "dir", force=force)
     from vitkit.compress.quant.run import quantize_run
     from vitkit.errors import VitkitError
 

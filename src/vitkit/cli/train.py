@@ -7,6 +7,7 @@ import typer
 
 from vitkit.cli import app
 from vitkit.errors import VitkitError
+from vitkit.io import check_output
 from vitkit.progress import console
 
 Opt = typer.Option
@@ -152,6 +153,8 @@ def train(
     else:
         if output is None:
             raise VitkitError("say where to write the run with -o/--output (e.g. -o runs/a)")
+        if _is_main():  # other ranks find the directory rank 0 made
+            check_output(output, "dir", force=force)
         cfg = build_config(config, **overrides)
     compressed = exits is not None or repavit is not None or linear_attention
     if compressed and resume is not None:
@@ -242,6 +245,9 @@ def evaluate(
     ),
 ) -> None:
     """Evaluate a run: top-1/5, per-class, balanced, many/medium/few-shot, macro-F1, ECE (AUROC/mAP for multi-label)."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "dir")
     from vitkit.api import evaluate_run
 
     if probe is not None:
