@@ -77,8 +77,11 @@ def bench(
                 f"{mem:.1f}" if mem is not None else "",
             )
     console.print(table)
-    if save:
-        console.print(f"written: RUN/{BENCH_JSON} and RUN/{BENCH_PNG} for each run")
+    if save:  # the real paths, one line per run (was a literal "RUN/bench.json")
+        for run in runs:
+            console.print(
+                f"written: {Path(run) / BENCH_JSON}, {Path(run) / BENCH_PNG}", highlight=False, soft_wrap=True
+            )
     if output is not None:
         write_json(output, report)
         console.print(f"written: {output}")

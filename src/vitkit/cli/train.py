@@ -184,11 +184,9 @@ def train(
         _print_summary(run.path, run.metrics)
 
 
-def _print_summary(
-    path: Path,
-    metrics: dict,
-    written: str = "model.json, model.safetensors, metrics.json, history.csv, confusion_matrix.png",
-) -> None:
+def _print_summary(path: Path, metrics: dict, written: list[str] | None = None) -> None:
+    """The metrics table and the files this command wrote: ``written`` (those of them that exist),
+    or, for a new run directory, what is in it (which files depend on the task and the options)."""
     from rich.table import Table
 
     groups = metrics.get("shot_classes") or {}
@@ -217,9 +215,11 @@ def _print_summary(
             continue
         t.add_row(key, f"{v:.4f}" if isinstance(v, float) and key != "train_seconds" else str(v))
     console.print(t)
-    console.print(
-        f"written: {path}/ (model.json, model.safetensors, metrics.json, history.csv, confusion_matrix.png)"
-    )
+    if written is None:
+        names = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    else:
+        names = [w for w in written if (path / w).is_file()]
+    console.print(f"written: {path}/ ({', '.join(names)})")
 
 
 @app.command(rich_help_panel="Evaluate")
@@ -260,7 +260,11 @@ def evaluate(
             output=output,
             device=device,
         )
-        _print_summary(out, {"top1": result.top1, "balanced_accuracy": result.balanced_accuracy})
+        _print_summary(
+            out,
+            {"top1": result.top1, "balanced_accuracy": result.balanced_accuracy},
+            written=["metrics.json"],
+        )
         return
     if exit_threshold is not None:
         from vitkit.compress.stages import evaluate_exit_run
@@ -279,7 +283,9 @@ def evaluate(
         strict=strict,
         device=device,
     )
-    _print_summary(out, metrics, written="metrics.json, confusion_matrix.png")
+    # confusion_matrix.png only for single-label data; an older one in `out` is not ours to list
+    cm = ["confusion_matrix.png"] if "confusion_matrix" in metrics else []
+    _print_summary(out, metrics, written=["metrics.json", *cm])
 
 
 def _print_exit_summary(path: Path, m: dict) -> None:
