@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitkit import __version__
-from vitkit.errors import VitkitError
+from vitkit.errors import VitkitError, upstream_reason
 from vitkit.io import atomic_path, owned_output_dir, read_json, write_json
 from vitkit.models import Manifest, create_model, get_manifest, set_manifest
 from vitkit.registry import get_transform
@@ -173,9 +173,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     try:
         state = load_file(str(p))
     except (SafetensorError, OSError, ValueError) as e:
-        raise VitkitError(
-            f"'{p}' is truncated or not a safetensors file ({str(e).splitlines()[0][:120]})"
-        ) from e
+        raise VitkitError(f"'{p}' is truncated or not a safetensors file ({upstream_reason(e, 120)})") from e
     check_compatible(model.state_dict(), state, str(p))
     model.load_state_dict(state)
     return model

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitkit.errors import VitkitError
+from vitkit.errors import VitkitError, upstream_reason
 from vitkit.io import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -98,9 +98,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, ...
-        raise VitkitError(
-            f"'{p}' is not a readable vitkit checkpoint ({str(e).splitlines()[0][:160]})"
-        ) from e
+        raise VitkitError(f"'{p}' is not a readable vitkit checkpoint ({upstream_reason(e)})") from e
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise VitkitError(f"'{p}' is not a vitkit checkpoint of version {CHECKPOINT_VERSION}")
     return state
