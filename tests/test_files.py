@@ -140,3 +140,35 @@ def test_kept_when_a_checkpoint_exists(tmp_path):
         torch.save({}, p / "checkpoint.pt")
         raise KeyboardInterrupt
     assert (tmp_path / "r" / "checkpoint.pt").is_file()
+
+
+def test_failed_writes_leave_no_new_parent_folders(tmp_path):
+    from vitkit.analyze.common import output_dir
+    from vitkit.io import write_atomic
+
+    def boom(p):
+        raise RuntimeError("writer failed")
+
+    with pytest.raises(RuntimeError):
+        write_atomic(tmp_path / "a" / "b" / "f.json", boom)
+    with pytest.raises(RuntimeError), output_dir(tmp_path / "c" / "d" / "analysis"):
+        raise RuntimeError("analysis failed")
+    assert list(tmp_path.iterdir()) == []
+    # a folder that was there stays
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(RuntimeError):
+        write_atomic(tmp_path / "keep" / "f.json", boom)
+    assert (tmp_path / "keep").is_dir()
+
+
+def test_api_checks_the_output_before_the_work(tmp_path):
+    from vitkit.compress.quant.run import quantize_run
+    from vitkit.deploy.report import write_report
+
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "f").write_text("x")
+    # the run does not exist: only an output check that comes first can produce these messages
+    with pytest.raises(VitkitError, match="is an existing directory; expected a file"):
+        write_report([tmp_path / "no-run"], tmp_path / "adir")
+    with pytest.raises(VitkitError, match="is an existing file; expected a directory"):
+        quantize_run(tmp_path / "no-run", tmp_path / "f")

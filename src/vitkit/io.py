@@ -60,11 +60,13 @@ def make_temp_dir(prefix: str, dir: str | os.PathLike, suffix: str = ".tmp") -> 
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
+    created = first_missing(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     mode = file_mode()
+    ok = False
     try:
         yield tmp_path
         # mkstemp creates 0600 (and some writers, e.g. safetensors, recreate the file 0600); the
@@ -75,9 +77,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+        ok = True
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+        if not ok and created is not None:
+            remove_empty_dirs(path.parent, created)  # a failed write leaves no new empty folders
+
+
+def remove_empty_dirs(start: Path, top: Path) -> None:
+    """Remove ``start`` and its parents up to and including ``top`` while they are empty (the folders
+    a failed command created; a folder someone else has written into meanwhile is kept)."""
+    p, top = start.absolute(), top.absolute()
+    while True:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == top or p.parent == p:
+            return
+        p = p.parent
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
@@ -162,7 +181,7 @@ def check_output(
     return p
 
 
-def _first_missing(path: Path) -> Path | None:
+def first_missing(path: Path) -> Path | None:
     """The topmost directory of ``path`` that does not exist yet (what mkdir(parents=True) would create)."""
     p = path.absolute()
     if p.exists():
@@ -188,7 +207,7 @@ def owned_output_dir(
     Interrupts (KeyboardInterrupt) count as failures too.
     """
     p = Path(path)
-    created = _first_missing(p)
+    created = first_missing(p)
     before: set[str] | None = None  # None until ``prepare`` succeeded: then nothing of ours is inside yet
     try:
         if prepare is not None:

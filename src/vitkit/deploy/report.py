@@ -331,8 +331,9 @@ def build_report(runs: list[str | os.PathLike], title: str = "vitkit report") ->
 
 
 def write_report(runs: list[str | os.PathLike], output: str | os.PathLike) -> list[str]:
-    from vitkit.io import write_text
+    from vitkit.io import check_output, write_text
 
+    check_output(output, "file")  # before the rendering, which takes a while for many runs
     text, warnings = build_report(runs)
     write_text(output, text)
     return warnings

@@ -22,7 +22,7 @@ import torch
 from vitkit.compress.quant.config import QuantConfig, make_config
 from vitkit.compress.quant.transform import REPORT_ATTR, quantize
 from vitkit.errors import VitkitError
-from vitkit.io import write_json, write_text
+from vitkit.io import check_output, write_json, write_text
 from vitkit.models import get_manifest, model_input_size
 from vitkit.runs import CONFIG, new_run_dir, read_run, save_model, write_metrics
 
@@ -118,6 +118,8 @@ def quantize_run(
             f"--deploy torch-x86 is INT8 only: use --preset w8a8 without mixed precision (got W{cfg.w_bits}A{cfg.a_bits}"
             f"{', layer_bits' if cfg.layer_bits or cfg.mixed_precision else ''})"
         )
+    # Before the calibration: a bad output must not cost minutes of work first (the API, not only the CLI).
+    check_output(output, "dir", force=force)
     src = Path(run_dir)
     info = read_run(src)
     if Path(output).resolve() == src.resolve():
