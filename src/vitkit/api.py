@@ -22,12 +22,13 @@ from vitkit.runs import (
     RunInfo,
     check_run_dir,
     load,
-    prepare_run_dir,
+    new_run_dir,
     read_run,
     save_model,
     write_metrics,
 )
 from vitkit.train import TrainConfig, build_config, evaluate, fit, save_confusion_matrix
+from vitkit.train.checkpoint import clean_stale_temps
 from vitkit.train.loop import default_objective
 from vitkit.train.objectives import Objective
 
@@ -103,10 +104,28 @@ def train_model(
         if not (out / "checkpoint.pt").is_file():
             raise VitkitError(f"cannot resume '{out}': no checkpoint.pt there")
     elif is_main:
-        # Only checked here: the directory is created once data and model are known to be good, so
-        # a bad dataset or img_size leaves nothing behind.
-        check_run_dir(out, force=force)
+        check_run_dir(out, force=force)  # before any work: a wrong -o fails in a second
+        # Undone if training fails before its first checkpoint (see new_run_dir): a bad dataset, img_size
+        # or a NaN loss in the first epoch leaves nothing behind.
+        with new_run_dir(out, force=force):
+            return _train_into(
+                cfg, transforms, out, objective, model, data, resume, quiet, stop_after_epoch, is_main
+            )
+    return _train_into(cfg, transforms, out, objective, model, data, resume, quiet, stop_after_epoch, is_main)
 
+
+def _train_into(
+    cfg: TrainConfig,
+    transforms: list,
+    out: Path,
+    objective: Objective | None,
+    model: nn.Module | None,
+    data: DataSplits | None,
+    resume: bool,
+    quiet: bool,
+    stop_after_epoch: int | None,
+    is_main: bool,
+) -> TrainedRun:
     seed_everything(cfg.seed)
     if data is None:
         data = data_splits_for(
@@ -123,8 +142,6 @@ def train_model(
             objective = t.wrap_objective(objective or default_objective(cfg, data.multilabel))
     _check_head(model, data.train.num_classes, cfg.model)
     if is_main:
-        if not resume:
-            prepare_run_dir(out, force=force)
         write_yaml(out / CONFIG, cfg.model_dump(mode="json"))
         write_yaml(
             out / "classes.yaml",
@@ -175,6 +192,7 @@ def train_model(
         if "confusion_matrix" in metrics:
             save_confusion_matrix(metrics["confusion_matrix"], data.classes, out / "confusion_matrix.png")
         write_metrics(out, metrics)
+        clean_stale_temps(out)  # left by a process killed mid-write in an earlier session
     return TrainedRun(out, final, metrics, result.history)
 
 

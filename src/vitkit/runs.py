@@ -14,9 +14,11 @@ checkpoint but no ``model.safetensors``; :func:`load` says so instead of loading
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitkit import __version__
-from vitkit.errors import VitkitError
-from vitkit.io import atomic_path, read_json, write_json
+from vitkit.errors import VitkitError, upstream_reason
+from vitkit.io import atomic_path, owned_output_dir, read_json, write_json
 from vitkit.models import Manifest, create_model, get_manifest, set_manifest
 from vitkit.registry import get_transform
 from vitkit.train.checkpoint import CHECKPOINT_NAME, check_compatible
@@ -76,6 +78,23 @@ def prepare_run_dir(path: str | os.PathLike, force: bool = False) -> Path:
         shutil.rmtree(p)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+@contextlib.contextmanager
+def new_run_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """:func:`prepare_run_dir` for the block that fills the run; if the block fails, the run is undone.
+
+    A run that failed before its first checkpoint (bad data, NaN loss in epoch 1, Ctrl-C twice)
+    leaves no directory (or, in a directory that was already there, none of its files), so the
+    rerun needs no --force: nothing in it could have been resumed. A run with ``checkpoint.pt`` is
+    kept as it is, for ``--resume``.
+    """
+    with owned_output_dir(
+        path,
+        prepare=lambda: prepare_run_dir(path, force=force),
+        keep_if=lambda p: (p / CHECKPOINT_NAME).is_file(),
+    ) as p:
+        yield p
 
 
 def save_weights(path: str | os.PathLike, model: nn.Module) -> None:
@@ -160,9 +179,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     try:
         state = load_file(str(p))
     except (SafetensorError, OSError, ValueError) as e:
-        raise VitkitError(
-            f"'{p}' is truncated or not a safetensors file ({str(e).splitlines()[0][:120]})"
-        ) from e
+        raise VitkitError(f"'{p}' is truncated or not a safetensors file ({upstream_reason(e, 120)})") from e
     check_compatible(model.state_dict(), state, str(p))
     model.load_state_dict(state)
     return model

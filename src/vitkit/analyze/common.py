@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from torch import nn
 
 from vitkit.data import BatchTransform, ImageDataset
 from vitkit.errors import VitkitError
+from vitkit.io import dir_mode, file_mode, first_missing, make_temp_dir, remove_empty_dirs
 from vitkit.models import model_input_size, model_name, model_normalization
 
 
@@ -137,12 +137,21 @@ def output_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build an output directory in a hidden sibling and swap it into place only if the block succeeds,
     so readers see the old complete directory or the new complete one, never a half-written one."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not final.is_dir():
         raise VitkitError(f"output '{final}' exists and is not a directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    created = first_missing(final.parent)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # mkdtemp makes 0700 and the rename keeps it: make_temp_dir gives the umask's mode instead.
+    tmp = make_temp_dir(f".{final.name}.", final.parent)
+    ok = False
     try:
         yield tmp
+        # Writers that bypass atomic_path (e.g. safetensors' save_file) create 0600 files; everything
+        # in here is ours, so give it the modes the umask asks for before it becomes visible.
+        fmode, dmode = file_mode(), dir_mode()
+        for sub in tmp.rglob("*"):
+            if not sub.is_symlink():
+                os.chmod(sub, dmode if sub.is_dir() else fmode)
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -150,9 +159,12 @@ def output_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        ok = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not ok and created is not None:
+            remove_empty_dirs(final.parent, created)  # the parents made for an output never written
 
 
 def save_figure(fig: Any, path: str | os.PathLike) -> Path:

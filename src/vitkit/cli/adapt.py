@@ -8,6 +8,7 @@ from typing import Optional
 from vitkit.cli import app
 from vitkit.cli.options import Arg, Opt
 from vitkit.errors import VitkitError
+from vitkit.io import check_output
 from vitkit.progress import console
 
 
@@ -81,6 +82,8 @@ def pretrain(
     quiet: bool = Opt(False, "--quiet", "-q"),
 ) -> None:
     """Self-supervised pretraining (MAE) or ExPLoRA stage 1; writes the encoder as a plain timm run."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    check_output(output, "dir", force=force)
     from vitkit.pretrain.presets import get_recipe, with_recipe
     from vitkit.train import build_config
 
@@ -202,6 +205,8 @@ def finetune(
     quiet: bool = Opt(False, "--quiet", "-q"),
 ) -> None:
     """Fine-tune a pretrained run, fully (layer-wise LR decay) or parameter-efficiently."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    check_output(output, "dir", force=force)
     from vitkit.adapt.finetune import finetune as finetune_api
 
     peft_cfg = {

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vitkit.cli import app
 from vitkit.cli.options import Arg, Opt
+from vitkit.io import check_output
 from vitkit.progress import console
 
 PANEL = "Analyze"
@@ -51,6 +52,9 @@ def attack(
     device: str = Opt("cpu"),
 ) -> None:
     """Adversarial robustness in pixel space: clean vs robust accuracy and attack success rate."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "dir")
     from vitkit.analyze.common import parse_number
     from vitkit.analyze.reports import run_attack
 
@@ -119,6 +123,9 @@ def perturb(
     device: str = Opt("cpu"),
 ) -> None:
     """Natural corruptions on k grid-aligned patches (and the patch attack) vs attention temperature."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "dir")
     from vitkit.analyze.common import parse_list
     from vitkit.analyze.reports import run_perturb
 
@@ -168,6 +175,9 @@ def similarity(
     device: str = Opt("cpu"),
 ) -> None:
     """Layer × layer CKA / RSA between two models (float64, features from forward_intermediates)."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "dir")
     from vitkit.analyze.common import parse_list
     from vitkit.analyze.reports import run_similarity
 
@@ -210,6 +220,9 @@ def attention(
 ) -> None:
     """Attention maps of any layer/head and rollout, overlaid on the images (EViT / ToMe runs: also
     which patches each reduction block kept, fused or merged)."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "dir")
     from vitkit.analyze.common import parse_list
     from vitkit.analyze.reports import run_attention
 
@@ -258,6 +271,9 @@ def artifacts(
     device: str = Opt("cpu"),
 ) -> None:
     """Position artifacts (DVT): position-locked map Ĝ, its variance share, shift test, high-norm tokens."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "dir")
     from vitkit.analyze.reports import run_artifacts
 
     doc, out = run_artifacts(
@@ -306,6 +322,8 @@ def mil(
     device: str = Opt("cpu"),
 ) -> None:
     """Gated-attention multiple-instance learning over frozen ViT features: bag AUC and instance attention."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    check_output(output, "dir")
     from vitkit.analyze.reports import run_mil
 
     doc, out = run_mil(

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from vitkit.cli import app
 from vitkit.cli.options import Arg, Opt
+from vitkit.io import check_output
 from vitkit.progress import console, current_stage
 
 
@@ -12,7 +13,8 @@ from vitkit.progress import console, current_stage
 def bench(
     runs: list[Path] = Arg(..., help="run directories"),
     threads: int | None = Opt(
-        None, help="torch and onnxruntime threads, recorded [default: chosen from the model size and free cores]"
+        None,
+        help="torch and onnxruntime threads, recorded [default: chosen from the model size and free cores]",
     ),
     repeats: int = Opt(5, help="timed rounds (≥ 5 recommended)"),
     batch: int = Opt(64, help="throughput batch size"),
@@ -30,6 +32,9 @@ def bench(
     output: Path | None = Opt(None, "-o", "--output", help="write all runs' results as JSON here"),
 ) -> None:
     """Latency (batch 1, p50/p90), throughput, memory, parameters and FLOPs in each runtime, vs plain timm."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "file")
     from rich.table import Table
 
     from vitkit.deploy import BenchConfig
@@ -80,8 +85,11 @@ def bench(
     table.title = (f"bench ({'/'.join(map(str, used))} threads, median of {repeats} rounds, "
                    "spread = min–max)")  # fmt: skip
     console.print(table)
-    if save:
-        console.print(f"written: RUN/{BENCH_JSON} and RUN/{BENCH_PNG} for each run")
+    if save:  # the real paths, one line per run (was a literal "RUN/bench.json")
+        for run in runs:
+            console.print(
+                f"written: {Path(run) / BENCH_JSON}, {Path(run) / BENCH_PNG}", highlight=False, soft_wrap=True
+            )
     if output is not None:
         write_json(output, report)
         console.print(f"written: {output}")

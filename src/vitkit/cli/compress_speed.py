@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vitkit.cli import app
 from vitkit.cli.options import Arg, Opt
+from vitkit.io import check_output
 from vitkit.progress import console
 
 PANEL = "Compress"
@@ -41,6 +42,9 @@ def reduce_tokens(
     force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
 ) -> None:
     """Token reduction: EViT (top-k by class attention + fused token) or ToMe (bipartite merging)."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "dir", force=force)
     from vitkit.compress._blocks import parse_int_list
     from vitkit.compress.stages import reduce_tokens_run
     from vitkit.errors import VitkitError
@@ -75,6 +79,9 @@ def prune(
     force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
 ) -> None:
     """Prune a run: heads + MLP channels (real speed), LPViT tiles or DIMAP weights (FLOPs only on CPU)."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "dir", force=force)
     from vitkit.compress.stages import prune_run
     from vitkit.errors import VitkitError
 
@@ -97,6 +104,9 @@ def reparam(
     force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
 ) -> None:
     """RePaViT: fold the channel-idle FFN (and its BatchNorms) into its smaller inference form."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "dir", force=force)
     from vitkit.compress.stages import reparam_run
     from vitkit.errors import VitkitError
 
@@ -115,6 +125,9 @@ def compare(
     batch: int = Opt(64, help="throughput batch size"),
 ) -> None:
     """Accuracy and speed of several runs side by side (same process, interleaved), with a plot."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "dir")
     from rich.table import Table
 
     from vitkit.compress.stages import compare_runs

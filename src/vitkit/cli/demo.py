@@ -5,6 +5,7 @@ from pathlib import Path
 
 from vitkit.cli import app
 from vitkit.cli.options import Opt
+from vitkit.io import check_output
 from vitkit.progress import console
 
 
@@ -19,6 +20,8 @@ def demo(
     force: bool = Opt(False, "--force", help="rerun every stage, even unchanged completed ones"),
 ) -> None:
     """The lifecycle on the embedded digits: CNN teacher, distilled ViT, export + INT8, token reduction, W8A8/W4A4, attack, bench, report."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    check_output(output, "dir")
     from rich.table import Table
 
     from vitkit.demo import best_deployed_graph, run_demo_pipeline

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from vitkit.cli import app
 from vitkit.cli.options import Arg, Opt
+from vitkit.io import check_output
 from vitkit.progress import console
 
 
@@ -63,6 +64,8 @@ def report(
     output: Path = Opt(Path("report.html"), "-o", "--output", help="HTML file to write"),
 ) -> None:
     """One self-contained HTML page: lineage, curves, metrics, confusion matrix, Pareto plot, analyses."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    check_output(output, "file")
     from vitkit.deploy.report import write_report
 
     for w in write_report(runs, output):

@@ -7,6 +7,7 @@ import typer
 from vitkit.cli import app
 from vitkit.cli.options import Arg, Opt
 from vitkit.errors import VitkitError
+from vitkit.io import check_output
 from vitkit.progress import console
 
 
@@ -85,6 +86,9 @@ def distill(
     tensorboard: bool | None = Opt(None, "--tensorboard/--no-tensorboard"),
 ) -> None:
     """Distil a teacher into a student: DeiT token distillation, DeiT-LT (long-tailed data), G2SD or ScaleKD feature distillation."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "dir", force=force)
     from vitkit.distill.run import distill as run_distill
     from vitkit.train import TrainingInterrupted, build_config
 
@@ -240,6 +244,9 @@ def evaluate_heads_cmd(
     device: str = Opt("cpu"),
 ) -> None:
     """Evaluate the CLS head, the DIST head and their mean of a distilled run (many/medium/few-shot each)."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "dir")
     from vitkit.distill.run import evaluate_run_heads
 
     metrics, out = evaluate_run_heads(

@@ -5,6 +5,7 @@ from typing import Optional
 
 from vitkit.cli import app
 from vitkit.cli.options import Arg, Opt
+from vitkit.io import check_output
 from vitkit.progress import console
 
 PRESETS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a4": (4, 4), "w3a3": (3, 3)}
@@ -45,6 +46,8 @@ def quantize(
     device: str = Opt("cpu"),
 ) -> None:
     """Post-training quantization of a run into a new run (simulated INT-k; writes quant.json)."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    check_output(output, "dir", force=force)
     from vitkit.compress.quant.run import quantize_run
     from vitkit.errors import VitkitError
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from vitkit.cli import app
 from vitkit.cli.options import Opt
 from vitkit.errors import VitkitError
+from vitkit.io import check_output
 from vitkit.progress import console
 
 
@@ -45,6 +46,9 @@ def rank_configs_cmd(
     force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
 ) -> None:
     """Rank (depth, width, heads, patch) ViT configurations by As-ViT's complexity proxy at init."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "dir", force=force)
     from vitkit.smalldata.rank import config_grid, plot_ranking, rank_configs
 
     specs = config_grid(
@@ -66,15 +70,14 @@ def rank_configs_cmd(
         seed=seed,
         threads=threads,
     )
-    out = None
-    if output is not None:
-        from vitkit.runs import prepare_run_dir
-
-        out = prepare_run_dir(output, force=force)
     result = rank_configs(specs, cfg)
     _print(result)
-    if out is not None:
+    if output is not None:
         from vitkit.io import write_json, write_text
+        from vitkit.runs import prepare_run_dir
+
+        # Created only now, after the work: a failed ranking leaves no empty directory behind.
+        out = prepare_run_dir(output, force=force)
 
         write_json(out / "ranking.json", result.to_dict())
         write_text(out / "ranking.csv", _csv(result.rows))

@@ -10,6 +10,7 @@ from vitkit.cli.options import Arg, Opt
 from vitkit.cli.options import ConfigOpt as C
 from vitkit.config.train import TrainConfig
 from vitkit.errors import VitkitError
+from vitkit.io import check_output
 from vitkit.progress import console
 
 
@@ -143,6 +144,8 @@ def train(
     else:
         if output is None:
             raise VitkitError("say where to write the run with -o/--output (e.g. -o runs/a)")
+        if _is_main():  # other ranks find the directory rank 0 made
+            check_output(output, "dir", force=force)
         cfg = build_config(config, **overrides)
     compressed = exits is not None or repavit is not None or linear_attention
     if compressed and resume is not None:
@@ -172,11 +175,9 @@ def train(
         _print_summary(run.path, run.metrics)
 
 
-def _print_summary(
-    path: Path,
-    metrics: dict,
-    written: str = "model.json, model.safetensors, metrics.json, history.csv, confusion_matrix.png",
-) -> None:
+def _print_summary(path: Path, metrics: dict, written: list[str] | None = None) -> None:
+    """The metrics table and the files this command wrote: ``written`` (those of them that exist),
+    or, for a new run directory, what is in it (which files depend on the task and the options)."""
     from rich.table import Table
 
     groups = metrics.get("shot_classes") or {}
@@ -205,9 +206,11 @@ def _print_summary(
             continue
         t.add_row(key, f"{v:.4f}" if isinstance(v, float) and key != "train_seconds" else str(v))
     console.print(t)
-    console.print(
-        f"written: {path}/ (model.json, model.safetensors, metrics.json, history.csv, confusion_matrix.png)"
-    )
+    if written is None:
+        names = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    else:
+        names = [w for w in written if (path / w).is_file()]
+    console.print(f"written: {path}/ ({', '.join(names)})")
 
 
 @app.command(rich_help_panel="Evaluate")
@@ -233,6 +236,9 @@ def evaluate(
     ),
 ) -> None:
     """Evaluate a run: top-1/5, per-class, balanced, many/medium/few-shot, macro-F1, ECE (AUROC/mAP for multi-label)."""
+    # Before any loading or computing: a bad -o must not cost minutes of work first.
+    if output is not None:
+        check_output(output, "dir")
     from vitkit.api import evaluate_run
 
     if probe is not None:
@@ -245,7 +251,11 @@ def evaluate(
             output=output,
             device=device,
         )
-        _print_summary(out, {"top1": result.top1, "balanced_accuracy": result.balanced_accuracy})
+        _print_summary(
+            out,
+            {"top1": result.top1, "balanced_accuracy": result.balanced_accuracy},
+            written=["metrics.json"],
+        )
         return
     if exit_threshold is not None:
         from vitkit.compress.stages import evaluate_exit_run
@@ -264,7 +274,9 @@ def evaluate(
         strict=strict,
         device=device,
     )
-    _print_summary(out, metrics, written="metrics.json, confusion_matrix.png")
+    # confusion_matrix.png only for single-label data; an older one in `out` is not ours to list
+    cm = ["confusion_matrix.png"] if "confusion_matrix" in metrics else []
+    _print_summary(out, metrics, written=["metrics.json", *cm])
 
 
 def _print_exit_summary(path: Path, m: dict) -> None:

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitkit import io
 from vitkit.data import DataSplits
 from vitkit.errors import VitkitError
 from vitkit.io import write_json, write_yaml
 from vitkit.models import count_parameters, get_manifest, model_input_size
-from vitkit.runs import CONFIG, load, prepare_run_dir, read_metrics, save_model, write_metrics
+from vitkit.runs import CONFIG, load, new_run_dir, read_metrics, save_model, write_metrics
 from vitkit.train import TrainConfig, build_config, evaluate
 from vitkit.train.loop import default_objective
 from vitkit.train.objectives import Objective
@@ -40,10 +41,8 @@ class StageResult:
 
 
 def check_output(path: str | os.PathLike, force: bool) -> None:
-    """Refuse a non-empty output before any work (the directory is only created when writing)."""
-    p = Path(path)
-    if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not force)):
-        prepare_run_dir(p, force=force)  # raises its one-line error
+    """Refuse a bad output before any work (the directory is only created when writing)."""
+    io.check_output(path, "dir", force=force)
 
 
 def source_config(run: str | os.PathLike) -> TrainConfig:
@@ -98,43 +97,46 @@ def derive_run(
         finetune_config(cfg, finetune, lr)  # bad values fail before any work
     data = _splits(cfg, model)
     facts = transform(model, data)
-    out = prepare_run_dir(output, force=force)
-    model.eval()
-    counts = None if data.multilabel else data.train.class_counts()
-    off_shelf = evaluate(model, data.val, class_counts=counts)
-    metrics: dict[str, Any]
-    if finetune:
-        ft_cfg = finetune_config(cfg, finetune, lr)
-        obj = objective(model, ft_cfg, data) if objective else None
-        run = train_model(ft_cfg, out, objective=obj, model=model, data=data, force=True, quiet=quiet)
-        model = run.model
-        if after_training is not None:
-            after_training(model)
-            model.eval()
-            metrics = evaluate(model, data.val, class_counts=counts)
-            save_model(out, model, classes=info.classes, task=info.task, data=info.data)
+    # Undone if the command fails before the run has a checkpoint (see new_run_dir).
+    with new_run_dir(output, force=force) as out:
+        model.eval()
+        counts = None if data.multilabel else data.train.class_counts()
+        off_shelf = evaluate(model, data.val, class_counts=counts)
+        metrics: dict[str, Any]
+        if finetune:
+            ft_cfg = finetune_config(cfg, finetune, lr)
+            obj = objective(model, ft_cfg, data) if objective else None
+            run = train_model(ft_cfg, out, objective=obj, model=model, data=data, force=True, quiet=quiet)
+            model = run.model
+            if after_training is not None:
+                after_training(model)
+                model.eval()
+                metrics = evaluate(model, data.val, class_counts=counts)
+                save_model(out, model, classes=info.classes, task=info.task, data=info.data)
+            else:
+                metrics = dict(run.metrics)
         else:
-            metrics = dict(run.metrics)
-    else:
-        metrics = off_shelf
-        write_yaml(out / CONFIG, cfg.model_dump(mode="json"))
-        save_model(out, model, classes=info.classes, task=info.task, data=info.data)
-    src = read_metrics(source)
-    metrics.update(
-        {
-            "split": "val",
-            "source_run": str(source),
-            "source_top1": src.get("top1"),
-            "off_the_shelf_top1": off_shelf.get("top1"),
-            "finetune_epochs": int(finetune),
-            "parameters": count_parameters(model),
-            "transforms": [t.name for t in get_manifest(model).transforms],
-            **facts,
-        }
-    )
-    write_yaml(out / STAGE, {**stage, "source_run": str(source), "finetune_epochs": int(finetune), "lr": lr})
-    write_metrics(out, metrics)
-    return StageResult(out, model, metrics)
+            metrics = off_shelf
+            write_yaml(out / CONFIG, cfg.model_dump(mode="json"))
+            save_model(out, model, classes=info.classes, task=info.task, data=info.data)
+        src = read_metrics(source)
+        metrics.update(
+            {
+                "split": "val",
+                "source_run": str(source),
+                "source_top1": src.get("top1"),
+                "off_the_shelf_top1": off_shelf.get("top1"),
+                "finetune_epochs": int(finetune),
+                "parameters": count_parameters(model),
+                "transforms": [t.name for t in get_manifest(model).transforms],
+                **facts,
+            }
+        )
+        write_yaml(
+            out / STAGE, {**stage, "source_run": str(source), "finetune_epochs": int(finetune), "lr": lr}
+        )
+        write_metrics(out, metrics)
+        return StageResult(out, model, metrics)
 
 
 # -- token reduction ------------------------------------------------------------------------------

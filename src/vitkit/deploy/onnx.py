@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitkit.errors import VitkitError
+from vitkit.errors import VitkitError, upstream_reason
 from vitkit.io import atomic_path
 
 
@@ -51,24 +51,27 @@ def export_onnx(
     try:
         with atomic_path(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if exporter == "torchscript":
-                torch.onnx.export(
-                    model, (example,), str(tmp), dynamo=False, opset_version=opset,
-                    input_names=["images"], output_names=["logits"],
-                    dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None,
-                )  # fmt: skip
-            else:
-                torch.onnx.export(
-                    model, (example,), str(tmp), dynamo=True, opset_version=opset,
-                    input_names=["images"], output_names=["logits"], verbose=False,
-                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None,
-                )  # fmt: skip
-    except VitkitError:
-        raise
-    except Exception as e:  # the exporters raise many types; the first line says what failed
-        raise VitkitError(
-            f"ONNX export ({exporter}) of {type(model).__name__} failed: {str(e).splitlines()[0][:200]}"
-        ) from e
+            try:
+                if exporter == "torchscript":
+                    torch.onnx.export(
+                        model, (example,), str(tmp), dynamo=False, opset_version=opset,
+                        input_names=["images"], output_names=["logits"],
+                        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None,
+                    )  # fmt: skip
+                else:
+                    torch.onnx.export(
+                        model, (example,), str(tmp), dynamo=True, opset_version=opset,
+                        input_names=["images"], output_names=["logits"], verbose=False,
+                        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None,
+                    )  # fmt: skip
+            except (VitkitError, OSError):
+                raise  # a full disk or a missing directory is not the exporter's fault: named below
+            except Exception as e:  # the exporters raise many types; the first line says what failed
+                raise VitkitError(
+                    f"ONNX export ({exporter}) of {type(model).__name__} failed: {upstream_reason(e, 200)}"
+                ) from e
+    except OSError as e:  # creating the temp file, writing it, or renaming it onto `path`
+        raise VitkitError(f"cannot write '{path}': {e.strerror or e}") from e
     finally:
         model.train(was_training)
     diff = None

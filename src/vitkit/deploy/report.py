@@ -202,6 +202,8 @@ def pareto_png(pts: list[dict[str, Any]]) -> str:
 
 # -- HTML -------------------------------------------------------------------------------------------
 def _fmt(v: Any) -> str:
+    if v is None:  # a size or ratio that was not measured (no export.json, no timm baseline)
+        return "—"
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, float) for x in v):
@@ -252,8 +254,10 @@ def _run_sections(r: RunData) -> str:
                  b.get("throughput_vs_timm"), b.get("peak_memory_mb"), b["parameters"], b["flops"]]
                 for n, b in r.bench["results"].items()]  # fmt: skip
         cfg = r.bench["config"]
+        load = r.bench.get("load")
+        load_text = f"{load:.2f}" if isinstance(load, (int, float)) else "not recorded"
         note = (f"<p>{cfg['threads']} threads, median of {cfg['repeats']} rounds, throughput at batch "
-                f"{cfg['throughput_batch']}; load average {r.bench.get('load')}</p>")  # fmt: skip
+                f"{cfg['throughput_batch']}; load average {load_text}</p>")  # fmt: skip
         header = ["runtime", "lat p50 ms", "lat p90 ms", "img/s", "spread", "vs timm", "peak MB",
                   "params", "FLOPs"]  # fmt: skip
         out.append(_section(f"bench-{r.label}", "bench", note + _table(header, rows)))
@@ -327,8 +331,9 @@ def build_report(runs: list[str | os.PathLike], title: str = "vitkit report") ->
 
 
 def write_report(runs: list[str | os.PathLike], output: str | os.PathLike) -> list[str]:
-    from vitkit.io import write_text
+    from vitkit.io import check_output, write_text
 
+    check_output(output, "file")  # before the rendering, which takes a while for many runs
     text, warnings = build_report(runs)
     write_text(output, text)
     return warnings

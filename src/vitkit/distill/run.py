@@ -62,12 +62,9 @@ def deit_lt_recipe(cfg: TrainConfig, lt: DeiTLTConfig) -> TrainConfig:
 
 
 def _check_output(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise VitkitError(f"output '{out}' exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise VitkitError(
-            f"output directory '{out}' already exists and is not empty; choose another -o or pass --force"
-        )
+    from vitkit.io import check_output
+
+    check_output(out, "dir", force=force)
 
 
 def build_objective(

@@ -10,7 +10,7 @@ from typing import Any
 import timm
 from torch import nn
 
-from vitkit.errors import VitkitError
+from vitkit.errors import VitkitError, upstream_reason
 from vitkit.models import presets  # noqa: F401  (registers the vitkit_* presets into timm)
 from vitkit.models.attention import use_vitkit_attention
 from vitkit.models.manifest import Manifest, set_manifest
@@ -179,6 +179,6 @@ def _checkpoint_num_classes(name: str, path: str) -> int | None:
     try:
         state = load_state_dict(path, weights_only=True)
     except Exception as e:
-        raise VitkitError(f"cannot read pretrained file '{path}': {str(e).splitlines()[0][:160]}") from e
+        raise VitkitError(f"cannot read pretrained file '{path}': {upstream_reason(e)}") from e
     weight = state.get(f"{first}.weight")
     return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None

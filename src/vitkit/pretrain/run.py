@@ -28,7 +28,7 @@ from vitkit.io import atomic_path, write_yaml
 from vitkit.models import create_model, get_manifest, model_input_size
 from vitkit.pretrain.mae import MAEConfig, MAEObjective, MaskedAutoencoder
 from vitkit.progress import console
-from vitkit.runs import CONFIG, load, prepare_run_dir, read_run, save_model, write_metrics
+from vitkit.runs import CONFIG, load, new_run_dir, read_run, save_model, write_metrics
 from vitkit.train import TrainConfig, build_config, fit
 
 DECODER = "mae_decoder.safetensors"
@@ -111,70 +111,77 @@ def pretrain_mae(
     mae_cfg = mae if isinstance(mae, MAEConfig) else MAEConfig.build(**(mae or {}))
     if cfg.mixup or cfg.cutmix:
         raise VitkitError("mixup/cutmix mix labels; MAE pretraining uses none (set them to 0)")
-    out = prepare_run_dir(output, force=force)
-    seed_everything(cfg.seed)
+    # Undone if the command fails before the run has a checkpoint (see new_run_dir).
+    with new_run_dir(output, force=force) as out:
+        seed_everything(cfg.seed)
 
-    decoder: dict[str, Any] = {}
-    if source is not None:
-        encoder, decoder = load_source_encoder(source)
-        manifest = get_manifest(encoder)
-        assert manifest is not None
-        cfg = cfg.model_copy(
-            update={"model": manifest.name, "img_size": model_input_size(encoder)[1], "pretrained_file": None}
+        decoder: dict[str, Any] = {}
+        if source is not None:
+            encoder, decoder = load_source_encoder(source)
+            manifest = get_manifest(encoder)
+            assert manifest is not None
+            cfg = cfg.model_copy(
+                update={
+                    "model": manifest.name,
+                    "img_size": model_input_size(encoder)[1],
+                    "pretrained_file": None,
+                }
+            )
+        else:
+            encoder = new_encoder(cfg)
+        if data is None:
+            from vitkit.api import data_splits_for
+
+            data = data_splits_for(cfg, model_input_size(encoder)[1])
+        seed_everything(cfg.seed)
+        model = MaskedAutoencoder(encoder, mae_cfg, init_encoder=source is None)
+        reused_decoder = _maybe_load_decoder(model, decoder, mae_cfg)
+        if encoder_transform is not None:
+            encoder_transform(encoder)
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        enc_total = sum(p.numel() for p in encoder.parameters())
+        enc_trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+        if not quiet:
+            console.print(
+                f"{method}: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); "
+                f"encoder {enc_trainable:,} of {enc_total:,} ({100 * enc_trainable / enc_total:.2f}%)"
+            )
+        write_yaml(out / CONFIG, cfg.model_dump(mode="json"))
+        result = fit(model, data, cfg, objective=MAEObjective(), run_dir=out, quiet=quiet)
+
+        trained: MaskedAutoencoder = result.model
+        enc = trained.encoder
+        if finalize is not None:
+            enc = finalize(enc)
+        enc = export_encoder(enc)
+        pretrain_info = {
+            "method": method,
+            "mae": mae_cfg.model_dump(),
+            "source": str(source) if source is not None else None,
+            "decoder_reused": reused_decoder,
+            **(extra or {}),
+        }
+        save_model(
+            out, enc, classes=[], task="none", data=data.description, extra={"pretrain": pretrain_info}
         )
-    else:
-        encoder = new_encoder(cfg)
-    if data is None:
-        from vitkit.api import data_splits_for
-
-        data = data_splits_for(cfg, model_input_size(encoder)[1])
-    seed_everything(cfg.seed)
-    model = MaskedAutoencoder(encoder, mae_cfg, init_encoder=source is None)
-    reused_decoder = _maybe_load_decoder(model, decoder, mae_cfg)
-    if encoder_transform is not None:
-        encoder_transform(encoder)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    enc_total = sum(p.numel() for p in encoder.parameters())
-    enc_trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
-    if not quiet:
-        console.print(
-            f"{method}: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); "
-            f"encoder {enc_trainable:,} of {enc_total:,} ({100 * enc_trainable / enc_total:.2f}%)"
-        )
-    write_yaml(out / CONFIG, cfg.model_dump(mode="json"))
-    result = fit(model, data, cfg, objective=MAEObjective(), run_dir=out, quiet=quiet)
-
-    trained: MaskedAutoencoder = result.model
-    enc = trained.encoder
-    if finalize is not None:
-        enc = finalize(enc)
-    enc = export_encoder(enc)
-    pretrain_info = {
-        "method": method,
-        "mae": mae_cfg.model_dump(),
-        "source": str(source) if source is not None else None,
-        "decoder_reused": reused_decoder,
-        **(extra or {}),
-    }
-    save_model(out, enc, classes=[], task="none", data=data.description, extra={"pretrain": pretrain_info})
-    _save_decoder(out / DECODER, trained)
-    metrics = {
-        **{k: v for k, v in result.val_metrics.items()},
-        "method": method,
-        "parameters": total,
-        "trainable_parameters": trainable,
-        "encoder_parameters": enc_total,
-        "encoder_trainable_parameters": enc_trainable,
-        "epochs": result.epochs_completed,
-        "train_seconds": round(result.train_seconds, 3),
-        "precision": result.precision,
-        "data_description": data.description,
-        "pretrain": pretrain_info,
-    }
-    write_metrics(out, metrics)
-    _save_reconstructions(out / "reconstructions.png", trained, data, quiet)
-    return PretrainedRun(out, enc, metrics, result.history)
+        _save_decoder(out / DECODER, trained)
+        metrics = {
+            **{k: v for k, v in result.val_metrics.items()},
+            "method": method,
+            "parameters": total,
+            "trainable_parameters": trainable,
+            "encoder_parameters": enc_total,
+            "encoder_trainable_parameters": enc_trainable,
+            "epochs": result.epochs_completed,
+            "train_seconds": round(result.train_seconds, 3),
+            "precision": result.precision,
+            "data_description": data.description,
+            "pretrain": pretrain_info,
+        }
+        write_metrics(out, metrics)
+        _save_reconstructions(out / "reconstructions.png", trained, data, quiet)
+        return PretrainedRun(out, enc, metrics, result.history)
 
 
 def _maybe_load_decoder(model: MaskedAutoencoder, decoder: dict[str, Any], cfg: MAEConfig) -> bool:

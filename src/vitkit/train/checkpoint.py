@@ -5,17 +5,50 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from vitkit.errors import VitkitError
+from vitkit.errors import VitkitError, upstream_reason
 from vitkit.io import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
+
+
+# The files a training run writes with vitkit.io.atomic_path, whose temp files are ".NAME.XXXXXXXX.tmp".
+RUN_FILES = frozenset(
+    {
+        CHECKPOINT_NAME,
+        "model.safetensors",
+        "model.json",
+        "metrics.json",
+        "history.csv",
+        "config.yaml",
+        "classes.yaml",
+        "confusion_matrix.png",
+    }
+)
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def clean_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove temp files a killed process left behind (``kill -9`` during a checkpoint write leaves
+    ``.checkpoint.pt.XXXXXXXX.tmp``). Only our own pattern for the run's own files, and only when the
+    run is resumed or finished: then no other process is writing them."""
+    removed = []
+    d = Path(run_dir)
+    if not d.is_dir():
+        return removed
+    for p in d.iterdir():
+        m = _TEMP.match(p.name)
+        if m and m["name"] in RUN_FILES and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def capture_rng(aug_generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -65,9 +98,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, ...
-        raise VitkitError(
-            f"'{p}' is not a readable vitkit checkpoint ({str(e).splitlines()[0][:160]})"
-        ) from e
+        raise VitkitError(f"'{p}' is not a readable vitkit checkpoint ({upstream_reason(e)})") from e
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise VitkitError(f"'{p}' is not a vitkit checkpoint of version {CHECKPOINT_VERSION}")
     return state

@@ -30,6 +30,7 @@ from vitkit.train.checkpoint import (
     CHECKPOINT_NAME,
     capture_rng,
     check_compatible,
+    clean_stale_temps,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -264,6 +265,7 @@ def fit(
         ema = ModelEmaV3(raw_model, decay=cfg.ema_decay, device=device)
 
     start_epoch, start_step, update = 0, 0, 0
+    resume_seconds, resume_partial = 0.0, {}
     history_rows: list[dict] = []
     ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     resume_rng = None
@@ -271,6 +273,8 @@ def fit(
         if ckpt_path is None:
             raise VitkitError("resume=True needs a run directory holding checkpoint.pt")
         state = load_checkpoint(ckpt_path)
+        if dist.is_main:
+            clean_stale_temps(run_dir)  # a killed run's half-written checkpoint temp files
         check_compatible(raw_model.state_dict(), state["model"], str(ckpt_path))
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -281,6 +285,10 @@ def fit(
         start_epoch, start_step, update = state["epoch"], state["step_in_epoch"], state["update"]
         history_rows = list(state.get("history", []))
         resume_rng = state["rng"]
+        # Bookkeeping of the earlier sessions (absent in older checkpoints): the training time so far
+        # and the interrupted epoch's running loss, so neither counts only the last session.
+        resume_seconds = float(state.get("train_seconds", 0.0))
+        resume_partial = dict(state.get("partial_epoch") or {})
         if start_epoch >= cfg.epochs:
             raise VitkitError(
                 f"{ckpt_path} already finished {start_epoch} of {cfg.epochs} epochs; raise --epochs to train longer"
@@ -290,11 +298,13 @@ def fit(
     history = _History(run_dir if dist.is_main else None, history_rows, cfg.tensorboard)
     aug_gen = torch.Generator()
     last_val: dict[str, Any] = {}
-    t_train = 0.0
+    t_train = resume_seconds  # completed epochs only; a cut epoch's time travels in partial_epoch
     epoch = start_epoch
     step = start_step
 
-    def checkpoint_state(epoch_done: int, step_in_epoch: int) -> dict[str, Any]:
+    def checkpoint_state(
+        epoch_done: int, step_in_epoch: int, partial: dict[str, float] | None = None
+    ) -> dict[str, Any]:
         return {
             "model": raw_model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -306,6 +316,8 @@ def fit(
             "rng": capture_rng(aug_gen),
             "history": history.rows,
             "config": cfg.model_dump(mode="json"),
+            "train_seconds": t_train,
+            "partial_epoch": partial,
         }
 
     # Steps of the whole run, for its time left: the average wall time per step of this session,
@@ -361,17 +373,29 @@ def fit(
                 raw_model.train()
                 for m in extra_modules:
                     m.train()
+                loss_sum, loss_n, seen, t0 = 0.0, 0, 0, time.perf_counter()
+                carried = 0.0  # seconds of this epoch spent in an earlier session
+                if first > 0 and resume_partial:
+                    # Rank 0 wrote these sums from its own steps: under DDP only rank 0 carries them,
+                    # so the all-reduce at the epoch's end does not count them once per process.
+                    if dist.is_main:
+                        loss_sum = float(resume_partial.get("loss_sum", 0.0))
+                        loss_n = int(resume_partial.get("loss_n", 0))
+                    seen = int(resume_partial.get("seen", 0))
+                    carried = float(resume_partial.get("seconds", 0.0))
+                seen0 = seen  # images of this session, for the img/s shown
                 task = (
                     progress.add_task(
                         f"epoch {epoch + 1}/{cfg.epochs}",
                         total=steps_per_epoch,
                         completed=first,
-                        info=_epoch_info(None, optimizer.param_groups[0]["lr"], None, None),
+                        info=_epoch_info(
+                            loss_sum / loss_n if loss_n else None, optimizer.param_groups[0]["lr"], None, None
+                        ),
                     )
                     if progress
                     else None
                 )
-                loss_sum, loss_n, seen, t0 = 0.0, 0, 0, time.perf_counter()
                 for step in range(first, steps_per_epoch):
                     idx = perm[step * batch : (step + 1) * batch]
                     x, y = train_tf(data.train.images[idx], data.train.targets[idx], aug_gen)
@@ -433,7 +457,7 @@ def fit(
                             info=_epoch_info(
                                 loss_sum / loss_n,
                                 optimizer.param_groups[0]["lr"],
-                                seen / max(elapsed, 1e-9),
+                                (seen - seen0) / max(elapsed, 1e-9),
                                 time_left(step + 1 - first, steps_per_epoch - first, elapsed),
                             ),
                         )
@@ -445,10 +469,18 @@ def fit(
                     if interrupt.requested and boundary and step + 1 < steps_per_epoch:
                         saved = None
                         if ckpt_path is not None and dist.is_main:
-                            saved = save_checkpoint(ckpt_path, checkpoint_state(epoch, step + 1))
+                            partial = {
+                                "loss_sum": loss_sum,
+                                "loss_n": loss_n,
+                                "seen": seen,
+                                "seconds": carried + time.perf_counter() - t0,
+                            }
+                            saved = save_checkpoint(ckpt_path, checkpoint_state(epoch, step + 1, partial))
                         raise TrainingInterrupted(saved, epoch, step + 1)
-                epoch_time = time.perf_counter() - t0
+                epoch_time = carried + time.perf_counter() - t0
                 t_train += epoch_time
+                if dist.enabled:  # every rank's steps, not rank 0's only
+                    loss_sum, loss_n = _all_reduce_sum(loss_sum, loss_n, device)
                 if task is not None:
                     progress.remove_task(task)
 
@@ -489,6 +521,15 @@ def fit(
     final = ema.module if ema is not None else raw_model
     checksums = all_gather_objects(weight_checksum(final), dist)
     return FitResult(final, history.rows, last_val, cfg.epochs, t_train, precision, dist, checksums)
+
+
+def _all_reduce_sum(total: float, count: int, device: torch.device) -> tuple[float, int]:
+    """Sum a running loss and its step count over all processes (float64: exact for the counts)."""
+    import torch.distributed as tdist
+
+    t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+    tdist.all_reduce(t)
+    return float(t[0]), int(t[1])
 
 
 def _average_gradients(modules: list[nn.Module], world_size: int) -> None:

@@ -22,9 +22,9 @@ import torch
 from vitkit.compress.quant.config import QuantConfig, make_config
 from vitkit.compress.quant.transform import REPORT_ATTR, quantize
 from vitkit.errors import VitkitError
-from vitkit.io import write_json, write_text
+from vitkit.io import check_output, write_json, write_text
 from vitkit.models import get_manifest, model_input_size
-from vitkit.runs import CONFIG, prepare_run_dir, read_run, save_model, write_metrics
+from vitkit.runs import CONFIG, new_run_dir, read_run, save_model, write_metrics
 
 QUANT_JSON = "quant.json"
 ONNX_INT8 = "model_int8.onnx"
@@ -118,6 +118,8 @@ def quantize_run(
             f"--deploy torch-x86 is INT8 only: use --preset w8a8 without mixed precision (got W{cfg.w_bits}A{cfg.a_bits}"
             f"{', layer_bits' if cfg.layer_bits or cfg.mixed_precision else ''})"
         )
+    # Before the calibration: a bad output must not cost minutes of work first (the API, not only the CLI).
+    check_output(output, "dir", force=force)
     src = Path(run_dir)
     info = read_run(src)
     if Path(output).resolve() == src.resolve():
@@ -163,29 +165,35 @@ def quantize_run(
         tmp, artifact = tempfile.TemporaryDirectory(), PROGRAM_FILE
         images = calibration_images(model, splits.train, cfg)  # the simulated model's calibration images
         summary.update(_deploy_x86(model, qmodel, images, splits.val, Path(tmp.name) / artifact))
-    out = prepare_run_dir(output, force=force)
-    if tmp is not None:
-        shutil.move(str(Path(tmp.name) / artifact), out / artifact)
-        tmp.cleanup()
-    save_model(
-        out, qmodel, classes=info.classes, task=info.task, data=info.data, extra={"quantized_from": str(src)}
-    )
-    write_text(out / CONFIG, (src / CONFIG).read_text())
-    write_metrics(out, {**metrics, **summary})
-    write_json(
-        out / QUANT_JSON,
-        {
-            **summary,
-            "config": final_cfg.model_dump(),
-            "layers": get_manifest(qmodel).transforms[-1].config["resolved_bits"],
-            "reparameterized": report.reparameterized,
-            "smoothed": report.smoothed,
-            "gelu_shift_folded": report.folded,
-            "reconstruction_mse": report.reconstruction_mse,
-        },
-    )
-    if final_cfg.mixed_precision is not None:
-        from vitkit.compress.quant.mixed import plot_bits
+    # Undone if the command fails before the run has a checkpoint (see new_run_dir).
+    with new_run_dir(output, force=force) as out:
+        if tmp is not None:
+            shutil.move(str(Path(tmp.name) / artifact), out / artifact)
+            tmp.cleanup()
+        save_model(
+            out,
+            qmodel,
+            classes=info.classes,
+            task=info.task,
+            data=info.data,
+            extra={"quantized_from": str(src)},
+        )
+        write_text(out / CONFIG, (src / CONFIG).read_text())
+        write_metrics(out, {**metrics, **summary})
+        write_json(
+            out / QUANT_JSON,
+            {
+                **summary,
+                "config": final_cfg.model_dump(),
+                "layers": get_manifest(qmodel).transforms[-1].config["resolved_bits"],
+                "reparameterized": report.reparameterized,
+                "smoothed": report.smoothed,
+                "gelu_shift_folded": report.folded,
+                "reconstruction_mse": report.reconstruction_mse,
+            },
+        )
+        if final_cfg.mixed_precision is not None:
+            from vitkit.compress.quant.mixed import plot_bits
 
-        plot_bits(final_cfg.layer_bits, out / "bits.png")
-    return summary, out
+            plot_bits(final_cfg.layer_bits, out / "bits.png")
+        return summary, out
