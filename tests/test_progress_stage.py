@@ -26,7 +26,7 @@ def test_time_left_of_the_current_activity():
         time.sleep(0.2)
         report("calibrating", 1, 4)
         left = st.left()
-        assert left is not None and 0.4 < left < 2.0  # 3 more at ≥ 0.2 s each
+        assert left is not None and left > 0.5  # 3 more at ≥ 0.2 s each (no upper bound: a loaded host)
         assert "calibrating 1/4" in st.info()
     assert vp.current_stage() is None
 
@@ -38,7 +38,7 @@ def test_parts_count_the_parts_still_to_come():
             time.sleep(0.1)
             report("timing rounds", 1, 2)
             left = st.left()  # this part ≈ 0.2 s, 2 more parts of the same length
-            assert left is not None and 0.4 < left < 1.5
+            assert left is not None and left > 0.25  # at least 2 × 0.1 s + this part's rest
         assert st.part_seconds and st.parts is None
 
 
@@ -80,13 +80,22 @@ def test_bars_inside_a_stage_share_its_display(monkeypatch, digits, quick, what)
 
 
 def test_pipeline_stages_report_time_left(tmp_path, monkeypatch):
-    """Every pipeline stage runs inside a StageProgress: training and bench say how far they are."""
+    """Every pipeline stage runs inside a StageProgress, and training and bench tell it how far they
+    are. Checked on what the stages report (a line every STAGE_LINE_SECONDS would depend on the
+    host's speed: the bench of a nano model is over in 30 ms), and on the line built from it."""
     import yaml
 
     from vitkit.pipeline import run_pipeline
 
     monkeypatch.setenv("VITKIT_PROGRESS", "0")
-    monkeypatch.setattr(vp, "STAGE_LINE_SECONDS", 0.2)
+    seen: list[tuple[str, tuple[int, int] | None, str, float, float]] = []
+    original = StageProgress.report
+
+    def spy(self, activity, done, total):
+        seen.append((self.label, self.parts, activity, done, total))
+        original(self, activity, done, total)
+
+    monkeypatch.setattr(StageProgress, "report", spy)
     stages = [
         {"stage": "train", "name": "base", "model": "vitkit_nano_p4_16", "data": "digits", "epochs": 3,
          "quiet": True},
@@ -95,12 +104,18 @@ def test_pipeline_stages_report_time_left(tmp_path, monkeypatch):
     ]  # fmt: skip
     p = tmp_path / "pipe.yaml"
     p.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work"), "stages": stages}))
-    log: list[str] = []
-    run_pipeline(p, echo=log.append)
-    assert any(re.match(r"stage 1/2 base \(vitkit train\): training steps \d+/66  elapsed", m) for m in log)
-    assert any(
-        re.match(
-            r"stage 2/2 bench \(vitkit bench\): part 1/1  timing rounds \d+/12  elapsed .* left \d:\d\d", m
-        )
-        for m in log
-    ), log
+    run_pipeline(p, echo=lambda m: None)
+    train = [(d, t) for label, _, a, d, t in seen if label.startswith("stage 1/2 base (vitkit train)")]
+    assert train and all(a == "training steps" for label, _, a, *_ in seen if "vitkit train" in label)
+    assert {t for _, t in train} == {66} and max(d for d, _ in train) == 66
+    bench = [(parts, a, d, t) for label, parts, a, d, t in seen if label == "stage 2/2 bench (vitkit bench)"]
+    assert ((0, 1), "timing rounds", 12, 12) in bench, bench
+    # the line such a report gives, as printed off a terminal
+    with (
+        StageProgress("stage 2/2 bench (vitkit bench)", interval=60, echo=lambda m: None) as st,
+        st.part(0, 1),
+    ):
+        original(st, "timing rounds", 0, 12)
+        time.sleep(0.05)
+        original(st, "timing rounds", 3, 12)
+        assert re.fullmatch(r"part 1/1  timing rounds 3/12  elapsed 0:00  left \d:\d\d", st.info())
