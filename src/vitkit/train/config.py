@@ -95,6 +95,18 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown optimizer '{v}' (timm knows e.g. adamw, sgd, lion, lamb, adan)")
         return v.lower()
 
+    @field_validator("model_kwargs")
+    @classmethod
+    def _allowed_model_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from vitkit.models.manifest import kwargs_problem
+
+        # they end up in the run's model.json, which vitkit.load only accepts with these arguments
+        # (nothing that makes timm open a file: checkpoint_path, pretrained_cfg, ...)
+        problem = kwargs_problem(v, "model_kwargs")
+        if problem is not None:
+            raise ValueError(problem)
+        return v
+
     @field_validator("transforms")
     @classmethod
     def _known_transforms(cls, v: list[str]) -> list[str]:
