@@ -11,6 +11,7 @@ file when the same kwargs bypass the run check.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,58 @@ def test_train_config_model_kwargs_refused_before_training(
     _OPENED.clear()
     bad_input(["train", "--config", cfg, "--quiet", "-o", tmp_path / "r"], message, workdir=tmp_path)
     assert not _OPENED, f"{case}: vitkit opened {_OPENED}"
+
+
+def _onnx_with_external_data(path: Path, location: str) -> None:
+    """A one-Add ONNX graph whose initializer is read from ``location`` (external data)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros(4, np.float32), "w")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [w],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+ONNX_ROWS = [("parent folder", "../SECRET"), ("absolute path", "SECRET_ABS"), ("symbolic link", "link.bin")]
+
+
+@pytest.mark.parametrize(("case", "location"), ONNX_ROWS, ids=[r[0] for r in ONNX_ROWS])
+def test_onnx_external_data_outside_the_run_refused(bad_input, genuine_run, tmp_path, case, location):
+    """``vitkit bench RUN`` times RUN/model.onnx: its external data must stay inside RUN."""
+    import shutil
+
+    pytest.importorskip("onnxruntime")
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(bytes(16))
+    run = tmp_path / "run"
+    shutil.copytree(genuine_run, run)
+    (run / "link.bin").symlink_to(secret)
+    location = location.replace("SECRET_ABS", str(secret)).replace("SECRET", "secret.bin")
+    _onnx_with_external_data(run / "model.onnx", location)
+    argv = ["bench", run, "--no-save", "--no-baseline", "--no-memory", "--repeats", "1", "--batch", "2",
+            "--latency-calls", "1"]  # fmt: skip
+    bad_input(argv, rf"model\.onnx': initializer 'w' has external data at '{re.escape(location)}', expected a file inside",
+              workdir=tmp_path)  # fmt: skip
+
+
+def test_onnx_external_data_inside_the_folder_loads(tmp_path):
+    import numpy as np
+
+    pytest.importorskip("onnxruntime")
+    from vitkit.deploy.onnx import OnnxModel
+
+    np.arange(4, dtype=np.float32).tofile(tmp_path / "w.bin")
+    _onnx_with_external_data(tmp_path / "m.onnx", "w.bin")
+    torch.testing.assert_close(OnnxModel(tmp_path / "m.onnx")(torch.ones(4)), torch.arange(4.0) + 1)
