@@ -157,6 +157,15 @@ def _os_target(marker: Path):
     return _json_edit("models/model.json", change)
 
 
+def _os_argument(marker: Path):
+    def change(d: dict) -> None:
+        # an argument deserialized as an operator resolves any torch.* attribute path the same way
+        node = next(n for n in d["graph_module"]["graph"]["nodes"] if n["inputs"])
+        node["inputs"][0]["arg"] = {"as_operator": "torch.os.system"}
+
+    return _json_edit("models/model.json", change)
+
+
 def _extra_entry(name: str):
     def make(marker: Path):
         def edit(entries: dict[str, bytes]) -> None:
@@ -176,6 +185,7 @@ CASES = [
     ("guards_code", _guards_code, r"models/model\.json.*guards_code", True),
     ("sympy expr", _sym_expr, r"models/model\.json.*symbolic expression", True),
     ("node target", _os_target, r"models/model\.json.*torch\.os\.system", False),
+    ("operator argument", _os_argument, r"models/model\.json.*torch\.os\.system", False),
     ("legacy weights .pt", _extra_entry("data/weights/model.pt"), r"data/weights/model\.pt", False),
     ("raw .pkl entry", _extra_entry("data/evil.pkl"), r"data/evil\.pkl", False),
     (

@@ -58,7 +58,7 @@ _EXTRA = re.compile(r"extra/[\w.-]+")  # read by torch as text only
 
 # Graph node targets: operator overloads of these namespaces, and the symbolic-size helpers that an
 # export with a dynamic batch can contain. Anything else could be an arbitrary callable.
-_OP_NAMESPACES = {"aten", "prims", "quantized_decomposed", "quantized", "onednn", "torchao", "higher_order"}
+_OP_NAMESPACES = {"aten", "prims", "quantized_decomposed", "quantized", "onednn", "torchao"}
 _OP_TARGET = re.compile(r"torch\.ops\.([a-z_][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")
 _OTHER_TARGETS = {
     f"_operator.{n}"
@@ -227,7 +227,7 @@ def _payload_config(
 def _walk(obj: Any, found: list[tuple[str, Any]]) -> None:
     if isinstance(obj, dict):
         for k, v in obj.items():
-            if k in ("target", "expr_str"):
+            if k in ("target", "as_operator", "expr_str"):
                 found.append((k, v))
             _walk(v, found)
     elif isinstance(obj, list):
@@ -271,7 +271,7 @@ def _check_program(zf: zipfile.ZipFile, root: str, entry: str, path: object) -> 
     found: list[tuple[str, Any]] = []
     _walk(program, found)
     for key, value in found:
-        if key == "target" and not _check_target(value):
+        if key in ("target", "as_operator") and not _check_target(value):
             raise _refuse(path, entry, f"node target {str(value)[:80]!r} is not an allowed operator")
         if key == "expr_str" and not _check_sym_expr(value):
             # sympy.sympify evaluates the string with eval()
@@ -314,7 +314,7 @@ def check_pt2_archive(data: bytes, path: object) -> None:
     try:
         # torch tries weights_only=True first and falls back to a full unpickle when it fails:
         # only an archive whose sample inputs pass the weights-only load is handed to torch.
-        torch.load(io.BytesIO(zf.read(f"{root}/{sample}")), map_location="cpu", weights_only=True)
+        torch.load(io.BytesIO(zf.read(f"{root}/{sample}")), weights_only=True)  # exactly torch's call
     except Exception as e:
         raise _refuse(path, sample, f"does not load with weights_only=True ({type(e).__name__})") from None
     _check_program(zf, root, f"models/{MODEL}.json", path)
