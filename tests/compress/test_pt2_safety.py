@@ -232,6 +232,18 @@ def test_duplicate_entry_refused(genuine, tmp_path):
         load_int8_program(path, compile=False)
 
 
+def test_nul_in_an_entry_name_refused(genuine, tmp_path):
+    """zipfile cuts a name at NUL (it would see weight_9), torch's reader keeps the whole name."""
+    from vitkit.compress.quant.x86 import load_int8_program
+
+    data = _rewrite(genuine[0], _extra_entry("data/weights/weight_9Z.pkl")(tmp_path / "pwned"))
+    assert data.count(b"weight_9Z.pkl") == 2  # local header and central directory
+    path = tmp_path / "nul.pt2"
+    path.write_bytes(data.replace(b"weight_9Z.pkl", b"weight_9\x00.pkl"))  # same length: offsets hold
+    with pytest.raises(VitkitError, match="contains a NUL byte"):
+        load_int8_program(path, compile=False)
+
+
 def test_not_a_zip_is_one_line_error(tmp_path):
     from vitkit.compress.quant.x86 import load_int8_program
 

@@ -180,6 +180,10 @@ def _entries(data: bytes, path: object) -> tuple[zipfile.ZipFile, str, list[str]
         infos = zf.infolist()
     except (zipfile.BadZipFile, ValueError, OSError) as e:
         raise VitkitError(f"'{path}' is not a torch.export program (not a zip archive: {e})") from None
+    for info in infos:
+        if info.orig_filename != info.filename:
+            # zipfile cuts names at a NUL byte; torch's reader does not: they would disagree on it
+            raise _refuse(path, repr(info.orig_filename), "the entry name contains a NUL byte")
     names = [i.filename for i in infos]
     if not names:
         raise VitkitError(f"'{path}' is not a torch.export program (empty archive)")
