@@ -32,6 +32,7 @@ from vitkit import __version__
 from vitkit.errors import VitkitError, upstream_reason
 from vitkit.io import atomic_path, owned_output_dir, read_json, write_json
 from vitkit.models import Manifest, create_model, get_manifest, set_manifest
+from vitkit.models.manifest import check_kwargs
 from vitkit.registry import get_transform
 from vitkit.train.checkpoint import CHECKPOINT_NAME, check_compatible
 
@@ -148,8 +149,10 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
         raise VitkitError(f"'{p}' is not a vitkit run directory (no {MODEL_JSON})")
     try:
         doc = read_json(mj)
+        # base.kwargs go to timm.create_model: only plain architecture arguments, nothing naming a file
+        check_kwargs(doc["base"].get("kwargs", {}), str(mj))
         manifest = Manifest.from_dict(doc)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise VitkitError(f"{mj} is not a valid vitkit manifest ({e})") from e
     return RunInfo(
         p,

@@ -104,6 +104,18 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(1, gt=0, description="evaluate on the validation split every N epochs")
     tensorboard: bool = Field(True, description="write TensorBoard logs into the run")
 
+    @field_validator("model_kwargs")
+    @classmethod
+    def _allowed_model_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from vitkit.models.manifest import kwargs_problem
+
+        # they end up in the run's model.json, which vitkit.load only accepts with these arguments
+        # (nothing that makes timm open a file: checkpoint_path, pretrained_cfg, ...)
+        problem = kwargs_problem(v, "model_kwargs")
+        if problem is not None:
+            raise ValueError(problem)
+        return v
+
     @field_validator("optimizer")
     @classmethod
     def _known_optimizer(cls, v: str) -> str:

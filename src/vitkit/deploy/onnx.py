@@ -84,6 +84,59 @@ def export_onnx(
     return ExportResult(Path(path), exporter, opset, diff, bound if check_images is not None else None)
 
 
+def _tensors(graph):
+    """Every TensorProto of ``graph`` and its subgraphs (initializers and tensor attributes)."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def check_external_data(path: str | os.PathLike) -> None:
+    """Refuse an ONNX file whose external data would be read from outside its own folder.
+
+    An initializer stored as external data names a ``location`` that onnxruntime opens relative to
+    the model's folder; an absolute path, ``..`` or a symbolic link would make it read any file.
+    onnx >= 1.17 and recent onnxruntime refuse these themselves, but vitkit allows older versions,
+    so the check does not depend on them. Parses the graph without loading any external data."""
+    import onnx
+
+    p = Path(path)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # DecodeError and friends: not an ONNX protobuf
+        raise VitkitError(
+            f"'{p}' is not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        ) from None
+    folder = p.resolve().parent
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = folder / location
+        inside = (
+            location
+            and not Path(location).is_absolute()
+            and ".." not in Path(location).parts
+            and target.resolve().is_relative_to(folder)
+            and not target.is_symlink()
+        )
+        if not inside:
+            raise VitkitError(
+                f"'{p}': initializer '{tensor.name}' has external data at '{location}', "
+                f"expected a file inside '{folder}' (not absolute, no '..', not a symbolic link)"
+            )
+
+
 class OnnxModel:
     """An onnxruntime CPU session that takes and returns torch tensors (normalized images → logits)."""
 
@@ -115,7 +168,11 @@ class OnnxModel:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        check_external_data(path)
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own refusals and broken graphs: one line, not a traceback
+            raise VitkitError(f"onnxruntime cannot load '{path}': {str(e).splitlines()[0][:200]}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.path, self.threads, self.optimization = Path(path), threads, optimization
 

@@ -171,14 +171,18 @@ def _checkpoint_num_classes(name: str, path: str) -> int | None:
     from timm.models import get_pretrained_cfg
     from timm.models._helpers import load_state_dict
 
+    try:
+        # Always read it here first with weights_only=True, even when the head size is not needed:
+        # timm then loads it again with its own default, which older timm/torch (allowed by
+        # pyproject) set to a full unpickle. A file that passes the weights-only load references no
+        # globals beyond tensors and plain containers, so the second load cannot run code either.
+        state = load_state_dict(path, weights_only=True)
+    except Exception as e:
+        raise VitkitError(f"cannot read pretrained file '{path}': {upstream_reason(e)}") from e
     cfg = get_pretrained_cfg(name)
     classifier = getattr(cfg, "classifier", None) if cfg is not None else None
     if not classifier:
         return None
     first = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
-    try:
-        state = load_state_dict(path, weights_only=True)
-    except Exception as e:
-        raise VitkitError(f"cannot read pretrained file '{path}': {upstream_reason(e)}") from e
     weight = state.get(f"{first}.weight")
     return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None

@@ -16,6 +16,77 @@ from torch import nn
 MANIFEST_ATTR = "vitkit_manifest"
 FORMAT_VERSION = 1
 
+# The timm constructor arguments a run's ``model.json`` may carry (``base.kwargs``). They reach
+# ``timm.create_model`` unchanged, and timm also takes arguments that open local files or download
+# (``checkpoint_path``, ``pretrained``, ``pretrained_cfg``, ``pretrained_cfg_overlay={"file": ...}``,
+# ``cache_dir``, ...), so a tampered run could make vitkit read any file. The list is what vitkit
+# writes itself (num_classes, img_size, in_chans from create_model; global_pool, fc_norm from the MAE
+# encoder; drop_path_rate from ``drop_path``) plus the plain architecture options of timm's ViTs and
+# vitkit's presets that ``model_kwargs`` is documented for. Values must be JSON scalars or lists.
+ALLOWED_KWARGS = frozenset(
+    {
+        # written by vitkit (create_model, api.build_model_for, pretrain.new_encoder, adapt.finetune)
+        "num_classes", "img_size", "in_chans", "drop_path_rate", "global_pool", "fc_norm",
+        # architecture of timm VisionTransformer / vitkit_* presets (model_kwargs, rank-configs)
+        "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "proj_bias",
+        "init_values", "class_token", "reg_tokens", "no_embed_class", "pos_embed", "pre_norm", "final_norm",
+        "dynamic_img_size", "dynamic_img_pad", "weight_init",
+        "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
+        # vitkit_dhvt_* (smalldata.dhvt)
+        "sope", "daff", "head_tokens",
+        # CNN teachers / students (timm ResNet family)
+        "drop_block_rate", "output_stride",
+        # only the keys in ALLOWED_CFG_OVERLAY (input size and normalization), never a file or URL
+        "pretrained_cfg_overlay",
+    }
+)  # fmt: skip
+# ``pretrained_cfg_overlay`` keys that only describe the input (bench/analysis.py sets input_size).
+ALLOWED_CFG_OVERLAY = frozenset(
+    {"input_size", "test_input_size", "min_input_size", "fixed_input_size", "mean", "std", "crop_pct",
+     "crop_mode", "interpolation", "pool_size"}
+)  # fmt: skip
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, (list, tuple)) and all(
+        v is None or isinstance(v, (bool, int, float, str)) for v in value
+    )
+
+
+def kwargs_problem(kwargs: Any, field: str = "base.kwargs") -> str | None:
+    """What is wrong with ``kwargs`` as model-construction arguments (None: only
+    :data:`ALLOWED_KWARGS` with plain values)."""
+    if not isinstance(kwargs, dict):
+        return f"{field} must be an object of timm arguments, got {type(kwargs).__name__}"
+    for key, value in kwargs.items():
+        if key not in ALLOWED_KWARGS:
+            allowed = ", ".join(sorted(ALLOWED_KWARGS))
+            return f"{field} '{key}' is not an allowed model argument (allowed: {allowed})"
+        if key == "pretrained_cfg_overlay":
+            if not isinstance(value, dict):
+                return f"{field} 'pretrained_cfg_overlay' must be an object, got {type(value).__name__}"
+            bad = [str(k) for k, v in value.items() if k not in ALLOWED_CFG_OVERLAY or not _plain(v)]
+            if bad:
+                return (
+                    f"{field} 'pretrained_cfg_overlay' may only set {', '.join(sorted(ALLOWED_CFG_OVERLAY))} "
+                    f"with plain values (got {', '.join(bad)})"
+                )
+        elif not _plain(value):
+            return f"{field} '{key}' must be a number, string, boolean or list, got {type(value).__name__}"
+    return None
+
+
+def check_kwargs(kwargs: Any, where: str, field: str = "base.kwargs") -> None:
+    """Raise :class:`VitkitError` naming ``where`` (e.g. a run's model.json) and ``field`` unless
+    ``kwargs`` passes :func:`kwargs_problem`."""
+    from vitkit.errors import VitkitError
+
+    problem = kwargs_problem(kwargs, field)
+    if problem is not None:
+        raise VitkitError(f"{where}: {problem}")
+
 
 @dataclass
 class TransformRecord:

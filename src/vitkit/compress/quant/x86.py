@@ -19,8 +19,10 @@ pair sums saturate with full-range activations; on this AVX2-only EPYC the full 
 compiled logits by up to 2.0 and cost 2 pt top-1 on the digits model, 7 bits matched the reference
 graph (max |Δlogit| 0.05).
 
-The converted program is saved with ``torch.export.save`` (a ``.pt2`` archive, no pickle) and loaded
-with :func:`load_int8_program`. torchao is imported lazily: vitkit imports without it.
+The converted program is saved with ``torch.export.save`` (a ``.pt2`` archive: raw tensors, JSON and a
+small sample-inputs file that loads with ``weights_only=True``) and loaded with :func:`load_int8_program`,
+which refuses archives that would make ``torch.export.load`` unpickle, load native code or evaluate
+Python (see :mod:`vitkit.compress.quant.pt2_safety`). torchao is imported lazily: vitkit imports without it.
 """
 
 from __future__ import annotations
@@ -159,8 +161,14 @@ def load_int8_program(path: str | os.PathLike, *, compile: bool = True, bf16: bo
         raise VitkitError(
             f"'{path}' not found: expected a {PROGRAM_FILE} written by vitkit quantize --deploy torch-x86"
         )
+    from vitkit.compress.quant.pt2_safety import check_pt2_archive
+
+    data = Path(path).read_bytes()
+    # torch.export.load can unpickle, load native code and eval strings from the archive: inspect
+    # it first, then hand torch the very bytes that were inspected (no second read of the file).
+    check_pt2_archive(data, path)
     try:
-        program = torch.export.load(path).module()
+        program = torch.export.load(io.BytesIO(data)).module()
     except Exception as e:
         raise VitkitError(f"'{path}' is not a torch.export program ({type(e).__name__})") from None
     return compile_int8(program, bf16=bf16) if compile else program
