@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from vitkit.data import DataSplits, ImageDataset, load_eval_data, load_splits, seed_everything
@@ -274,6 +273,9 @@ def evaluate_run(
             f"run '{run_dir}' is a self-supervised encoder without a classifier: evaluate it with --probe linear|knn"
         )
     model = load(run_dir, device=device)
+    from vitkit.threads import set_threads_for
+
+    set_threads_for(model)  # OMP_NUM_THREADS, else by model size and free cores (printed once)
     info = model.vitkit_run
     img = model_input_size(model)[1]
     dataset = evaluation_data(info, data, img, strict=strict)
@@ -307,8 +309,3 @@ def _read_train_metrics(path: Path) -> dict[str, Any]:
 
 def read_run_info(run_dir: str | os.PathLike) -> RunInfo:
     return read_run(run_dir)
-
-
-def set_threads(n: int | None) -> None:
-    if n:
-        torch.set_num_threads(n)

@@ -120,7 +120,9 @@ def reparam(
 def compare(
     runs: list[Path] = Arg(..., help="run directories; the first is the baseline"),
     output: Path | None = Opt(None, "-o", "--output", help="write compare.json and compare.png here"),
-    threads: int = Opt(2, help="torch threads (fixed and recorded)"),
+    threads: int | None = Opt(
+        None, help="torch threads, fixed and recorded [default: chosen from the model size and free cores]"
+    ),
     repeats: int = Opt(5, help="timed rounds, interleaved"),
     batch: int = Opt(64, help="throughput batch size"),
 ) -> None:
@@ -133,10 +135,14 @@ def compare(
     from vitkit.compress.stages import compare_runs
     from vitkit.errors import VitkitError
 
-    if repeats < 1 or batch < 1 or threads < 1:
+    if repeats < 1 or batch < 1 or (threads is not None and threads < 1):
         raise VitkitError("--repeats, --batch and --threads must be positive")
     rows = compare_runs([str(r) for r in runs], output, threads=threads, repeats=repeats, batch=batch)
-    t = Table(title=f"compare ({threads} threads, fp32, median of {repeats} interleaved rounds)")
+    import torch
+
+    t = Table(
+        title=f"compare ({torch.get_num_threads()} threads, fp32, median of {repeats} interleaved rounds)"
+    )
     for col in ("run", "transforms", "top-1", "Δ top-1", "params", "MFLOPs", "lat ms", "img/s", "speed-up"):
         t.add_column(col, justify="left" if col in ("run", "transforms") else "right")
     for row in rows:

@@ -402,7 +402,7 @@ def compare_runs(
     runs: list[str | os.PathLike],
     output: str | os.PathLike | None = None,
     *,
-    threads: int = 2,
+    threads: int | None = None,
     repeats: int = 5,
     batch: int = 64,
 ) -> list[dict[str, Any]]:
@@ -463,7 +463,7 @@ def compare_runs(
         )
     if output is not None:
         out = Path(output)
-        write_json(out / "compare.json", {"runs": rows, "threads": threads, "repeats": repeats, "batch": batch,
+        write_json(out / "compare.json", {"runs": rows, "threads": torch.get_num_threads(), "repeats": repeats, "batch": batch,
                                           "torch_threads": torch.get_num_threads()})  # fmt: skip
         plot_comparison(rows, out / "compare.png")
     return rows
