@@ -13,7 +13,7 @@ from torch import nn
 from vitkit.errors import VitkitError
 from vitkit.io import read_json
 from vitkit.models import create_model, get_manifest, record_transform
-from vitkit.registry import register_transform
+from vitkit.registry import register_transform, unregister
 from vitkit.runs import load, read_run, save_model
 
 
@@ -106,8 +106,14 @@ def _apply_scale(model, cfg):
     return model
 
 
-def test_transforms_replay_from_the_manifest(tmp_path):
+@pytest.fixture
+def test_scale_registered():
     register_transform("test_scale", _apply_scale)
+    yield
+    unregister("test_scale")
+
+
+def test_transforms_replay_from_the_manifest(tmp_path, test_scale_registered):
     m = _apply_scale(create_model("vitkit_nano_p4_16", num_classes=3), {"why": "test"})
     with torch.no_grad():
         m.fc_norm.scale.mul_(3.0)

@@ -1,78 +1,102 @@
-"""Transforms that ``vitkit.load`` can replay, by the name they record in the manifest.
+"""The technique registry: one registration per technique, made next to its code.
 
-A transform registers ``name -> "module:function"``; the function has the signature
-``fn(model, config: dict) -> model`` and rebuilds the *structure* the transform produced (swapped
-modules, added tokens, buffers of the right shape) and records itself again. It must not depend on
-data: calibrated values, learned prompts and the like come back from ``model.safetensors``.
-Entries are import paths so that loading a plain run never imports heavy optional packages.
+A technique that changes a model (a *transform*: LoRA, ToMe, pruning, quantization, ...) registers
+itself once, at the bottom of its own module::
+
+    register(Technique(
+        name="tome",                       # the name recorded in the run's manifest
+        summary="merge similar tokens ...",   # one line: `vitkit techniques`, the docs table
+        paper="Token Merging: Your ViT But Faster (2023)",
+        config=ToMeConfig,                 # its options (pydantic model or dataclass): the only validator
+        replay=replay_tome,                # rebuild the structure on `vitkit.load` (no data)
+        export=AS_IS,                      # AS_IS | prepare_with(fn) | not_exportable("reason")
+        quantize=None,                     # or the reason quantization refuses a model carrying it
+        requires=(),                       # transforms that must come earlier in the manifest
+        train=train_transform,             # optional: `vitkit train --transform NAME:k=v,...`
+        family="compress", verb="vitkit reduce-tokens --method tome",
+    ))
+
+Everything else derives from that one registration: ``vitkit.load`` replays it, ``vitkit export``
+applies its export rule, ``vitkit quantize`` refuses what it must, ``vitkit train --transform``
+resolves it, and ``vitkit techniques`` / docs/techniques.md list it. Adding a technique touches its
+own module and its tests, nothing else.
+
+Discovery: registrations run when their module is imported. Looking up a name this process has not
+registered yet imports every module of the technique packages (:data:`TECHNIQUE_PACKAGES`, ~0.2 s
+once torch is loaded), so loading a plain run imports no technique at all. This module itself
+imports no torch (the CLI's help must stay fast).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 from vitkit.errors import VitkitError
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from vitkit.train.objectives import Objective
 
-ReplayFn = Callable[[nn.Module, dict], nn.Module]
+ReplayFn = Callable[["nn.Module", dict], "nn.Module"]
+PrepareFn = Callable[["nn.Module"], "nn.Module"]
 
-_TRANSFORMS: dict[str, str | ReplayFn] = {
-    # name: "vitkit.package.module:function"   (technique issues add their entries here)
-    "gmm": "vitkit.smalldata.gmm:replay_gmm",
-    "ewa": "vitkit.smalldata.ewa:replay_ewa",
-    "ewa_merge": "vitkit.smalldata.ewa:replay_ewa_merge",
-    "stem": "vitkit.smalldata.stem:replay_stem",
-    "attention_temperature": "vitkit.analyze.patches:replay_attention_temperature",
-    "dist_token": "vitkit.distill.deit:replay_dist_token",
-    "lora": "vitkit.adapt.lora:replay_lora",
-    "lora-qv": "vitkit.adapt.lora:replay_lora_qv",
-    "vpt": "vitkit.adapt.vpt:replay_vpt",
-    "dvpt": "vitkit.adapt.dvpt:replay_dvpt",
-    "explora": "vitkit.adapt.explora:replay_explora",
-    # compress: faster ViTs (issue 6)
-    "tome": "vitkit.compress.tokens.tome:replay_tome",
-    "evit": "vitkit.compress.tokens.evit:replay_evit",
-    "exits": "vitkit.compress.exits:replay_exits",
-    "repavit": "vitkit.compress.reparam:replay_repavit",
-    "repavit_reparam": "vitkit.compress.reparam:replay_repavit_reparam",
-    "prune_structured": "vitkit.compress.prune.structured:replay_structured_prune",
-    "lpvit": "vitkit.compress.prune.lpvit:replay_lpvit",
-    "dimap": "vitkit.compress.prune.dimap:replay_dimap",
-    "linear_attention": "vitkit.compress.linear_attention:replay_linear_attention",
-    "quantize": "vitkit.compress.quant.transform:replay_quantization",
-}
+# Packages whose modules may register techniques (a new technique in one of them touches nothing here).
+TECHNIQUE_PACKAGES = (
+    "vitkit.adapt",
+    "vitkit.analyze",
+    "vitkit.compress",
+    "vitkit.distill",
+    "vitkit.pretrain",
+    "vitkit.smalldata",
+)
 
 
-def register_transform(name: str, target: str | ReplayFn) -> None:
-    """Register a replay function (or its import path) under the name the transform records."""
-    _TRANSFORMS[name] = target
-
-
-def get_transform(name: str) -> ReplayFn:
-    target = _TRANSFORMS.get(name)
-    if target is None:
-        raise VitkitError(
-            f"the run's manifest names transform '{name}', which this vitkit does not know "
-            f"(known: {', '.join(sorted(_TRANSFORMS)) or 'none'}); was it made by a newer vitkit?"
-        )
-    if callable(target):
+def _resolve(target: str | Callable | None) -> Callable | None:
+    if target is None or callable(target):
         return target
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
-def known_transforms() -> list[str]:
-    return sorted(_TRANSFORMS)
+# -- export rules -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExportRule:
+    """How a model carrying a transform exports: as it is, after a prepare hook (``fn(model) -> model``,
+    e.g. LoRA merged into the base weights), or not at all (with the reason, printed in one line)."""
+
+    prepare: str | PrepareFn | None = None  # "module:function" or a callable; None = as it is
+    not_exportable: str | None = None
+
+    def resolve(self) -> PrepareFn | None:
+        return _resolve(self.prepare)  # type: ignore[return-value]
+
+    def describe(self) -> str:
+        if self.not_exportable:
+            return f"refused: {self.not_exportable}"
+        if self.prepare is None:
+            return "as it is"
+        name = self.prepare if isinstance(self.prepare, str) else self.prepare.__name__
+        return f"after {name.rpartition(':')[2]}"
 
 
-# -- transforms a training run applies by name (``vitkit train --transform NAME:key=value,...``) ------
+AS_IS = ExportRule()
+
+
+def prepare_with(target: str | PrepareFn) -> ExportRule:
+    return ExportRule(prepare=target)
+
+
+def not_exportable(reason: str) -> ExportRule:
+    return ExportRule(not_exportable=reason)
+
+
+# -- training-time application (``vitkit train --transform NAME:key=value,...``) ---------------------
 @dataclass
 class TrainTransform:
     """What one ``--transform`` spec does to a training run (``vitkit.api.train_model`` runs it).
@@ -89,21 +113,197 @@ class TrainTransform:
 
 TrainTransformFactory = Callable[[dict[str, str]], TrainTransform]
 
-_TRAIN_TRANSFORMS: dict[str, str | TrainTransformFactory] = {
-    # name: "vitkit.package.module:factory"  with factory(options: dict[str, str]) -> TrainTransform
-    "gmm": "vitkit.smalldata.gmm:train_transform",
-    "ewa": "vitkit.smalldata.ewa:train_transform",
-    "stem": "vitkit.smalldata.stem:train_transform",
-}
+
+# -- the registration -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Technique:
+    """One technique's registration (see the module docstring)."""
+
+    name: str
+    summary: str
+    replay: str | ReplayFn
+    export: ExportRule
+    paper: str = ""  # "Title (year)"; empty only for vitkit's own plumbing (then say why in summary)
+    config: type | None = None  # pydantic model or dataclass of the options it records
+    quantize: str | None = None  # why quantization refuses a model carrying it (None: it composes)
+    requires: tuple[str, ...] = ()  # transforms that must have been applied before this one
+    train: str | TrainTransformFactory | None = None
+    family: str = ""  # the package kind: adapt, compress, distill, analyze, smalldata, ...
+    verb: str = ""  # the command that applies it (docs)
+    module: str = ""  # filled by register(): where the registration lives
+
+    def replay_fn(self) -> ReplayFn:
+        return _resolve(self.replay)  # type: ignore[return-value]
+
+    def config_fields(self) -> list[tuple[str, str, Any, str]]:
+        """(name, type, default, description) of every config field, for help and docs."""
+        return config_fields(self.config) if self.config is not None else []
 
 
-def register_train_transform(name: str, target: str | TrainTransformFactory) -> None:
-    """Register a factory (or its import path) that ``--transform name:...`` resolves to."""
-    _TRAIN_TRANSFORMS[name] = target
+_TECHNIQUES: dict[str, Technique] = {}
+_discovered = False
+
+
+def register(technique: Technique) -> Technique:
+    """Register ``technique`` (called once, next to its code). Registering a different technique under
+    a taken name is a bug and raises; re-importing the same module is harmless."""
+    if not technique.module:
+        replay = technique.replay
+        module = replay.partition(":")[0] if isinstance(replay, str) else getattr(replay, "__module__", "")
+        technique = dataclasses.replace(technique, module=module)
+    old = _TECHNIQUES.get(technique.name)
+    if old is not None and old.module != technique.module:
+        raise ValueError(
+            f"technique '{technique.name}' is registered twice ({old.module} and {technique.module})"
+        )
+    _TECHNIQUES[technique.name] = technique
+    return technique
+
+
+def unregister(name: str) -> None:
+    """Remove a registration (tests registering throw-away techniques clean up with this)."""
+    _TECHNIQUES.pop(name, None)
+
+
+def discover() -> None:
+    """Import every module of :data:`TECHNIQUE_PACKAGES` once, so that every registration has run."""
+    global _discovered
+    if _discovered:
+        return
+    for package in TECHNIQUE_PACKAGES:
+        pkg = importlib.import_module(package)
+        for info in pkgutil.walk_packages(pkg.__path__, package + "."):
+            importlib.import_module(info.name)
+    _discovered = True
+
+
+def technique(name: str, *, what: str = "the run's manifest names transform") -> Technique:
+    """The registration of ``name``; an unknown name raises one line listing the known ones."""
+    t = _TECHNIQUES.get(name)
+    if t is None:
+        discover()
+        t = _TECHNIQUES.get(name)
+    if t is None:
+        raise VitkitError(
+            f"{what} '{name}', which this vitkit does not know "
+            f"(known: {', '.join(known_transforms()) or 'none'}); was it made by a newer vitkit?"
+        )
+    return t
+
+
+def techniques() -> list[Technique]:
+    """Every registration, by family then name."""
+    discover()
+    return sorted(_TECHNIQUES.values(), key=lambda t: (t.family, t.name))
+
+
+def known_transforms() -> list[str]:
+    discover()
+    return sorted(_TECHNIQUES)
+
+
+def get_transform(name: str) -> ReplayFn:
+    """The replay function of transform ``name`` (what ``vitkit.load`` calls)."""
+    return technique(name).replay_fn()
+
+
+def check_order(names: list[str]) -> None:
+    """Raise one line when a transform in ``names`` (a manifest's order) misses one it requires."""
+    for i, name in enumerate(names):
+        missing = [r for r in technique(name).requires if r not in names[:i]]
+        if missing:
+            raise VitkitError(
+                f"transform '{name}' needs {', '.join(missing)} applied before it (manifest order: "
+                f"{', '.join(names)})"
+            )
+
+
+def register_transform(name: str, replay: str | ReplayFn, export: ExportRule | None = None) -> Technique:
+    """Register a bare replayable transform (tests, users' own transforms): no config, no paper.
+    Without ``export`` it cannot be exported (nothing is exported on trust)."""
+    return register(
+        Technique(
+            name=name,
+            summary="(registered with register_transform)",
+            replay=replay,
+            export=export or not_exportable("it was registered without an export rule"),
+        )
+    )
+
+
+# -- config validation (the only validator of technique options) -----------------------------------
+def config_fields(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, description) of a pydantic model's or dataclass's fields."""
+    if hasattr(cls, "model_fields"):
+        out = []
+        for name, f in cls.model_fields.items():  # type: ignore[attr-defined]
+            default = f.default_factory() if f.default_factory is not None else f.default  # type: ignore[call-arg]
+            out.append((name, _type_name(f.annotation), default, f.description or ""))
+        return out
+    if dataclasses.is_dataclass(cls):
+        out = []
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default: Any = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = None
+            out.append((f.name, _type_name(f.type), default, f.metadata.get("help", "")))
+        return out
+    return []
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, str):
+        return annotation
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def parse_config(cls: type, options: Any, what: str) -> Any:
+    """``options`` (a dict, e.g. from ``--transform name:key=value`` or a pipeline stage) as a ``cls``
+    instance, validated by pydantic (types converted: "5" -> 5). A bad or unknown field raises one
+    :class:`VitkitError` line naming ``what`` and the field."""
+    from pydantic import BaseModel, TypeAdapter, ValidationError
+
+    if isinstance(options, cls):
+        return options
+    options = dict(options or {})
+    known = [f[0] for f in config_fields(cls)]
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise VitkitError(f"{what}: unknown option '{unknown[0]}' (known: {', '.join(known)})")
+    try:
+        if isinstance(cls, type) and issubclass(cls, BaseModel):
+            return cls(**options)
+        return TypeAdapter(cls).validate_python(options)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors()[:3]:
+            field = ".".join(str(x) for x in err["loc"]) or "(options)"
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"option '{field}': {msg} (got {err.get('input')!r})")
+        raise VitkitError(f"{what}: " + "; ".join(parts)) from e
+
+
+# -- ``vitkit train --transform`` --------------------------------------------------------------------
+def register_train_transform(name: str, factory: str | TrainTransformFactory) -> None:
+    """Let ``--transform name:...`` resolve to ``factory`` (tests; techniques set ``train=`` instead).
+    Registers a bare technique under ``name`` when none exists."""
+    t = _TECHNIQUES.get(name)
+    if t is None:
+        t = Technique(
+            name=name,
+            summary="(registered with register_train_transform)",
+            replay=lambda model, config: model,
+            export=not_exportable("it was registered without an export rule"),
+        )
+    register(dataclasses.replace(t, train=factory))
 
 
 def known_train_transforms() -> list[str]:
-    return sorted(_TRAIN_TRANSFORMS)
+    discover()
+    return sorted(n for n, t in _TECHNIQUES.items() if t.train is not None)
 
 
 def parse_transform_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -125,14 +325,30 @@ def parse_transform_spec(spec: str) -> tuple[str, dict[str, str]]:
 def get_train_transform(spec: str) -> TrainTransform:
     """Resolve a ``--transform`` spec to its :class:`TrainTransform` (options validated here)."""
     name, options = parse_transform_spec(spec)
-    target = _TRAIN_TRANSFORMS.get(name)
-    if target is None:
+    t = _TECHNIQUES.get(name)
+    if t is None or t.train is None:
+        discover()
+        t = _TECHNIQUES.get(name)
+    if t is None or t.train is None:
         raise VitkitError(
             f"transform '{name}' is not one vitkit train can apply "
             f"(known: {', '.join(known_train_transforms()) or 'none'})"
         )
-    factory: Any = target
-    if not callable(target):
-        module, _, attr = target.partition(":")
-        factory = getattr(importlib.import_module(module), attr)
+    factory: Any = _resolve(t.train)
     return factory(options)
+
+
+# -- the docs table ---------------------------------------------------------------------------------
+def markdown_table() -> str:
+    """docs/techniques.md's table, generated from the registrations (a test keeps the file in step)."""
+    rows = [
+        "| technique | family | what it does | paper | export | quantize after it | options | applied by |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in techniques():
+        options = ", ".join(f"`{name}`" for name, *_ in t.config_fields()) or "—"
+        quant = f"refused: {t.quantize}" if t.quantize else "yes"
+        cells = [f"`{t.name}`", t.family, t.summary, t.paper or "—", t.export.describe(), quant, options]
+        cells.append(f"`{t.verb}`" if t.verb.startswith("vitkit") else t.verb or "—")
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"

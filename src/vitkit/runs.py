@@ -33,7 +33,7 @@ from vitkit.errors import VitkitError, upstream_reason
 from vitkit.io import atomic_path, owned_output_dir, read_json, write_json
 from vitkit.models import Manifest, create_model, get_manifest, set_manifest
 from vitkit.models.manifest import check_kwargs
-from vitkit.registry import get_transform
+from vitkit.registry import check_order, get_transform
 from vitkit.train.checkpoint import CHECKPOINT_NAME, check_compatible
 
 MODEL_JSON = "model.json"
@@ -166,6 +166,8 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
 
 def build_from_manifest(manifest: Manifest) -> nn.Module:
     """Create the base model and replay the recorded transforms (structure only, no weights)."""
+    if manifest.transforms:
+        check_order([t.name for t in manifest.transforms])  # also: every name is a known technique
     model = create_model(manifest.name, **manifest.kwargs)
     for t in manifest.transforms:
         model = get_transform(t.name)(model, dict(t.config))

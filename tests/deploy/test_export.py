@@ -9,7 +9,6 @@ from torch import nn
 from vitkit.cli import main
 from vitkit.deploy import OnnxModel
 from vitkit.deploy.export import (
-    _EXPORT_RULES,
     AS_IS,
     ExportRule,
     export_run,
@@ -21,7 +20,7 @@ from vitkit.deploy.export import (
 from vitkit.errors import VitkitError
 from vitkit.io import read_json
 from vitkit.models import create_model, model_input_size, record_transform
-from vitkit.registry import _TRANSFORMS, register_transform
+from vitkit.registry import register_transform, technique, unregister
 from vitkit.runs import load, save_model
 
 CLASSES = [str(i) for i in range(10)]
@@ -100,8 +99,7 @@ def toy_transforms():
     register_export_rule("toy_blocked", not_exportable("its custom op has no ONNX symbolic"))
     yield
     for n in names:
-        _TRANSFORMS.pop(n, None)
-        _EXPORT_RULES.pop(n, None)
+        unregister(n)
 
 
 def _toy_run(tmp_path, transform: str):
@@ -131,7 +129,10 @@ def test_prepare_hook_runs_before_export(tmp_path, toy_transforms):
 @pytest.mark.parametrize(
     "transform,message",
     [
-        ("toy_unknown", "transform 'toy_unknown' declares no export rule"),
+        (
+            "toy_unknown",
+            "transform 'toy_unknown' is not exportable: it was registered without an export rule",
+        ),
         ("toy_blocked", "transform 'toy_blocked' is not exportable: its custom op has no ONNX symbolic"),
     ],
 )
@@ -162,4 +163,6 @@ def test_bad_options(tmp_path):
 
 
 def test_rule_table_shapes():
-    assert ExportRule() == AS_IS and _EXPORT_RULES["lora"].prepare == "vitkit.adapt.lora:merge_lora"
+    from vitkit.adapt.lora import merge_lora
+
+    assert ExportRule() == AS_IS and technique("lora").export.prepare is merge_lora

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vitkit.errors import VitkitError
-from vitkit.registry import TrainTransform, parse_transform_spec, register_train_transform
+from vitkit.registry import TrainTransform, parse_transform_spec, register_train_transform, unregister
 from vitkit.train import build_config
 
 
@@ -34,7 +34,12 @@ def _scaled_head(options: dict[str, str]) -> TrainTransform:
     return t
 
 
-register_train_transform("test_scaled_head", _scaled_head)
+@pytest.fixture(autouse=True)
+def _scaled_head_registered():
+    # registered only while this module's tests run: the registry tests list every registration
+    register_train_transform("test_scaled_head", _scaled_head)
+    yield
+    unregister("test_scaled_head")
 
 
 def test_parse_transform_spec():

@@ -50,6 +50,7 @@ from vitkit.adapt.common import (
 )
 from vitkit.errors import VitkitError
 from vitkit.models import record_transform
+from vitkit.registry import AS_IS, Technique, register
 
 
 class DVPTConfig(BaseModel):
@@ -131,3 +132,17 @@ def apply_dvpt(model: nn.Module, cfg: DVPTConfig | dict[str, Any] | None = None)
 
 def replay_dvpt(model: nn.Module, config: dict) -> nn.Module:
     return apply_dvpt(model, DVPTConfig(**config))
+
+
+register(
+    Technique(
+        name="dvpt",
+        summary="sample-specific prompts from a shared bottleneck after every frozen block",
+        paper='He et al., "DVPT: Dynamic Visual Prompt Tuning of Large Pre-trained Models for Medical Image Analysis" (2023)',
+        config=DVPTConfig,
+        replay=replay_dvpt,
+        export=AS_IS,
+        family="adapt",
+        verb="vitkit finetune RUN --peft dvpt",
+    )
+)

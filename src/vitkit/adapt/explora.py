@@ -35,6 +35,7 @@ from torch import nn
 from vitkit.adapt.common import build_config, freeze, resolve_block_indices, transformer_blocks
 from vitkit.adapt.lora import add_lora_qv, lora_parameters, merge_lora, role_modules
 from vitkit.models import record_transform
+from vitkit.registry import Technique, prepare_with, register
 
 
 class ExploraConfig(BaseModel):
@@ -111,3 +112,17 @@ def explora_pretrain(
         force=force,
         quiet=quiet,
     )
+
+
+register(
+    Technique(
+        name="explora",
+        summary="extended self-supervised pretraining on a new domain: 1-2 blocks unfrozen, LoRA elsewhere",
+        paper='Khanna et al., "ExPLoRA: Parameter-Efficient Extended Pre-Training to Adapt Vision Transformers under Domain Shifts" (2025)',
+        config=ExploraConfig,
+        replay=replay_explora,
+        export=prepare_with("vitkit.adapt.lora:merge_lora"),
+        family="adapt",
+        verb="vitkit pretrain --method explora --from RUN",
+    )
+)

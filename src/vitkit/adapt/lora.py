@@ -43,6 +43,7 @@ from vitkit.adapt.common import (
 )
 from vitkit.errors import VitkitError
 from vitkit.models import get_manifest, record_transform
+from vitkit.registry import Technique, prepare_with, register
 
 Role = Literal["qkv", "proj", "fc1", "fc2"]
 #: Transforms that merge_lora folds away (ExPLoRA's LoRA is ours, the unfrozen block is plain).
@@ -288,3 +289,29 @@ __all__ = [
     "merge_lora",
     "role_modules",
 ]
+
+
+register(
+    Technique(
+        name="lora",
+        summary="low-rank updates on frozen linears (peft); merged into the weights for export",
+        paper='Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2022)',
+        config=LoRAConfig,
+        replay=replay_lora,
+        export=prepare_with(merge_lora),
+        family="adapt",
+        verb="vitkit finetune RUN --peft lora",
+    )
+)
+register(
+    Technique(
+        name="lora-qv",
+        summary="LoRA on the query and value projections only (inside the fused qkv)",
+        paper='Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2022)',
+        config=LoRAQVConfig,
+        replay=replay_lora_qv,
+        export=prepare_with(merge_lora),
+        family="adapt",
+        verb="vitkit finetune RUN --peft lora-qv",
+    )
+)

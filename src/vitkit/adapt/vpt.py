@@ -45,6 +45,7 @@ from vitkit.adapt.common import (
 )
 from vitkit.errors import VitkitError
 from vitkit.models import record_transform
+from vitkit.registry import AS_IS, Technique, register
 
 
 class VPTConfig(BaseModel):
@@ -150,3 +151,17 @@ def apply_vpt(model: nn.Module, cfg: VPTConfig | dict[str, Any] | None = None) -
 
 def replay_vpt(model: nn.Module, config: dict) -> nn.Module:
     return apply_vpt(model, VPTConfig(**config))
+
+
+register(
+    Technique(
+        name="vpt",
+        summary="learned prompt tokens after the prefix tokens (shallow or deep); backbone frozen",
+        paper='Jia et al., "Visual Prompt Tuning" (2022)',
+        config=VPTConfig,
+        replay=replay_vpt,
+        export=AS_IS,
+        family="adapt",
+        verb="vitkit finetune RUN --peft vpt-shallow|vpt-deep",
+    )
+)

@@ -35,6 +35,7 @@ from vitkit.analyze.common import PixelModel, check_classifier, subsample
 from vitkit.data import ImageDataset
 from vitkit.errors import VitkitError
 from vitkit.models import attention_modules, logit_hook, model_input_size, record_transform
+from vitkit.registry import AS_IS, Technique, register
 
 
 # -- the grid ---------------------------------------------------------------------------------------
@@ -167,6 +168,13 @@ def attention_temperature(model: nn.Module, temperature: float) -> Iterator[nn.M
         return
     with logit_hook(model, _temperature_fn(temperature)):
         yield model
+
+
+@dataclass
+class AttentionTemperatureConfig:
+    """``temperature``: every attention logit is divided by it (> 1 flattens attention)."""
+
+    temperature: float = 1.0
 
 
 def apply_attention_temperature(model: nn.Module, cfg: dict[str, Any] | float) -> nn.Module:
@@ -342,3 +350,17 @@ def plot_patch_result(result: PatchResult, path, title: str = "") -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
+
+
+register(
+    Technique(
+        name="attention_temperature",
+        summary="divide every attention logit by T: the patch-perturbation defence",
+        paper='Gu, Tresp, Qin, "Are Vision Transformers Robust to Patch Perturbations?" (2022)',
+        config=AttentionTemperatureConfig,
+        replay=replay_attention_temperature,
+        export=AS_IS,
+        family="analyze",
+        verb="vitkit perturb RUN --temperature T -o OUT",
+    )
+)

@@ -45,6 +45,7 @@ from vitkit.compress._blocks import WrappedBlock, parse_int_list, transformer_bl
 from vitkit.data import BatchTransform, ImageDataset
 from vitkit.errors import VitkitError
 from vitkit.models import num_prefix_tokens, record_transform
+from vitkit.registry import AS_IS, Technique, register
 from vitkit.train.evaluate import autocast_context, classification_metrics, eval_transform
 from vitkit.train.objectives import ClassificationObjective, Objective, ObjectiveOutput
 
@@ -612,3 +613,17 @@ def threshold_sweep(
         )
         rows.append(row)
     return rows
+
+
+register(
+    Technique(
+        name="exits",
+        summary="early-exit heads after chosen blocks; stop when an exit is confident",
+        paper='Xu et al., "LGViT: Dynamic Early Exiting for Accelerating Vision Transformer" (2023)',
+        config=ExitConfig,
+        replay=replay_exits,
+        export=AS_IS,
+        family="compress",
+        verb="vitkit train --exits 4,8",
+    )
+)

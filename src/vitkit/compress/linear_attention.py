@@ -38,6 +38,7 @@ from vitkit.models import (
     num_prefix_tokens,
     record_transform,
 )
+from vitkit.registry import AS_IS, Technique, register
 
 DENOM_CLAMP = 100.0  # L2ViT's clamp on the normaliser ("makes training stable", per their code)
 
@@ -174,3 +175,17 @@ def apply_linear_attention(model: nn.Module, cfg: LinearAttentionConfig | dict |
 
 def replay_linear_attention(model: nn.Module, config: dict) -> nn.Module:
     return apply_linear_attention(model, LinearAttentionConfig(**config))
+
+
+register(
+    Technique(
+        name="linear_attention",
+        summary="ReLU linear attention with a local concentration module: cost linear in tokens",
+        paper='Zheng, "Linear Attention Resurrection in Vision Transformer" (2025)',
+        config=LinearAttentionConfig,
+        replay=replay_linear_attention,
+        export=AS_IS,
+        family="compress",
+        verb="vitkit train --linear-attention",
+    )
+)

@@ -32,6 +32,7 @@ from torch import nn
 from vitkit.compress._blocks import all_blocks
 from vitkit.errors import VitkitError
 from vitkit.models import get_manifest, record_transform
+from vitkit.registry import AS_IS, Technique, register
 
 
 class TokenBatchNorm(nn.BatchNorm1d):
@@ -235,3 +236,29 @@ __all__ = [
     "replay_repavit",
     "replay_repavit_reparam",
 ]
+
+
+register(
+    Technique(
+        name="repavit",
+        summary="channel-idle FFNs with BatchNorm for training, foldable into fewer weights",
+        paper='Xu et al., "RePaViT: Scalable Vision Transformer Acceleration via Structural Reparameterization on Feedforward Network Layers" (2025)',
+        config=RePaViTConfig,
+        replay=replay_repavit,
+        export=AS_IS,
+        family="compress",
+        verb="vitkit train --repavit 0.75",
+    )
+)
+register(
+    Technique(
+        name="repavit_reparam",
+        summary="RePaViT's channel-idle FFNs folded into their inference form",
+        paper='Xu et al., "RePaViT: Scalable Vision Transformer Acceleration via Structural Reparameterization on Feedforward Network Layers" (2025)',
+        replay=replay_repavit_reparam,
+        export=AS_IS,
+        requires=("repavit",),
+        family="compress",
+        verb="vitkit reparam RUN",
+    )
+)

@@ -129,6 +129,8 @@ class TrainConfig(BaseModel):
     @field_validator("transforms")
     @classmethod
     def _known_transforms(cls, v: list[str]) -> list[str]:
+        if not v:
+            return v  # no lookup: knowing the names imports every technique module (and torch)
         from vitkit.registry import known_train_transforms, parse_transform_spec
 
         known = known_train_transforms()

@@ -1,14 +1,14 @@
 """Export a run directory to ONNX: the per-transform export contract, parity on the run's own images.
 
-The contract (docs/ARCHITECTURE.md, "Export"): every transform a run's manifest can name declares how
-it exports, in ``_EXPORT_RULES`` below (technique issues add their line, as in ``registry.py``):
+The contract (docs/architecture.md, "Export"): every transform a run's manifest can name declares how
+it exports in its registration (``vitkit.registry.Technique.export``):
 
 - ``AS_IS``: the transformed module graph traces as it is (prompt tokens, pruned shapes, ...);
 - ``prepare_with("pkg.module:function")``: ``function(model) -> model`` turns the model into its
   deployable form first (LoRA merged into the base weights, EWA experts averaged, ...);
 - ``not_exportable("reason")``: export stops with one line naming the transform and the reason.
 
-A transform the table does not name also stops the export with one line: nothing is exported on
+A transform that is not registered also stops the export with one line: nothing is exported on
 trust. Whatever the rules say, the exported graph is then checked against PyTorch on real images of
 the run's validation data (max |logit difference| against a stated bound): a rule that is wrong
 cannot produce a silently different model.
@@ -17,7 +17,7 @@ cannot produce a silently different model.
 from __future__ import annotations
 
 import copy
-import importlib
+import dataclasses
 import logging
 import os
 import time
@@ -31,87 +31,31 @@ from torch import nn
 
 from vitkit.errors import VitkitError
 
-PrepareFn = Callable[[nn.Module], nn.Module]
+# AS_IS, prepare_with, not_exportable are re-exported: the vocabulary of export rules
+from vitkit.registry import (  # noqa: F401
+    AS_IS,
+    ExportRule,
+    PrepareFn,
+    not_exportable,
+    prepare_with,
+    register,
+    technique,
+)
 
 ONNX_NAME = "model.onnx"
 INT8_NAME = "model.int8.onnx"
 EXPORT_JSON = "export.json"
 
 
-@dataclass(frozen=True)
-class ExportRule:
-    """How one transform exports: as it is, after a prepare hook, or not at all (with the reason)."""
-
-    prepare: str | PrepareFn | None = None  # "module:function" or a callable; None = as it is
-    not_exportable: str | None = None
-
-    def resolve(self) -> PrepareFn | None:
-        if self.prepare is None or callable(self.prepare):
-            return self.prepare
-        module, _, attr = self.prepare.partition(":")
-        return getattr(importlib.import_module(module), attr)
-
-
-AS_IS = ExportRule()
-
-
-def prepare_with(target: str | PrepareFn) -> ExportRule:
-    return ExportRule(prepare=target)
-
-
-def not_exportable(reason: str) -> ExportRule:
-    return ExportRule(not_exportable=reason)
-
-
-# Transforms from the technique branches (issues 3, 4, 6, 7, 9) are declared here so that their runs
-# export once merged; the parity check at export time is what verifies each of them.
-_EXPORT_RULES: dict[str, ExportRule] = {
-    # issue 3, distillation: the distillation token is a parameter, the eval head averages both heads
-    "dist_token": AS_IS,
-    # issue 4, adaptation: LoRA adapters fold into the base weights (a plain timm model again)
-    "lora": prepare_with("vitkit.adapt.lora:merge_lora"),
-    "lora-qv": prepare_with("vitkit.adapt.lora:merge_lora"),
-    "explora": prepare_with("vitkit.adapt.lora:merge_lora"),
-    "vpt": AS_IS,
-    "dvpt": AS_IS,
-    # issue 6, compression: token reduction, pruning, exits (full path + one graph per exit), RePaViT
-    "tome": AS_IS,
-    "evit": AS_IS,
-    "exits": AS_IS,
-    "repavit": AS_IS,
-    "repavit_reparam": AS_IS,
-    "prune_structured": AS_IS,
-    "lpvit": AS_IS,
-    "dimap": AS_IS,
-    "linear_attention": AS_IS,
-    # issue 7, analysis: attention temperature defence (a logit hook with a constant)
-    "attention_temperature": AS_IS,
-    # issue 9, small data: EWA experts merge into one FFN; the others are plain modules
-    "ewa": prepare_with("vitkit.smalldata.ewa:merge_ewa"),
-    "ewa_merge": AS_IS,
-    "gmm": AS_IS,
-    "stem": AS_IS,
-    # issue 5, quantization: the simulated (fake-quant) graph traces, but on trained runs its rounding
-    # flips between PyTorch and onnxruntime (max logit diff 2e-2 on W8A8, 0.37 on EViT+W8A8)
-    "quantize": not_exportable(
-        "simulated quantizers do not round identically in onnxruntime; export the real INT8 graph "
-        "with `vitkit quantize RUN --preset w8a8 --deploy onnx -o OUT` (8-bit uniform methods)"
-    ),
-}
-
-
 def register_export_rule(name: str, rule: ExportRule) -> None:
-    """Declare how runs with transform ``name`` export (see the module docstring)."""
-    _EXPORT_RULES[name] = rule
+    """Change how runs with transform ``name`` export (tests; techniques declare ``export=`` in their
+    registration instead)."""
+    register(dataclasses.replace(technique(name), export=rule))
 
 
 def export_rule(name: str) -> ExportRule:
-    rule = _EXPORT_RULES.get(name)
-    if rule is None:
-        raise VitkitError(
-            f"transform '{name}' declares no export rule, so it cannot be exported (add it to "
-            f"vitkit.deploy.export._EXPORT_RULES: AS_IS, prepare_with(...) or not_exportable(...))"
-        )
+    """The export rule transform ``name`` registered; raises one line if it refuses export."""
+    rule = technique(name).export
     if rule.not_exportable:
         raise VitkitError(f"transform '{name}' is not exportable: {rule.not_exportable}")
     return rule
@@ -133,7 +77,7 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
     out = copy.deepcopy(model).eval()
     done: set[str | Callable] = set()
     for name in names:
-        rule = _EXPORT_RULES[name]
+        rule = technique(name).export
         if rule.prepare is not None and rule.prepare not in done:  # one merge folds all LoRA kinds
             out = rule.resolve()(out)
             done.add(rule.prepare)
@@ -226,7 +170,9 @@ def export_run(
         "dynamic_batch": True,
         "input_shape": list(input_shape),
         "transforms": [t.name for t in info.manifest.transforms],
-        "prepared": [t.name for t in info.manifest.transforms if _EXPORT_RULES[t.name].prepare is not None],
+        "prepared": [
+            t.name for t in info.manifest.transforms if technique(t.name).export.prepare is not None
+        ],
         "ort_optimization": opt_level,
         "threads": threads,
         "parity_data": dataset.name,

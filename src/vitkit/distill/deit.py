@@ -43,6 +43,7 @@ from vitkit.data import BatchTransform, ImageDataset
 from vitkit.distill.teacher import Teacher, unwrap
 from vitkit.errors import VitkitError
 from vitkit.models import model_name, model_normalization, record_transform
+from vitkit.registry import AS_IS, Technique, register
 from vitkit.train import ClassificationObjective, Objective, ObjectiveOutput
 from vitkit.train.evaluate import classification_metrics, predict
 
@@ -415,3 +416,17 @@ def evaluate_heads(
             few_threshold=few_threshold,
         )
     return out
+
+
+register(
+    Technique(
+        name="dist_token",
+        summary="a distillation token and head added to any ViT (eval: mean of both heads)",
+        paper='Touvron et al., "Training data-efficient image transformers & distillation through attention" (2021)',
+        config=DistTokenConfig,
+        replay=replay_dist_token,
+        export=AS_IS,
+        family="distill",
+        verb="vitkit distill --add-dist-token",
+    )
+)

@@ -35,7 +35,7 @@ from torch.func import functional_call
 
 from vitkit.errors import VitkitError
 from vitkit.models import record_transform
-from vitkit.registry import TrainTransform
+from vitkit.registry import AS_IS, Technique, TrainTransform, prepare_with, register
 from vitkit.smalldata.options import parse_options
 from vitkit.train.objectives import Objective, ObjectiveOutput
 
@@ -244,3 +244,30 @@ def train_transform(options: dict[str, str]) -> TrainTransform:
         wrap_objective=EWAObjective,
         finalize=merge_ewa,
     )
+
+
+register(
+    Technique(
+        name="ewa",
+        summary="train some FFNs as averaged mixtures of experts; merged back into a plain ViT",
+        paper='Huang et al., "Experts Weights Averaging: A New General Training Scheme for Vision Transformers" (2023)',
+        config=EWAConfig,
+        replay=replay_ewa,
+        export=prepare_with(merge_ewa),
+        train=train_transform,
+        family="smalldata",
+        verb="vitkit train --transform ewa:experts=4",
+    )
+)
+register(
+    Technique(
+        name="ewa_merge",
+        summary="EWA's experts averaged into one FFN (the deployable form of an ewa model)",
+        paper='Huang et al., "Experts Weights Averaging: A New General Training Scheme for Vision Transformers" (2023)',
+        replay=replay_ewa_merge,
+        export=AS_IS,
+        requires=("ewa",),
+        family="smalldata",
+        verb="(applied by --transform ewa after training)",
+    )
+)

@@ -56,7 +56,7 @@ from vitkit.models import (
     num_prefix_tokens,
     record_transform,
 )
-from vitkit.registry import TrainTransform
+from vitkit.registry import AS_IS, Technique, TrainTransform, register
 from vitkit.smalldata.options import parse_options
 
 EPS = 1e-5  # the code's ``sigma ** 2 + 1e-5``
@@ -220,3 +220,18 @@ def train_transform(options: dict[str, str]) -> TrainTransform:
     """``vitkit train --transform gmm:k=5,form=additive``."""
     cfg = parse_options(GMMConfig, options, "gmm")
     return TrainTransform(apply=lambda model: apply_gmm(model, cfg))
+
+
+register(
+    Technique(
+        name="gmm",
+        summary="Gaussian-mixture masks on the attention logits: a locality prior for small data",
+        paper='Lee & Lee, "Toward a Deeper Understanding: RetNet Viewed through Convolution" (2023)',
+        config=GMMConfig,
+        replay=replay_gmm,
+        export=AS_IS,
+        train=train_transform,
+        family="smalldata",
+        verb="vitkit train --transform gmm:k=5",
+    )
+)

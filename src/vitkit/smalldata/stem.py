@@ -31,7 +31,7 @@ from torch import nn
 
 from vitkit.errors import VitkitError
 from vitkit.models import record_transform
-from vitkit.registry import TrainTransform
+from vitkit.registry import AS_IS, Technique, TrainTransform, register
 from vitkit.smalldata.options import parse_options
 
 
@@ -152,3 +152,18 @@ def train_transform(options: dict[str, str]) -> TrainTransform:
     """``vitkit train --transform stem:compression=2``."""
     cfg = parse_options(StemConfig, options, "stem")
     return TrainTransform(apply=lambda model: apply_stem(model, cfg))
+
+
+register(
+    Technique(
+        name="stem",
+        summary="a compressing convolutional patch stem: c² times fewer tokens",
+        paper='Zhao & Sun, "Compress image to patches for Vision Transformer" (2025)',
+        config=StemConfig,
+        replay=replay_stem,
+        export=AS_IS,
+        train=train_transform,
+        family="smalldata",
+        verb="vitkit train --transform stem:compression=2",
+    )
+)

@@ -27,6 +27,7 @@ from torch import nn
 from vitkit.compress.prune.masked import prunable_linears, use_masked_linears
 from vitkit.errors import VitkitError
 from vitkit.models import record_transform
+from vitkit.registry import AS_IS, Technique, register
 
 
 @dataclass
@@ -104,3 +105,17 @@ def replay_dimap(model: nn.Module, config: dict) -> nn.Module:
     use_masked_linears(model)
     record_transform(model, "dimap", dict(config))
     return model
+
+
+register(
+    Technique(
+        name="dimap",
+        summary="data-free, module-aware unstructured weight masks",
+        paper='He & Zhou, "Data-independent Module-aware Pruning for Hierarchical Vision Transformers" (2024)',
+        config=DIMAPConfig,
+        replay=replay_dimap,
+        export=AS_IS,
+        family="compress",
+        verb="vitkit prune RUN --method dimap",
+    )
+)

@@ -46,6 +46,7 @@ from vitkit.compress.prune.masked import (
 from vitkit.data import ImageDataset
 from vitkit.errors import VitkitError
 from vitkit.models import model_input_size, record_transform
+from vitkit.registry import AS_IS, Technique, register
 from vitkit.train.evaluate import eval_transform
 
 
@@ -280,3 +281,17 @@ def is_tile_constant(mask: torch.Tensor, block: int) -> bool:
 
 
 __all__ = ["LPViTConfig", "MaskedLinear", "apply_lpvit", "is_tile_constant", "replay_lpvit"]
+
+
+register(
+    Technique(
+        name="lpvit",
+        summary="block-structured weight masks with rate-distortion, power-aware per-layer rates",
+        paper='Xu et al., "LPViT: Low-Power Semi-structured Pruning for Vision Transformers" (2024)',
+        config=LPViTConfig,
+        replay=replay_lpvit,
+        export=AS_IS,
+        family="compress",
+        verb="vitkit prune RUN --method lpvit",
+    )
+)

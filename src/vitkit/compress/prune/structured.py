@@ -33,6 +33,7 @@ from vitkit.compress._blocks import all_blocks
 from vitkit.data import ImageDataset
 from vitkit.errors import VitkitError
 from vitkit.models import VitkitAttention, record_transform
+from vitkit.registry import AS_IS, Technique, register
 from vitkit.train.evaluate import eval_transform
 
 IMPORTANCES = ("magnitude", "taylor")
@@ -245,3 +246,17 @@ def replay_structured_prune(model: nn.Module, config: dict) -> nn.Module:
     _apply_shapes(model, cfg.blocks, None)
     record_transform(model, "prune_structured", cfg.to_dict())
     return model
+
+
+register(
+    Technique(
+        name="prune_structured",
+        summary="remove the least important attention heads and MLP channels: a smaller dense ViT",
+        paper="",  # vitkit's own baseline: magnitude/Taylor importance, no single paper
+        config=StructuredPruneConfig,
+        replay=replay_structured_prune,
+        export=AS_IS,
+        family="compress",
+        verb="vitkit prune RUN --heads 0.25 --mlp 0.3",
+    )
+)

@@ -31,6 +31,7 @@ from torch import nn
 from vitkit.compress._blocks import WrappedBlock, parse_int_list, transformer_blocks
 from vitkit.errors import VitkitError
 from vitkit.models import AttentionState, TokenStep, TokenTapMixin, num_prefix_tokens, record_transform
+from vitkit.registry import AS_IS, Technique, register
 from vitkit.train.objectives import Objective, ObjectiveOutput
 
 
@@ -235,3 +236,17 @@ class KeepRateSchedule(Objective):
             "shrink_epochs": self.shrink_epochs,
             "base": self.base.describe(),
         }
+
+
+register(
+    Technique(
+        name="evit",
+        summary="keep the tokens the class token attends to most, fuse the rest into one",
+        paper='Liang et al., "Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations" (2022)',
+        config=EViTConfig,
+        replay=replay_evit,
+        export=AS_IS,
+        family="compress",
+        verb="vitkit reduce-tokens RUN --method evit --keep 0.7",
+    )
+)

@@ -41,6 +41,7 @@ from torch import nn
 from vitkit.compress._blocks import WrappedBlock, transformer_blocks
 from vitkit.errors import VitkitError
 from vitkit.models import TokenStep, TokenTapMixin, num_prefix_tokens, record_transform
+from vitkit.registry import AS_IS, Technique, register
 
 # (x, size, source): tokens, size of each patch token (B, Np, 1) or None while all are 1, and for
 # every original patch the index of the merged token that holds it (B, N0) or None before any merge.
@@ -225,3 +226,19 @@ def replay_tome(model: nn.Module, config: dict) -> nn.Module:
     if schedule:
         config["r"] = schedule
     return apply_tome(model, ToMeConfig(**config))
+
+
+register(
+    Technique(
+        name="tome",
+        summary="merge the r most similar token pairs in every block (bipartite soft matching)",
+        paper='Bolya et al., "Token Merging: Your ViT But Faster" (2023)',
+        config=ToMeConfig,
+        replay=replay_tome,
+        export=AS_IS,
+        quantize="ToMe's merged blocks carry (tokens, sizes) tuples through attention; quantize before "
+        "merging tokens, or reduce tokens with EViT",
+        family="compress",
+        verb="vitkit reduce-tokens RUN --method tome --r 2",
+    )
+)
