@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from vitkit.data import DataSplits, ImageDataset, load_eval_data, load_splits, seed_everything
+from vitkit.data import DataSplits, ImageDataset, load_eval_data, seed_everything
 from vitkit.errors import VitkitError
 from vitkit.io import write_yaml
 from vitkit.models import count_parameters, create_model, model_input_size
@@ -24,6 +24,7 @@ from vitkit.runs import (
     new_run_dir,
     read_run,
     save_model,
+    splits_from_config,
     write_metrics,
 )
 from vitkit.train import TrainConfig, build_config, evaluate, fit, save_confusion_matrix
@@ -41,16 +42,7 @@ class TrainedRun:
 
 
 def data_splits_for(cfg: TrainConfig, img_size: int | None) -> DataSplits:
-    return load_splits(
-        cfg.data,
-        val_fraction=cfg.val_fraction,
-        seed=cfg.split_seed,
-        longtail=cfg.longtail,
-        train_size=cfg.train_size,
-        val_size=cfg.val_size,
-        img_size=img_size,
-        strict=cfg.strict_data,
-    )
+    return splits_from_config(cfg, img_size)
 
 
 def build_model_for(cfg: TrainConfig, num_classes: int) -> nn.Module:

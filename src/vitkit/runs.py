@@ -211,3 +211,167 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def write_metrics(run_dir: str | os.PathLike, metrics: dict[str, Any]) -> None:
     write_json(Path(run_dir) / METRICS, metrics)
+
+
+# -- the Run object: what every stage reads once ----------------------------------------------------
+def splits_from_config(cfg: Any, img_size: int | None) -> Any:
+    """The data splits a training config describes (``cfg``: a :class:`vitkit.config.TrainConfig`)."""
+    from vitkit.data import load_splits
+
+    return load_splits(
+        cfg.data,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.split_seed,
+        longtail=cfg.longtail,
+        train_size=cfg.train_size,
+        val_size=cfg.val_size,
+        img_size=img_size,
+        strict=cfg.strict_data,
+    )
+
+
+class Run:
+    """A run directory, read once: ``Run.open(path)`` then ``.model()``, ``.config``, ``.task``,
+    ``.classes``, ``.data(split)``, ``.metrics`` — each file is read (and the model built, the data
+    loaded) the first time it is asked for, then kept. ``.derive(out, model, metrics, artifacts)``
+    writes a new run that inherits this one's classes, task, data description and ``config.yaml``.
+
+    The directory stays plain files (model.json, model.safetensors, config.yaml, metrics.json, ...),
+    so runs written before this class existed open the same way.
+    """
+
+    def __init__(self, info: RunInfo) -> None:
+        self.info = info
+        self.path = info.path
+        self._config: Any = None
+        self._metrics: dict[str, Any] | None = None
+        self._models: dict[str, nn.Module] = {}
+        self._splits: Any = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Run:
+        """Read ``model.json`` (one line naming the problem if it is not a complete run)."""
+        return cls(read_run(path))
+
+    # -- what model.json says
+    @property
+    def manifest(self) -> Manifest:
+        return self.info.manifest
+
+    @property
+    def task(self) -> str:
+        return self.info.task
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info.classes
+
+    @property
+    def transforms(self) -> list[str]:
+        return [t.name for t in self.info.manifest.transforms]
+
+    # -- config.yaml and metrics.json
+    @property
+    def config(self) -> Any:
+        """The training configuration (:class:`vitkit.config.TrainConfig`); None when the run has no
+        ``config.yaml`` (a model saved from Python)."""
+        if self._config is None and (self.path / CONFIG).is_file():
+            from vitkit.config.train import build_config
+
+            self._config = build_config(self.path / CONFIG)
+        return self._config
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """``metrics.json`` ({} when absent)."""
+        if self._metrics is None:
+            self._metrics = read_metrics(self.path)
+        return self._metrics
+
+    def fp32_val_metric(self, key: str = "top1") -> float | None:
+        """``metrics[key]`` when metrics.json says it was measured in fp32 on the validation split of
+        this run's own data (what training writes), else None: measure it again."""
+        m = self.metrics
+        if m.get("split") == "val" and m.get("eval_precision") == "fp32" and key in m:
+            return float(m[key])
+        return None
+
+    # -- the model and the data
+    def model(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The model (built from the manifest, weights loaded, eval mode), built once per device.
+        Stages that change it work on a ``copy.deepcopy``."""
+        key = str(device)
+        if key not in self._models:
+            model = build_from_manifest(self.info.manifest)
+            load_weights(model, self.path / WEIGHTS)
+            model.to(device).eval()
+            object.__setattr__(model, "vitkit_run", self.info)
+            self._models[key] = model
+        return self._models[key]
+
+    def data(self, split: str = "val", img_size: int | None = None) -> Any:
+        """The ``train`` / ``val`` (/ ``test``) split of the data the run was trained on, as its
+        ``config.yaml`` describes it (loaded once)."""
+        if split not in ("train", "val", "test"):
+            raise VitkitError(f"split must be train, val or test, got '{split}'")
+        if self.config is None:
+            raise VitkitError(f"run '{self.path}' has no {CONFIG}: cannot tell which data it was trained on")
+        if self._splits is None:
+            from vitkit.models import model_input_size
+
+            size = img_size or model_input_size(self.model())[1]
+            self._splits = splits_from_config(self.config, size)
+        out = getattr(self._splits, split)
+        if out is None:
+            raise VitkitError(f"the data of run '{self.path}' ({self.config.data}) has no {split} split")
+        return out
+
+    def splits(self, img_size: int | None = None) -> Any:
+        """All splits (:class:`vitkit.data.DataSplits`)."""
+        self.data("val", img_size)
+        return self._splits
+
+    # -- a new run from this one
+    def derive(
+        self,
+        output: str | os.PathLike,
+        model: nn.Module,
+        metrics: dict[str, Any],
+        artifacts: dict[str, Any] | None = None,
+        *,
+        extra: dict[str, Any] | None = None,
+        force: bool = False,
+    ) -> Run:
+        """Write a new run at ``output``: ``model`` (its manifest says what was done to it), this run's
+        classes, task, data description and ``config.yaml``, ``metrics``, and ``artifacts`` (file
+        name -> dict (JSON), str (text), bytes, a path to copy, or a callable ``fn(path)`` writing
+        the file); ``extra`` goes into model.json's ``extra`` (e.g. ``{"quantized_from": ...}``). Every
+        file is written atomically; if anything fails, nothing is left behind."""
+        from vitkit.io import write_text
+
+        if Path(output).resolve() == self.path.resolve():
+            raise VitkitError(
+                f"-o/--output '{output}' is the source run: write the new run to a new directory"
+            )
+        with new_run_dir(output, force=force) as out:
+            save_model(out, model, classes=self.classes, task=self.task, data=self.info.data, extra=extra)
+            if (self.path / CONFIG).is_file():
+                write_text(out / CONFIG, (self.path / CONFIG).read_text())
+            write_metrics(out, metrics)
+            for name, value in (artifacts or {}).items():
+                target = out / name
+                if isinstance(value, dict | list):
+                    write_json(target, value)
+                elif isinstance(value, str):
+                    write_text(target, value)
+                elif isinstance(value, bytes):
+                    with atomic_path(target) as tmp:
+                        Path(tmp).write_bytes(value)
+                elif isinstance(value, Path):
+                    with atomic_path(target) as tmp:
+                        shutil.copyfile(value, tmp)
+                elif callable(value):
+                    value(target)
+                else:
+                    raise TypeError(f"artifact '{name}': unsupported value {type(value).__name__}")
+        return Run.open(out)

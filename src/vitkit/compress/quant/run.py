@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,9 @@ import torch
 from vitkit.compress.quant.config import QuantConfig, make_config
 from vitkit.compress.quant.transform import REPORT_ATTR, quantize
 from vitkit.errors import VitkitError
-from vitkit.io import check_output, write_json, write_text
+from vitkit.io import check_output
 from vitkit.models import get_manifest, model_input_size
-from vitkit.runs import CONFIG, new_run_dir, read_run, save_model, write_metrics
+from vitkit.runs import CONFIG, Run
 
 QUANT_JSON = "quant.json"
 ONNX_INT8 = "model_int8.onnx"
@@ -102,9 +101,7 @@ def quantize_run(
     **overrides: Any,
 ) -> tuple[dict[str, Any], Path]:
     """Quantize ``run_dir``'s model into the new run ``output``; returns (summary, output path)."""
-    from vitkit.api import data_splits_for
-    from vitkit.runs import load
-    from vitkit.train import build_config, evaluate
+    from vitkit.train import evaluate
 
     cfg = make_config(config, **overrides)
     if deploy not in DEPLOY_TARGETS:
@@ -120,18 +117,19 @@ def quantize_run(
         )
     # Before the calibration: a bad output must not cost minutes of work first (the API, not only the CLI).
     check_output(output, "dir", force=force)
-    src = Path(run_dir)
-    info = read_run(src)
-    if Path(output).resolve() == src.resolve():
+    run = Run.open(run_dir)  # model.json, config.yaml, metrics.json and the data: each read once
+    if Path(output).resolve() == run.path.resolve():
         raise VitkitError(
             f"-o/--output '{output}' is the source run: write the quantized model to a new directory"
         )
-    if not (src / CONFIG).is_file():
-        raise VitkitError(f"run '{src}' has no {CONFIG}: cannot find its training data for calibration")
-    train_cfg = build_config(src / CONFIG)
-    model = load(src, device=device)
-    splits = data_splits_for(train_cfg, model_input_size(model)[1])
-    fp_top1 = evaluate(model, splits.val, device=device)["top1"]
+    if run.config is None:
+        raise VitkitError(f"run '{run.path}' has no {CONFIG}: cannot find its training data for calibration")
+    model = run.model(device)
+    splits = run.splits()
+    # training measured it in fp32 on this validation split (metrics.json says so); else measure it
+    fp_top1 = run.fp32_val_metric("top1")
+    if fp_top1 is None:
+        fp_top1 = evaluate(model, splits.val, device=device)["top1"]
     qmodel = quantize(copy.deepcopy(model), splits.train, cfg)
     report = getattr(qmodel, REPORT_ATTR)
     metrics = evaluate(qmodel, splits.val, device=device)
@@ -165,35 +163,27 @@ def quantize_run(
         tmp, artifact = tempfile.TemporaryDirectory(), PROGRAM_FILE
         images = calibration_images(model, splits.train, cfg)  # the simulated model's calibration images
         summary.update(_deploy_x86(model, qmodel, images, splits.val, Path(tmp.name) / artifact))
-    # Undone if the command fails before the run has a checkpoint (see new_run_dir).
-    with new_run_dir(output, force=force) as out:
-        if tmp is not None:
-            shutil.move(str(Path(tmp.name) / artifact), out / artifact)
-            tmp.cleanup()
-        save_model(
-            out,
-            qmodel,
-            classes=info.classes,
-            task=info.task,
-            data=info.data,
-            extra={"quantized_from": str(src)},
-        )
-        write_text(out / CONFIG, (src / CONFIG).read_text())
-        write_metrics(out, {**metrics, **summary})
-        write_json(
-            out / QUANT_JSON,
-            {
-                **summary,
-                "config": final_cfg.model_dump(),
-                "layers": get_manifest(qmodel).transforms[-1].config["resolved_bits"],
-                "reparameterized": report.reparameterized,
-                "smoothed": report.smoothed,
-                "gelu_shift_folded": report.folded,
-                "reconstruction_mse": report.reconstruction_mse,
-            },
-        )
-        if final_cfg.mixed_precision is not None:
-            from vitkit.compress.quant.mixed import plot_bits
+    artifacts: dict[str, Any] = {
+        QUANT_JSON: {
+            **summary,
+            "config": final_cfg.model_dump(),
+            "layers": get_manifest(qmodel).transforms[-1].config["resolved_bits"],
+            "reparameterized": report.reparameterized,
+            "smoothed": report.smoothed,
+            "gelu_shift_folded": report.folded,
+            "reconstruction_mse": report.reconstruction_mse,
+        }
+    }
+    if tmp is not None:
+        artifacts[artifact] = Path(tmp.name) / artifact
+    if final_cfg.mixed_precision is not None:
+        from vitkit.compress.quant.mixed import plot_bits
 
-            plot_bits(final_cfg.layer_bits, out / "bits.png")
-        return summary, out
+        artifacts["bits.png"] = lambda path: plot_bits(final_cfg.layer_bits, path)
+    try:
+        out = run.derive(output, qmodel, {**metrics, **summary}, artifacts,
+                         extra={"quantized_from": str(run.path)}, force=force)  # fmt: skip
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return summary, out.path
