@@ -199,4 +199,3 @@ def run(args) -> Output:
         speed_table(args.repeats),
     ]  # fmt: skip
     return Output(records=records, tables=tables, notes=notes)
-
