@@ -305,13 +305,21 @@ def run_suite(name: str, argv: list[str]) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         # quick values override the defaults only: an option given on the command line wins
-        given = {a.dest for a in parser._actions if any(o in argv for o in a.option_strings)}
+        given = {
+            a.dest
+            for a in parser._actions
+            if any(x == o or x.startswith(o + "=") for o in a.option_strings for x in argv)
+        }
         for key, value in getattr(module, "QUICK", {}).items():
             if key not in given:
                 setattr(args, key, value)
     os.environ.setdefault("VITKIT_PROGRESS", "0")
     machine = machine_facts()
     load_before = load_average()
+    if load_before and load_before[0] >= machine["usable_cores"] / 2 and not args.quick:
+        # timing needs an idle machine; the numbers are still written, with the load beside them
+        log(f"warning: load average {load_before[0]:.2f} on {machine['usable_cores']} usable cores: "
+            "other work is running, timings will be noisy")  # fmt: skip
     t0 = time.perf_counter()
     out: Output = getattr(module, fn_name)(args)
     seconds = time.perf_counter() - t0
@@ -399,6 +407,9 @@ def render_section(doc: dict) -> str:
     lines = [begin_marker(doc["suite"]), f"## {doc['suite']}: {doc['description']}", ""]
     if doc.get("quick"):
         lines += ["**Quick smoke run (--quick): not a result.**", ""]
+    if doc["load_before"] and doc["load_before"][0] > m.get("usable_cores", m["cores"]):
+        lines += [f"**Loaded machine: 1-minute load {doc['load_before'][0]:.2f} before the run, above its "
+                  f"{m.get('usable_cores', m['cores'])} usable cores; timings are suspect.**", ""]  # fmt: skip
     lines += [
         f"{m['date']}; {m['cpu']}, {cores}, flags {', '.join(m['flags']) or 'none of note'}; "
         f"Python {m['python']}, {soft}; commit {m.get('commit') or 'unknown'}.",

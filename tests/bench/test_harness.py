@@ -142,6 +142,8 @@ def test_render_section_from_json_is_exact_markdown():
     assert harness.render_section(SAMPLE) == EXPECTED
     quick = harness.render_section({**SAMPLE, "quick": True})
     assert "**Quick smoke run (--quick): not a result.**" in quick
+    loaded = harness.render_section({**SAMPLE, "load_before": [2.5, 1.0, 1.0]})  # 2 usable cores
+    assert "**Loaded machine: 1-minute load 2.50 before the run, above its 2 usable cores" in loaded
 
 
 @pytest.mark.parametrize(
