@@ -1,7 +1,7 @@
 """Compression benchmarks (issue 6): token reduction, early exit, RePaViT, pruning, linear attention.
 
 Every timing is a ratio against a baseline measured in the same process, interleaved round by round
-(``vitkit.deploy.compare``); the min-max spread over rounds is reported. Sections (``--sections``):
+(``vitkit.deploy.compare``); the min-max spread over rounds is reported. Sections, each a suite ``compress-NAME``:
 
   deit     deit_small_patch16_224-sized model, random init, 224 px: EViT keep 1.0/0.9/0.7/0.5 at
            blocks 3,6,9 and ToMe r 0/2/4/8 vs the plain model; RePaViT (reparameterized, θ=0.75) and
@@ -15,7 +15,9 @@ Every timing is a ratio against a baseline measured in the same process, interle
            same-size baseline (seeds)
   linear   L²ViT linear attention vs softmax attention (fused SDPA and explicit) at N, 4N, 16N tokens
 
-    python bench/compress.py --sections deit,demo,exits,repavit,linear --out bench/out/compress
+    python -m bench compress-deit [--threads 1] [--repeats 3] [--batch 16]    # --quick: token reduction only
+    python -m bench compress-demo      # likewise compress-exits, compress-repavit, compress-linear
+    python -m bench compress-tokens --source runs/demo/vit [--keeps 1.0,0.9,0.7,0.5] [--tome-r 0,1,2,3]
 """
 
 from __future__ import annotations

@@ -186,7 +186,7 @@ def run(args) -> Output:
                 if done:
                     if done[0]["fp32"] != fp:
                         raise SystemExit(
-                            f"--resume: {args.out} was measured with another probe (FP32 {done[0]['fp32']})"
+                            f"--resume: {PARTIAL} was measured with another probe (FP32 {done[0]['fp32']})"
                         )
                     continue
                 t0 = time.perf_counter()
