@@ -127,6 +127,7 @@ def _train_into(
 ) -> TrainedRun:
     seed_everything(cfg.seed)
     if data is None:
+        get_task(cfg.task).check_uri(cfg.data)  # before loading: multilabel on digits fails at once
         data = data_splits_for(
             cfg, _model_img_size(cfg) if cfg.data.startswith(("folder:", "csv:")) else cfg.img_size
         )

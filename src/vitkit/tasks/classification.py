@@ -37,7 +37,8 @@ class ClassificationTask(Task):
     name = "classification"
     aliases = ("multiclass",)  # what model.json said before tasks existed
     target = "class_index"
-    data_schemes = ("digits", "fashion-mnist", "folder", "csv", "npz")
+    # mosaic: multi-label data, for which classification turns into multilabel (resolve_task)
+    data_schemes = ("digits", "fashion-mnist", "folder", "csv", "npz", "mosaic")
     summary_keys = (
         "top1",
         "top5",
