@@ -25,11 +25,11 @@ from vitkit.runs import (
     read_run,
     save_model,
     splits_from_config,
-    write_metrics,
 )
-from vitkit.train import TrainConfig, build_config, evaluate, fit, save_confusion_matrix
+from vitkit.tasks import Task, get_task
+from vitkit.train import TrainConfig, build_config, fit
 from vitkit.train.checkpoint import clean_stale_temps
-from vitkit.train.loop import default_objective
+from vitkit.train.loop import task_for_config
 from vitkit.train.objectives import Objective
 
 
@@ -119,25 +119,24 @@ def _train_into(
 ) -> TrainedRun:
     seed_everything(cfg.seed)
     if data is None:
+        get_task(cfg.task).check_uri(cfg.data)  # before loading: multilabel on digits fails at once
         data = data_splits_for(
             cfg, _model_img_size(cfg) if cfg.data.startswith(("folder:", "csv:")) else cfg.img_size
         )
+    task = task_for_config(cfg, data)  # before the model: the task decides the head's width
     if resume:
         _check_resume_classes(out, data)
     if model is None:
         seed_everything(cfg.seed)
-        model = build_model_for(cfg, data.train.num_classes)
+        model = build_model_for(cfg, task.num_outputs(data))
     for t in transforms:
         model = t.apply(model)
         if t.wrap_objective is not None:
-            objective = t.wrap_objective(objective or default_objective(cfg, data.multilabel))
-    _check_head(model, data.train.num_classes, cfg.model)
+            objective = t.wrap_objective(objective or task.loss(cfg))
+    task.check_head(model, data, cfg.model)
     if is_main:
         write_yaml(out / CONFIG, cfg.model_dump(mode="json"))
-        write_yaml(
-            out / "classes.yaml",
-            {"classes": data.classes, "task": "multilabel" if data.multilabel else "multiclass"},
-        )
+        write_yaml(out / "classes.yaml", {"classes": data.classes, "task": task.spec})
 
     result = fit(
         model,
@@ -148,6 +147,7 @@ def _train_into(
         resume=resume,
         quiet=quiet,
         stop_after_epoch=stop_after_epoch,
+        task=task,
     )
     final = result.model
     for t in transforms:
@@ -156,13 +156,12 @@ def _train_into(
     counts = data.train.class_counts()
     # fp32, the precision the weights are saved in, whatever training ran in: `vitkit evaluate` and
     # every later stage (quantize, export, compare) reproduce these numbers from the saved run.
-    metrics = evaluate(
+    metrics = task.evaluate(
         final,
         data.val,
         device=next(final.parameters()).device,
         class_counts=None if data.multilabel else counts,
     )
-    task = "multilabel" if data.multilabel else "multiclass"
     metrics.update(
         {
             "split": "val",
@@ -179,18 +178,10 @@ def _train_into(
         }
     )
     if result.dist.is_main:
-        save_model(out, final, classes=data.classes, task=task, data=data.description)
-        if "confusion_matrix" in metrics:
-            save_confusion_matrix(metrics["confusion_matrix"], data.classes, out / "confusion_matrix.png")
-        write_metrics(out, metrics)
+        save_model(out, final, classes=data.classes, task=task.spec, data=data.description)
+        task.write_outputs(metrics, data.val, out)  # metrics.json and the task's plots
         clean_stale_temps(out)  # left by a process killed mid-write in an earlier session
     return TrainedRun(out, final, metrics, result.history)
-
-
-def _check_head(model: nn.Module, num_classes: int, name: str) -> None:
-    have = getattr(model, "num_classes", None)
-    if have is not None and have != num_classes:
-        raise VitkitError(f"model '{name}' has {have} output classes but the data has {num_classes}")
 
 
 def _check_resume_classes(out: Path, data: DataSplits) -> None:
@@ -220,9 +211,12 @@ def _slug(uri: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", uri).strip("_")[:60] or "data"
 
 
-def evaluation_data(info: RunInfo, uri: str | None, img_size: int, strict: bool = False) -> ImageDataset:
+def evaluation_data(
+    info: RunInfo, uri: str | None, img_size: int, strict: bool = False, same_classes: bool = True
+) -> ImageDataset:
     """The data to evaluate a run on: its own validation split when ``uri`` is its training data (or
-    None), otherwise the whole of ``uri`` (its test/val split when it has one)."""
+    None), otherwise the whole of ``uri`` (its test/val split when it has one). ``same_classes=False``
+    accepts other classes than the run's (retrieval is often scored on classes it never saw)."""
     cfg_path = info.path / CONFIG
     if cfg_path.is_file():
         cfg = build_config(cfg_path)
@@ -235,6 +229,8 @@ def evaluation_data(info: RunInfo, uri: str | None, img_size: int, strict: bool 
             f"run '{info.path}' has no training config: say which data to evaluate on with --data"
         )
     data = load_eval_data(uri, img_size=img_size, strict=strict)
+    if not same_classes:
+        return data
     if info.classes and data.num_classes != info.num_classes:
         raise VitkitError(
             f"{uri} has {data.num_classes} classes but run '{info.path}' was trained on {info.num_classes}: num_classes mismatch"
@@ -257,25 +253,29 @@ def evaluate_run(
     strict: bool = False,
     device: str = "cpu",
 ) -> tuple[dict[str, Any], Path]:
-    """Evaluate a run; writes ``metrics.json`` and ``confusion_matrix.png`` into ``output``
-    (default ``RUN/eval-<data>/``). Returns (metrics, output directory)."""
+    """Evaluate a run with its task's metrics; writes ``metrics.json`` and the task's plots
+    (``confusion_matrix.png``, ``recall_at_k.png``, ...) into ``output`` (default
+    ``RUN/eval-<data>/``). Returns (metrics, output directory)."""
     info = read_run(run_dir)
     if info.task == "none":
         raise VitkitError(
             f"run '{run_dir}' is a self-supervised encoder without a classifier: evaluate it with --probe linear|knn"
         )
+    task = run_task(info)  # before loading anything: a run of an unknown task fails at once
     model = load(run_dir, device=device)
     from vitkit.threads import set_threads_for
 
     set_threads_for(model)  # OMP_NUM_THREADS, else by model size and free cores (printed once)
     info = model.vitkit_run
     img = model_input_size(model)[1]
-    dataset = evaluation_data(info, data, img, strict=strict)
+    dataset = evaluation_data(info, data, img, strict=strict, same_classes=task.name != "retrieval")
+    if task.name == "classification" and dataset.multilabel:
+        task = get_task("multilabel")  # a legacy run that said "multiclass" for multi-hot data
     train_counts = None
     m = _read_train_metrics(info.path)
     if m:
         train_counts = m.get("train_class_counts")
-    metrics = evaluate(
+    metrics = task.evaluate(
         model,
         dataset,
         batch_size=batch_size,
@@ -286,10 +286,16 @@ def evaluate_run(
     )
     out = Path(output) if output else info.path / f"eval-{_slug(data or dataset.name)}"
     out.mkdir(parents=True, exist_ok=True)
-    write_metrics(out, {**metrics, "run": str(info.path)})
-    if "confusion_matrix" in metrics:
-        save_confusion_matrix(metrics["confusion_matrix"], dataset.classes, out / "confusion_matrix.png")
+    task.write_outputs({**metrics, "run": str(info.path)}, dataset, out)
     return metrics, out
+
+
+def run_task(info: RunInfo) -> Task:
+    """The task a run's model.json names (``"multiclass"`` of older runs is classification)."""
+    try:
+        return get_task(info.task)
+    except VitkitError as e:
+        raise VitkitError(f"{info.path / 'model.json'}: {e}") from e
 
 
 def _read_train_metrics(path: Path) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
     runs/NAME/
       model.json         base model (timm name + kwargs), ordered transforms, classes, task, data
+                         (task: a vitkit.tasks spec such as "classification" or "retrieval:bits=32";
+                         runs written before tasks existed say "multiclass" or "multilabel")
       model.safetensors  weights (never a pickle)
       config.yaml        the resolved configuration that produced it
       metrics.json       what was measured
@@ -50,7 +52,7 @@ class RunInfo:
     path: Path
     manifest: Manifest
     classes: list[str] = field(default_factory=list)
-    task: str = "multiclass"
+    task: str = "classification"  # a vitkit.tasks spec ("none": an encoder without a head)
     data: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -110,7 +112,7 @@ def save_model(
     model: nn.Module,
     *,
     classes: list[str],
-    task: str = "multiclass",
+    task: str = "classification",
     data: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
@@ -158,7 +160,7 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
         p,
         manifest,
         list(doc.get("classes", [])),
-        doc.get("task", "multiclass"),
+        doc.get("task", "classification"),
         doc.get("data", {}),
         doc.get("extra", {}),
     )

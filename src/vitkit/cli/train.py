@@ -27,6 +27,7 @@ def train(
     resume: Path | None = Opt(None, "--resume", help="continue this run directory from its checkpoint"),
     force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
     quiet: bool = Opt(False, "--quiet", "-q", help="no progress bar or per-epoch lines"),
+    task: str | None = C(TrainConfig, "task"),
     model: str | None = C(TrainConfig, "model"),
     data: str | None = C(TrainConfig, "data"),
     img_size: int | None = C(TrainConfig, "img_size"),
@@ -88,6 +89,7 @@ def train(
     from vitkit.train import TrainingInterrupted, build_config
 
     overrides = dict(
+        task=task,
         model=model,
         data=data,
         img_size=img_size,
@@ -197,6 +199,11 @@ def _print_summary(path: Path, metrics: dict, written: list[str] | None = None) 
         "few_shot_accuracy",
         "mean_auroc",
         "mAP",
+        "map_at_r",
+        "r_precision",
+        "recall_at_1",
+        "recall_at_5",
+        "recall_at_10",
         "parameters",
         "train_seconds",
         "precision",
@@ -274,9 +281,11 @@ def evaluate(
         strict=strict,
         device=device,
     )
-    # confusion_matrix.png only for single-label data; an older one in `out` is not ours to list
-    cm = ["confusion_matrix.png"] if "confusion_matrix" in metrics else []
-    _print_summary(out, metrics, written=["metrics.json", *cm])
+    # the task's files only (confusion_matrix.png for single-label data, ...): an older file in `out`
+    # is not ours to list
+    from vitkit.api import read_run_info, run_task
+
+    _print_summary(out, metrics, written=run_task(read_run_info(run)).output_files(metrics))
 
 
 def _print_exit_summary(path: Path, m: dict) -> None:

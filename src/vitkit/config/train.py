@@ -29,6 +29,13 @@ class TrainConfig(BaseModel):
         description="model transforms applied before training, in order: 'name' or 'name:key=value,...'",
     )
 
+    # task
+    task: str = Field(
+        "classification",
+        description="what to learn: classification, multilabel, retrieval; options as NAME:key=value,... "
+        "(e.g. retrieval:bits=32); multi-label data makes classification multilabel",
+    )
+
     # data
     data: str = Field(
         "digits", description="dataset URI: digits, fashion-mnist, folder:P, csv:P, npz:P, mosaic:URI"
@@ -125,6 +132,16 @@ class TrainConfig(BaseModel):
         if v.lower() not in names:
             raise ValueError(f"unknown optimizer '{v}' (timm knows e.g. adamw, sgd, lion, lamb, adan)")
         return v.lower()
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from vitkit.tasks import get_task
+
+        try:
+            return get_task(v).spec  # canonical: a legacy alias or default options spelled out go
+        except VitkitError as e:
+            raise ValueError(str(e)) from e
 
     @field_validator("transforms")
     @classmethod

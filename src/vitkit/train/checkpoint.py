@@ -30,6 +30,7 @@ RUN_FILES = frozenset(
         "config.yaml",
         "classes.yaml",
         "confusion_matrix.png",
+        "recall_at_k.png",
     }
 )
 _TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")

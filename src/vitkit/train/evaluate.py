@@ -3,6 +3,7 @@
 Single-label: top-1/top-5, per-class and balanced accuracy, macro-F1, expected calibration error,
 many/medium/few-shot accuracy (by training-set class counts), confusion matrix.
 Multi-label: per-class and mean AUROC, per-class AP and mAP.
+Which of them a run gets is its task's choice (``vitkit.tasks``); the functions live here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import itertools
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +21,9 @@ from torch import nn
 
 from vitkit.data import BatchTransform, ImageDataset
 from vitkit.models import model_input_size, model_normalization
+
+if TYPE_CHECKING:
+    from vitkit.tasks import Task
 
 
 def autocast_context(device: torch.device | str, precision: str):
@@ -172,25 +177,26 @@ def evaluate(
     few_threshold: int = 20,
     transform: BatchTransform | None = None,
     logits: torch.Tensor | None = None,
+    task: Task | None = None,
 ) -> dict:
-    """All metrics for ``model`` on ``data`` (pass ``logits`` to score precomputed outputs)."""
-    if logits is None:
-        logits = predict(
-            model, data, batch_size=batch_size, device=device, precision=precision, transform=transform
-        )
-    if data.multilabel:
-        out = multilabel_metrics(logits, data.targets)
-    else:
-        out = classification_metrics(
-            logits,
-            data.targets,
-            class_counts=class_counts,
-            many_threshold=many_threshold,
-            few_threshold=few_threshold,
-        )
-    out["classes"] = list(data.classes)
-    out["data"] = data.name
-    return out
+    """All metrics of ``task`` for ``model`` on ``data`` (pass ``logits`` to score precomputed
+    outputs). Without a task: classification, or multi-label classification for multi-hot targets."""
+    if task is None:
+        from vitkit.tasks import task_for_data
+
+        task = task_for_data(data)
+    return task.evaluate(
+        model,
+        data,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        transform=transform,
+        outputs=logits,
+        class_counts=class_counts,
+        many_threshold=many_threshold,
+        few_threshold=few_threshold,
+    )
 
 
 def save_confusion_matrix(

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,11 +37,14 @@ from vitkit.train.checkpoint import (
 )
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import DistInfo, all_gather_objects, init_distributed
-from vitkit.train.evaluate import autocast_context, classification_metrics, multilabel_metrics, predict
+from vitkit.train.evaluate import autocast_context
 from vitkit.train.longtail import SAMPLER_POWERS, sampling_indices
-from vitkit.train.objectives import ClassificationObjective, Objective
+from vitkit.train.objectives import Objective
 from vitkit.train.optim import build_optimizer, build_scheduler
 from vitkit.train.precision import resolve_precision
+
+if TYPE_CHECKING:
+    from vitkit.tasks import Task
 
 
 class TrainingInterrupted(Exception):
@@ -77,15 +80,25 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def task_for_config(cfg: TrainConfig, data: DataSplits) -> Task:
+    """The task ``cfg.task`` names, for this data (classification on multi-label data is multi-label),
+    with the data and the options checked against it."""
+    from vitkit.tasks import resolve_task
+
+    task = resolve_task(cfg.task, data)
+    task.check_data(data)
+    task.check_config(cfg)
+    return task
+
+
 def default_objective(cfg: TrainConfig, multilabel: bool) -> Objective:
-    loss = cfg.loss if cfg.loss != "auto" else ("bce" if multilabel else "ce")
-    if loss == "ce" and multilabel:
-        raise VitkitError("loss 'ce' was asked for, but the data is multi-label: use --loss bce")
-    if loss == "bce" and not multilabel:
-        raise VitkitError(
-            "loss 'bce' needs multi-label data (e.g. csv with several labels per row, or mosaic:URI)"
-        )
-    return ClassificationObjective(loss, label_smoothing=cfg.label_smoothing)
+    """The loss of ``cfg.task`` (kept for callers that have no data object at hand)."""
+    from vitkit.tasks import get_task
+
+    task = get_task(cfg.task)
+    if task.name == "classification" and multilabel:
+        task = get_task("multilabel")
+    return task.loss(cfg)
 
 
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
@@ -171,19 +184,17 @@ def validate(
     device: torch.device,
     precision: str,
     batch_size: int,
+    task: Task | None = None,
 ) -> dict[str, Any]:
-    """Per-epoch validation: the objective's own ``validate`` if it has one, else classification metrics."""
+    """Per-epoch validation: the objective's own ``validate`` if it has one, else the task's."""
     custom = getattr(objective, "validate", None)
     if custom is not None:
         return custom(model, data.val, transform, device, precision, batch_size)
-    logits = predict(
-        model, data.val, batch_size=batch_size, device=device, precision=precision, transform=transform
-    )
-    if data.val.multilabel:
-        m = multilabel_metrics(logits, data.val.targets)
-        return {"val_loss": m["loss"], "val_mean_auroc": m["mean_auroc"], "val_mAP": m["mAP"]}
-    m = classification_metrics(logits, data.val.targets)
-    return {"val_loss": m["loss"], "val_top1": m["top1"], "val_balanced_accuracy": m["balanced_accuracy"]}
+    if task is None:
+        from vitkit.tasks import task_for_data
+
+        task = task_for_data(data)
+    return task.validate(model, data.val, transform, device, precision, batch_size)
 
 
 def fit(
@@ -197,6 +208,7 @@ def fit(
     quiet: bool = False,
     stop_after_epoch: int | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    task: Task | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data.train``, validating on ``data.val`` every ``cfg.eval_every`` epochs.
 
@@ -204,13 +216,16 @@ def fit(
     ``run_dir`` when given; ``resume=True`` continues from ``run_dir/checkpoint.pt`` exactly.
     ``stop_after_epoch=k`` stops after epoch k as if interrupted there (used by tests and schedules).
     Under ``torchrun`` each process trains on its shard of every epoch's permutation (DDP).
+    ``task`` (default: the one ``cfg.task`` names, for this data) gives the loss when no ``objective``
+    is given and the per-epoch validation when the objective has none of its own.
     """
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
     # Not torch's default of one thread per core: that is far slower for small models on a busy machine.
     set_threads_for(model, cfg.threads, quiet=quiet or not dist.is_main)
     run_dir = Path(run_dir) if run_dir is not None else None
-    objective = objective or default_objective(cfg, data.multilabel)
+    task = task or task_for_config(cfg, data)
+    objective = objective or task.loss(cfg)
     # Optional, so objectives written as plain duck-typed classes keep working.
     after_update = getattr(objective, "after_update", None)
     show = progress_enabled() and not quiet and dist.is_main
@@ -329,7 +344,7 @@ def fit(
     def run_left(done: int) -> float | None:
         return time_left(done - run_done0, run_steps - run_done0, time.perf_counter() - t_session)
 
-    progress = run_task = task = None
+    progress = run_bar = epoch_bar = None
     own_progress = False
     if show:
         from rich.progress import Progress
@@ -342,7 +357,7 @@ def fit(
             progress = Progress(*progress_columns(), console=console, transient=True)
             own_progress = True
         # A run-level bar above the per-epoch one: the epoch bar alone says nothing about the run.
-        run_task = progress.add_task("run", total=run_steps, completed=run_done0, info=_run_info(0.0, None))
+        run_bar = progress.add_task("run", total=run_steps, completed=run_done0, info=_run_info(0.0, None))
         if own_progress:
             progress.start()
     report("training steps", run_done0, run_steps)
@@ -384,7 +399,7 @@ def fit(
                     seen = int(resume_partial.get("seen", 0))
                     carried = float(resume_partial.get("seconds", 0.0))
                 seen0 = seen  # images of this session, for the img/s shown
-                task = (
+                epoch_bar = (
                     progress.add_task(
                         f"epoch {epoch + 1}/{cfg.epochs}",
                         total=steps_per_epoch,
@@ -449,10 +464,10 @@ def fit(
                     seen += len(x)
                     done = epoch * steps_per_epoch + step + 1
                     report("training steps", done, run_steps)
-                    if task is not None:
+                    if epoch_bar is not None:
                         elapsed = time.perf_counter() - t0
                         progress.update(
-                            task,
+                            epoch_bar,
                             advance=1,
                             info=_epoch_info(
                                 loss_sum / loss_n,
@@ -462,7 +477,7 @@ def fit(
                             ),
                         )
                         progress.update(
-                            run_task,
+                            run_bar,
                             completed=done,
                             info=_run_info(time.perf_counter() - t_session, run_left(done)),
                         )
@@ -481,8 +496,8 @@ def fit(
                 t_train += epoch_time
                 if dist.enabled:  # every rank's steps, not rank 0's only
                     loss_sum, loss_n = _all_reduce_sum(loss_sum, loss_n, device)
-                if task is not None:
-                    progress.remove_task(task)
+                if epoch_bar is not None:
+                    progress.remove_task(epoch_bar)
 
                 row: dict[str, Any] = {
                     "epoch": epoch + 1,
@@ -494,7 +509,7 @@ def fit(
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     eval_model = ema.module if ema is not None else raw_model
                     last_val = validate(
-                        eval_model, objective, data, eval_tf, device, precision, max(256, batch)
+                        eval_model, objective, data, eval_tf, device, precision, max(256, batch), task
                     )
                     row.update(last_val)
                 history.add(row)
@@ -513,7 +528,7 @@ def fit(
         if own_progress:
             progress.stop()
         elif progress is not None:
-            for t in (task, run_task):
+            for t in (epoch_bar, run_bar):
                 if t is not None and t in progress.task_ids:
                     progress.remove_task(t)
         history.close()
@@ -563,7 +578,7 @@ def _run_info(elapsed: float, left: float | None) -> str:
 
 def _format_row(row: dict, epochs: int, left: float | None = None) -> str:
     parts = [f"epoch {row['epoch']:>3}/{epochs}", f"loss {row['train_loss']:.4f}"]
-    for k in ("val_top1", "val_mean_auroc", "val_loss"):
+    for k in ("val_top1", "val_mean_auroc", "val_map_at_r", "val_loss"):
         if k in row and row[k] is not None and not (isinstance(row[k], float) and math.isnan(row[k])):
             parts.append(f"{k} {row[k]:.4f}")
             break
