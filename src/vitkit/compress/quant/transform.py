@@ -5,7 +5,10 @@ quantized layer; the transform is recorded in the manifest as ``quantize`` with 
 ``{module pattern: bits}`` map) and the resolved per-layer bits, so ``vitkit.load`` rebuilds the
 structure (``replay_quantization``) and reloads calibrated scales, reparameterized LayerNorm/Linear
 weights and reconstructed weights from ``model.safetensors``. It composes with earlier transforms
-(LoRA merged, pruned, token-reduced models): it only looks at the module types it finds.
+(LoRA merged, pruned, token-reduced models): it only looks at the module types it finds. On a ToMe
+model the calibration runs each block on its captured input tokens on its own, so without the
+token sizes of earlier merges (size 1, no proportional-attention bias, see
+``vitkit.compress.tokens.tome.ToMeState``); the quantized model itself merges exactly as ToMe does.
 """
 
 from __future__ import annotations
@@ -92,22 +95,6 @@ def _record(model: nn.Module, cfg: QuantConfig, resolved: dict) -> None:
         record_transform(model, TRANSFORM_NAME, {**cfg.model_dump(), "resolved_bits": resolved})
 
 
-# Transforms whose blocks pass more than a tensor between modules, which calibration hooks cannot read.
-_UNSUPPORTED = {"tome": "ToMe's merged blocks carry (tokens, sizes) tuples through attention"}
-
-
-def _refuse_unsupported_transforms(model: nn.Module) -> None:
-    from vitkit.models import get_manifest
-
-    manifest = get_manifest(model)
-    for t in manifest.transforms if manifest is not None else []:
-        if t.name in _UNSUPPORTED:
-            raise VitkitError(
-                f"cannot quantize a model with transform '{t.name}': {_UNSUPPORTED[t.name]}; "
-                "quantize before merging tokens, or reduce tokens with EViT"
-            )
-
-
 def quantize(
     model: nn.Module,
     calib_data: ImageDataset | torch.Tensor,
@@ -122,7 +109,6 @@ def quantize(
     The calibration report (timings, reparameterized layers) is ``model.vitkit_quant_report``.
     """
     cfg = make_config(config, **overrides)
-    _refuse_unsupported_transforms(model)
     images = calibration_images(model, calib_data, cfg)
     model.eval()
     t0 = time.perf_counter()
@@ -143,4 +129,29 @@ def quantize(
     report.seconds = time.perf_counter() - t0 - report.reconstruction_seconds
     _record(model, cfg, resolved)
     object.__setattr__(model, REPORT_ATTR, report)
+    return model
+
+
+def prepare_int8_export(model: nn.Module) -> nn.Module:
+    """Export preparation for ``vitkit export`` (the ``quantize`` rule in ``vitkit.deploy.export``).
+
+    Every 8-bit uniform quantizer of ``model`` (a deep copy made by the exporter) emits torch's
+    fake-quantize op with its calibrated scale and zero point, which the ONNX exporter writes as a
+    QuantizeLinear/DequantizeLinear pair: the graph is the real INT8 model onnxruntime runs with
+    integer kernels (see :mod:`vitkit.compress.quant.deploy`). A quantizer without an INT8 form in
+    onnxruntime (log2, twin, AdaLog, ..., or another bit-width) stops the export with its name.
+    """
+    from vitkit.compress.quant.deploy import int8_blockers
+    from vitkit.compress.quant.quantizers import UniformQuantizer
+
+    blockers = int8_blockers(model)
+    if blockers:
+        raise VitkitError(
+            f"transform 'quantize' is not exportable: quantizer {blockers[0]} (and {len(blockers) - 1} more) "
+            "has no INT8 form in onnxruntime; only 8-bit uniform quantizers export as QuantizeLinear/"
+            "DequantizeLinear (vitkit quantize RUN --preset w8a8 with --method minmax, percentile or omse)"
+        )
+    for q in model.modules():
+        if isinstance(q, UniformQuantizer):
+            q.export_qdq = True  # an instance attribute on the copy: the run's model stays simulated
     return model
