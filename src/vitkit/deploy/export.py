@@ -58,6 +58,7 @@ class ExportRule:
     prepare: str | PrepareFn | None = None  # "module:function" or a callable; None = as it is
     not_exportable: str | None = None
     parity: Approximate | None = None  # None: the graph computes the same function (float round-off)
+    settled_by: str | None = None  # a later transform of this name already did what `prepare` does
 
     def resolve(self) -> PrepareFn | None:
         if self.prepare is None or callable(self.prepare):
@@ -69,8 +70,10 @@ class ExportRule:
 AS_IS = ExportRule()
 
 
-def prepare_with(target: str | PrepareFn, parity: Approximate | None = None) -> ExportRule:
-    return ExportRule(prepare=target, parity=parity)
+def prepare_with(
+    target: str | PrepareFn, parity: Approximate | None = None, settled_by: str | None = None
+) -> ExportRule:
+    return ExportRule(prepare=target, parity=parity, settled_by=settled_by)
 
 
 def not_exportable(reason: str) -> ExportRule:
@@ -101,7 +104,7 @@ _EXPORT_RULES: dict[str, ExportRule] = {
     # issue 7, analysis: attention temperature defence (a logit hook with a constant)
     "attention_temperature": AS_IS,
     # issue 9, small data: EWA experts merge into one FFN; the others are plain modules
-    "ewa": prepare_with("vitkit.smalldata.ewa:merge_ewa"),
+    "ewa": prepare_with("vitkit.smalldata.ewa:merge_ewa", settled_by="ewa_merge"),
     "ewa_merge": AS_IS,
     "gmm": AS_IS,
     "stem": AS_IS,
@@ -139,10 +142,28 @@ def export_rule(name: str) -> ExportRule:
     return rule
 
 
+def pending_prepares(transform_names: list[str]) -> list[str]:
+    """The transforms whose prepare hook export runs: declared, and not settled by a later transform."""
+    out = []
+    for i, name in enumerate(transform_names):
+        rule = export_rule(name)
+        if rule.prepare is not None and rule.settled_by not in transform_names[i + 1 :]:
+            out.append(name)
+    return out
+
+
 def check_exportable(transform_names: list[str]) -> None:
     """Raise one line for the first transform that cannot be exported."""
     for name in transform_names:
         export_rule(name)
+    if "quantize" in transform_names:
+        first = transform_names.index("quantize")
+        for name in pending_prepares(transform_names[:first]):
+            raise VitkitError(
+                f"transform '{name}' is not exportable after quantization: its export step "
+                f"({_EXPORT_RULES[name].prepare}) would rewrite weights that 'quantize' calibrated as they "
+                "were, so the INT8 graph would not be the run's model; apply that step before quantizing"
+            )
 
 
 def prepare_for_export(model: nn.Module) -> nn.Module:
@@ -154,9 +175,9 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
     check_exportable(names)
     out = copy.deepcopy(model).eval()
     done: set[str | Callable] = set()
-    for name in names:
+    for name in pending_prepares(names):
         rule = _EXPORT_RULES[name]
-        if rule.prepare is not None and rule.prepare not in done:  # one merge folds all LoRA kinds
+        if rule.prepare not in done:  # one merge folds all LoRA kinds
             out = rule.resolve()(out)
             done.add(rule.prepare)
     return out.eval()
@@ -272,7 +293,7 @@ def export_run(
         "dynamic_batch": True,
         "input_shape": list(input_shape),
         "transforms": [t.name for t in info.manifest.transforms],
-        "prepared": [t.name for t in info.manifest.transforms if _EXPORT_RULES[t.name].prepare is not None],
+        "prepared": pending_prepares(names),
         "ort_optimization": opt_level,
         "threads": threads,
         "parity_data": dataset.name,

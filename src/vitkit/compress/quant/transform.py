@@ -13,7 +13,9 @@ token sizes of earlier merges (size 1, no proportional-attention bias, see
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -95,6 +97,36 @@ def _record(model: nn.Module, cfg: QuantConfig, resolved: dict) -> None:
         record_transform(model, TRANSFORM_NAME, {**cfg.model_dump(), "resolved_bits": resolved})
 
 
+# Transforms whose modules the quantization points cannot describe (a refusal rather than a crash).
+_UNSUPPORTED = {
+    "linear_attention": "its attention computes relu(q)·(relu(k)ᵀv) without the q·kᵀ product and softmax "
+    "the attention quantizers sit on",
+}
+
+
+def _refuse_unsupported_transforms(model: nn.Module) -> None:
+    manifest = get_manifest(model)
+    for t in manifest.transforms if manifest is not None else []:
+        if t.name in _UNSUPPORTED:
+            raise VitkitError(f"cannot quantize a model with transform '{t.name}': {_UNSUPPORTED[t.name]}")
+
+
+@contextlib.contextmanager
+def _exit_heads_running(model: nn.Module) -> Iterator[None]:
+    """LGViT exit heads run only while someone listens; calibration must see them run, or their
+    quantization points stay uncalibrated (they run when the exits are evaluated or exported)."""
+    from vitkit.compress.exits import exit_blocks
+
+    blocks = exit_blocks(model)
+    for blk in blocks:
+        blk._listeners[id(model)] = lambda *_: None
+    try:
+        yield
+    finally:
+        for blk in blocks:
+            blk._listeners.pop(id(model), None)
+
+
 def quantize(
     model: nn.Module,
     calib_data: ImageDataset | torch.Tensor,
@@ -109,6 +141,7 @@ def quantize(
     The calibration report (timings, reparameterized layers) is ``model.vitkit_quant_report``.
     """
     cfg = make_config(config, **overrides)
+    _refuse_unsupported_transforms(model)
     images = calibration_images(model, calib_data, cfg)
     model.eval()
     t0 = time.perf_counter()
@@ -118,13 +151,14 @@ def quantize(
         bits = mixed_precision_bits(model, images, cfg.avg_bits, cfg.bit_choices, cfg.mixed_precision)
         cfg = make_config(cfg, layer_bits=bits)  # the allocation is data: recorded, replayed as is
     resolved = build_structure(model, cfg)
-    report: CalibrationReport = calibrate_model(model, images, cfg)
-    if cfg.spec.integer_ops:
-        from vitkit.compress.quant.intonly import calibrate_integer_ops
+    with _exit_heads_running(model):
+        report: CalibrationReport = calibrate_model(model, images, cfg)
+        if cfg.spec.integer_ops:
+            from vitkit.compress.quant.intonly import calibrate_integer_ops
 
-        calibrate_integer_ops(model, images, cfg.calib_batch)
-    if cfg.reconstruct:
-        reconstruct_blocks(model, images, cfg, report)
+            calibrate_integer_ops(model, images, cfg.calib_batch)
+        if cfg.reconstruct:
+            reconstruct_blocks(model, images, cfg, report)
     report.folded = fold_gelu_shifts(model)
     report.seconds = time.perf_counter() - t0 - report.reconstruction_seconds
     _record(model, cfg, resolved)
