@@ -66,12 +66,23 @@ def _resolve(target: str | Callable | None) -> Callable | None:
 
 # -- export rules -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Approximate:
+    """Parity for a graph that approximates PyTorch on purpose: max |logit diff| and top-1 agreement."""
+
+    max_abs_logit_diff: float
+    min_top1_agreement: float
+    why: str
+
+
+@dataclass(frozen=True)
 class ExportRule:
     """How a model carrying a transform exports: as it is, after a prepare hook (``fn(model) -> model``,
     e.g. LoRA merged into the base weights), or not at all (with the reason, printed in one line)."""
 
     prepare: str | PrepareFn | None = None  # "module:function" or a callable; None = as it is
     not_exportable: str | None = None
+    parity: Approximate | None = None  # None: the graph computes the same function (float round-off)
+    settled_by: str | None = None  # a later transform of this name already did what `prepare` does
 
     def resolve(self) -> PrepareFn | None:
         return _resolve(self.prepare)  # type: ignore[return-value]
@@ -82,14 +93,17 @@ class ExportRule:
         if self.prepare is None:
             return "as it is"
         name = self.prepare if isinstance(self.prepare, str) else self.prepare.__name__
-        return f"after {name.rpartition(':')[2]}"
+        approx = f" (approximate: logits within {self.parity.max_abs_logit_diff})" if self.parity else ""
+        return f"after {name.rpartition(':')[2]}{approx}"
 
 
 AS_IS = ExportRule()
 
 
-def prepare_with(target: str | PrepareFn) -> ExportRule:
-    return ExportRule(prepare=target)
+def prepare_with(
+    target: str | PrepareFn, parity: Approximate | None = None, settled_by: str | None = None
+) -> ExportRule:
+    return ExportRule(prepare=target, parity=parity, settled_by=settled_by)
 
 
 def not_exportable(reason: str) -> ExportRule:

@@ -114,7 +114,8 @@ def test_tome_token_counts_and_avg_pool_is_size_weighted():
     last.last = False  # expose the merged state of the last block
     try:
         with torch.no_grad():
-            tokens, size, _source = m.blocks(m.norm_pre(m._pos_embed(m.patch_embed(x))))
+            tokens = m.blocks(m.norm_pre(m._pos_embed(m.patch_embed(x))))
+        size, _source = last.merge_state.take(tokens)  # the sizes filed under the returned tokens
     finally:
         last.last = True
     assert tokens.shape[1] == P + 16 - 8 and size.sum(1).eq(16).all()
@@ -220,3 +221,81 @@ def test_off_the_shelf_accuracy_on_a_trained_model(trained_run, digits):
     # A broken merge or selection (wrong tokens, lost prefix, unweighted pooling) costs far more.
     assert tome >= base - 0.05, (base, tome)
     assert evit >= base - 0.05, (base, evit)
+
+
+# -- the per-forward state design, checked against the tuple design it replaced ---------------------
+class _TupleToMeBlock(ToMeBlock):
+    """vitkit's ToMe block before the per-forward state (sizes travelled as an (x, size, source) tuple),
+    kept verbatim as the reference the current blocks must reproduce."""
+
+    def forward(self, x):
+        if isinstance(x, tuple):
+            x, size, source = x
+        else:
+            size = source = None
+        P = self.num_prefix
+        keys, handles = [], []
+        if self.r > 0:
+            handles.append(self.attn.register_tap(lambda s: keys.append(s.k), needs_probs=False))
+        if self.prop_attn and size is not None:
+            log_size = torch.cat([size.new_zeros(size.shape[0], P, 1), size.log()], dim=1)
+            bias = log_size[:, None, None, :, 0]
+            handles.append(self.attn.register_attn_bias(lambda m, q, k: bias))
+        try:
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        finally:
+            for h in handles:
+                h.remove()
+        if self.r > 0:
+            merge, dest = bipartite_soft_matching(keys[0].mean(dim=1)[:, P:], self.r)
+            prefix, patches = x[:, :P], x[:, P:]
+            if size is None:
+                size = patches.new_ones(patches.shape[0], patches.shape[1], 1)
+            patches, size = merge(patches, size)
+            source = dest if source is None else dest.gather(1, source)
+            x = torch.cat([prefix, patches], dim=1)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if not self.last:
+            return x, size, source
+        if self.unmerge and source is not None:
+            C = x.shape[-1]
+            x = torch.cat([x[:, :P], x[:, P:].gather(1, source[..., None].expand(-1, -1, C))], dim=1)
+        return x
+
+
+@pytest.mark.parametrize("name,kw", PREFIX_MODELS)
+@pytest.mark.parametrize(
+    "cfg", [{"r": 3}, {"r": [4, 2, 0, 1], "prop_attn": True}, {"r": 2, "prop_attn": False}]
+)
+def test_per_forward_state_equals_the_tuple_implementation(name, kw, cfg):
+    m = apply_tome(_model(name, kw), cfg)
+    ref = copy.deepcopy(m)
+    for i, blk in enumerate(ref.blocks):
+        twin = _TupleToMeBlock(blk, blk.r, blk.num_prefix, blk.prop_attn, blk.last, blk.unmerge)
+        ref.blocks[i] = twin
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), rtol=0, atol=1e-5)
+    assert len(m.blocks[0].merge_state) == 0  # nothing filed outlives the forward
+
+
+def test_blocks_pass_plain_tensors_so_forward_intermediates_and_copies_work():
+    m = apply_tome(_model("vitkit_micro_p4_16", {"reg_tokens": 1, "global_pool": "avg"}), {"r": [4, 2, 1, 1]})
+    P = m.num_prefix_tokens
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        final, inter = m.forward_intermediates(x, output_fmt="NLC")
+        feats = m.forward_features(x)
+        logits = m(x)
+    assert [t.shape[1] for t in inter] == [16 - 4, 16 - 6, 16 - 7, 16]  # patch tokens; the last unmerges
+    torch.testing.assert_close(final, feats, rtol=0, atol=0)
+    del final, inter  # sizes stay filed while the tokens they describe are alive, and no longer
+    assert len(m.blocks[0].merge_state) == 0
+    twin = copy.deepcopy(m)
+    assert twin.blocks[0].merge_state is twin.blocks[3].merge_state is not m.blocks[0].merge_state
+    with torch.no_grad():
+        assert torch.equal(twin(x), logits)
+        # a block called on its own starts from unmerged tokens (no sizes carried in from elsewhere)
+        h = m.blocks[0](m.norm_pre(m._pos_embed(m.patch_embed(x))))
+        assert h.shape[1] == P + 12 and len(m.blocks[0].merge_state) == 1
+        assert m.blocks[1](h.clone()).shape[1] == P + 10

@@ -17,7 +17,10 @@ def export(
     threads: int | None = Opt(None, help="torch and onnxruntime threads"),
     int8: str | None = Opt(None, help="dynamic: also write model.int8.onnx (onnxruntime dynamic INT8)"),
     images: int = Opt(256, help="real validation images for the parity check"),
-    bound: float = Opt(1e-4, help="max |logit difference| vs PyTorch allowed"),
+    bound: float | None = Opt(
+        None,
+        help="max |logit difference| vs PyTorch allowed [default: 1e-4; a quantized run: its INT8 rule's bound]",
+    ),
     data: str | None = Opt(None, help="parity data [default: the run's validation split]"),
 ) -> None:
     """Export a run to ONNX (dynamic batch) with a parity check on its own validation images."""
@@ -39,6 +42,7 @@ def export(
         f"written: {res.path} ({d['size_bytes'] / 1e6:.2f} MB, {d['exporter']}, opset {d['opset']}); "
         f"max |logit diff| vs PyTorch {d['max_abs_logit_diff']:.2e} on {d['parity_images']} images "
         f"(bound {d['bound']:.0e}); top-1 {d['top1_onnx']:.2%}"
+        + (f", top-1 agreement {d['top1_agreement']:.2%} (INT8 graph)" if "int8_ops" in d else "")
         if d["top1_onnx"] is not None
         else f"written: {res.path}; max |logit diff| {d['max_abs_logit_diff']:.2e}"
     )

@@ -4,7 +4,10 @@ A :class:`WrappedBlock` is built *from* an existing timm ``Block``: it holds the
 under the same names (``norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2``), so state
 dicts stay interchangeable with timm, LayerScale and q/k-norm are kept, and later transforms that
 look for ``Block`` by type (pruning, RePaViT) still find it. Subclasses override ``forward`` only to
-insert their step *between* the attention residual and the MLP residual.
+insert their step *between* the attention residual and the MLP residual, and keep timm's
+``forward(x, attn_mask=None, is_causal=False)`` signature: the mask goes to ``self.attn`` as in timm's
+``Block``, or, in a block that changes the number of tokens, is refused with one line
+(:func:`refuse_attention_mask`) rather than dropped.
 """
 
 from __future__ import annotations
@@ -28,11 +31,27 @@ class WrappedBlock(Block):
             setattr(self, name, getattr(block, name))
         self.train(block.training)
 
-    def attention_residual(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+    def attention_residual(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        attn = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)  # as timm's Block
+        return x + self.drop_path1(self.ls1(attn))
 
     def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def refuse_attention_mask(
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    what: str,
+    reason: str = "it changes the number of tokens",
+) -> None:
+    """One-line error when a mask reaches a block that cannot honour it (timm passes masks to every
+    block alike; a block that merges or drops tokens would apply it to the wrong tokens)."""
+    if attn_mask is not None or is_causal:
+        given = "an attention mask" if attn_mask is not None else "is_causal=True"
+        raise VitkitError(f"{what}: got {given}, which this block cannot honour: {reason}")
 
 
 def transformer_blocks(model: nn.Module, what: str) -> nn.Sequential:

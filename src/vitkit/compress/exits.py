@@ -135,8 +135,10 @@ class ExitBlock(WrappedBlock):
         self.blocks_before = int(blocks_before)  # blocks executed when this exit is taken
         self._listeners: dict[int, Any] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mlp_residual(self.attention_residual(x))
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        x = self.mlp_residual(self.attention_residual(x, attn_mask, is_causal))
         if self._listeners:
             logits, feats = self.exit_head(x)
             for fn in list(self._listeners.values()):

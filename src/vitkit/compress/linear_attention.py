@@ -185,6 +185,9 @@ register(
         config=LinearAttentionConfig,
         replay=replay_linear_attention,
         export=AS_IS,
+        # the quantization points sit on q·kᵀ and softmax, which this attention never computes
+        quantize="its attention computes relu(q)·(relu(k)ᵀv) without the q·kᵀ product and softmax "
+        "the attention quantizers sit on",
         family="compress",
         verb="vitkit train --linear-attention",
     )

@@ -6,7 +6,10 @@ it exports in its registration (``vitkit.registry.Technique.export``):
 - ``AS_IS``: the transformed module graph traces as it is (prompt tokens, pruned shapes, ...);
 - ``prepare_with("pkg.module:function")``: ``function(model) -> model`` turns the model into its
   deployable form first (LoRA merged into the base weights, EWA experts averaged, ...);
-- ``not_exportable("reason")``: export stops with one line naming the transform and the reason.
+- ``not_exportable("reason")``: export stops with one line naming the transform and the reason;
+- ``prepare_with(..., parity=Approximate(...))``: the deployable form is a deliberate approximation
+  (the simulated quantizers become real INT8 QDQ ops): parity is then a stated logit bound plus a
+  minimum top-1 agreement with PyTorch, both measured and recorded, instead of float round-off.
 
 A transform that is not registered also stops the export with one line: nothing is exported on
 trust. Whatever the rules say, the exported graph is then checked against PyTorch on real images of
@@ -31,9 +34,10 @@ from torch import nn
 
 from vitkit.errors import VitkitError
 
-# AS_IS, prepare_with, not_exportable are re-exported: the vocabulary of export rules
+# the vocabulary of export rules, re-exported (techniques declare theirs in their registration)
 from vitkit.registry import (  # noqa: F401
     AS_IS,
+    Approximate,
     ExportRule,
     PrepareFn,
     not_exportable,
@@ -42,6 +46,7 @@ from vitkit.registry import (  # noqa: F401
     technique,
 )
 
+DEFAULT_BOUND = 1e-4  # max |logit diff| of a graph that computes the same function (float round-off)
 ONNX_NAME = "model.onnx"
 INT8_NAME = "model.int8.onnx"
 EXPORT_JSON = "export.json"
@@ -61,10 +66,28 @@ def export_rule(name: str) -> ExportRule:
     return rule
 
 
+def pending_prepares(transform_names: list[str]) -> list[str]:
+    """The transforms whose prepare hook export runs: declared, and not settled by a later transform."""
+    out = []
+    for i, name in enumerate(transform_names):
+        rule = export_rule(name)
+        if rule.prepare is not None and rule.settled_by not in transform_names[i + 1 :]:
+            out.append(name)
+    return out
+
+
 def check_exportable(transform_names: list[str]) -> None:
     """Raise one line for the first transform that cannot be exported."""
     for name in transform_names:
         export_rule(name)
+    if "quantize" in transform_names:
+        first = transform_names.index("quantize")
+        for name in pending_prepares(transform_names[:first]):
+            raise VitkitError(
+                f"transform '{name}' is not exportable after quantization: its export step "
+                f"({technique(name).export.prepare}) would rewrite weights that 'quantize' calibrated as they "
+                "were, so the INT8 graph would not be the run's model; apply that step before quantizing"
+            )
 
 
 def prepare_for_export(model: nn.Module) -> nn.Module:
@@ -76,9 +99,9 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
     check_exportable(names)
     out = copy.deepcopy(model).eval()
     done: set[str | Callable] = set()
-    for name in names:
+    for name in pending_prepares(names):
         rule = technique(name).export
-        if rule.prepare is not None and rule.prepare not in done:  # one merge folds all LoRA kinds
+        if rule.prepare not in done:  # one merge folds all LoRA kinds
             out = rule.resolve()(out)
             done.add(rule.prepare)
     return out.eval()
@@ -106,7 +129,7 @@ def export_run(
     threads: int | None = None,
     int8: str | None = None,
     images: int = 256,
-    bound: float = 1e-4,
+    bound: float | None = None,
     int8_agreement: float = 0.9,
     data: str | None = None,
 ) -> RunExport:
@@ -115,10 +138,12 @@ def export_run(
     A run with LGViT exits also gets ``model.exit{k}.onnx`` per exit (the backbone up to block k and
     that exit's head), each with its own parity check, listed under ``"exits"`` in ``export.json``.
 
-    Parity: max |logit difference| between PyTorch and onnxruntime on up to ``images`` real images of
-    the run's validation split; above ``bound`` the export fails (nothing is left behind). The INT8
-    graph is an approximation: its logit difference is reported, and it fails when its top-1 agreement
-    with PyTorch falls below ``int8_agreement``.
+    Parity: max |logit difference| between PyTorch (the run's model as ``vitkit.load`` gives it) and
+    onnxruntime on up to ``images`` real images of the run's validation split; above ``bound`` (default
+    1e-4) the export fails (nothing is left behind). A run whose transforms export approximately (a
+    quantized run: the real INT8 graph) is held to its rule's bound and to a minimum top-1 agreement
+    with PyTorch instead, both recorded. The ``int8="dynamic"`` graph is an approximation: its logit
+    difference is reported, and it fails when its top-1 agreement falls below ``int8_agreement``.
     """
     from vitkit.api import evaluation_data
     from vitkit.deploy.onnx import OnnxModel, export_onnx
@@ -134,7 +159,16 @@ def export_run(
     if images < 1:
         raise VitkitError("--images must be positive")
     info = read_run(run_dir)  # a clear line for a missing/unfinished run before anything heavy
-    check_exportable([t.name for t in info.manifest.transforms])
+    names = [t.name for t in info.manifest.transforms]
+    check_exportable(names)
+    approx = [r.parity for r in (technique(n).export for n in names) if r.parity is not None]
+    if int8 and "quantize" in names:
+        raise VitkitError(
+            "--int8 dynamic: this run is quantized and exports as its own INT8 graph (model.onnx); drop --int8"
+        )
+    if bound is None:
+        bound = max((a.max_abs_logit_diff for a in approx), default=DEFAULT_BOUND)
+    min_agreement = max((a.min_top1_agreement for a in approx), default=None)
     model = load(run_dir)
     deployable = prepare_for_export(model)
     input_shape = model_input_size(deployable)
@@ -142,7 +176,7 @@ def export_run(
     dataset = dataset.subset(torch.arange(min(images, len(dataset))))
     if threads:
         torch.set_num_threads(threads)
-    ref = predict(deployable, dataset)
+    ref = predict(model, dataset)  # the run's own model: the parity check also covers the prepare hooks
 
     onnx_path = info.path / ONNX_NAME
     t0 = time.perf_counter()
@@ -155,11 +189,24 @@ def export_run(
 
     got = onnx_logits(onnx_path)
     diff = float((ref - got).abs().max())
+    agreement = float((ref.argmax(1) == got.argmax(1)).float().mean())
     if not diff <= bound:
         onnx_path.unlink(missing_ok=True)
         raise VitkitError(
             f"{onnx_path}: onnxruntime logits differ from PyTorch by {diff:.2e} on {len(dataset)} "
             f"images of {dataset.name} (bound {bound:.0e}); the export was removed"
+        )
+    if min_agreement is not None and agreement < min_agreement:
+        onnx_path.unlink(missing_ok=True)
+        raise VitkitError(
+            f"{onnx_path}: onnxruntime agrees with PyTorch on only {agreement:.1%} of top-1 predictions on "
+            f"{len(dataset)} images of {dataset.name} (bound {min_agreement:.0%}); the export was removed"
+        )
+    int8_ops = integer_ops(onnx_path) if "quantize" in names else None
+    if int8_ops is not None and not int8_ops:
+        onnx_path.unlink(missing_ok=True)
+        raise VitkitError(
+            f"{onnx_path}: the quantized run exported without any integer op; the export was removed"
         )
     doc: dict[str, Any] = {
         "run": str(info.path),
@@ -170,20 +217,23 @@ def export_run(
         "dynamic_batch": True,
         "input_shape": list(input_shape),
         "transforms": [t.name for t in info.manifest.transforms],
-        "prepared": [
-            t.name for t in info.manifest.transforms if technique(t.name).export.prepare is not None
-        ],
+        "prepared": pending_prepares(names),
         "ort_optimization": opt_level,
         "threads": threads,
         "parity_data": dataset.name,
         "parity_images": len(dataset),
         "max_abs_logit_diff": diff,
         "bound": bound,
+        "top1_agreement": agreement,
         "top1_pytorch": _accuracy(ref, dataset.targets),
         "top1_onnx": _accuracy(got, dataset.targets),
         "size_bytes": onnx_path.stat().st_size,
         "export_seconds": export_seconds,
     }
+    if approx:
+        doc["approximate"] = {"min_top1_agreement": min_agreement, "why": [a.why for a in approx]}
+    if int8_ops is not None:
+        doc["int8_ops"] = int8_ops
     if "exits" in doc["transforms"]:
         doc["exits"] = _export_exits(
             deployable, info.path, input_shape, dataset, exporter, onnx_logits, bound
@@ -198,6 +248,27 @@ def export_run(
             )
     write_json(info.path / EXPORT_JSON, doc)
     return RunExport(onnx_path, doc)
+
+
+INTEGER_OPS = (
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearMatMul",
+    "QLinearConv",
+    "MatMulInteger",
+    "ConvInteger",
+)
+
+
+def integer_ops(path: Path) -> dict[str, int]:
+    """How many nodes of each integer (INT8) op type the ONNX graph at ``path`` holds."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type in INTEGER_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
 
 
 def exit_onnx_name(blocks_before: int) -> str:

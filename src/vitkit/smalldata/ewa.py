@@ -253,7 +253,7 @@ register(
         paper='Huang et al., "Experts Weights Averaging: A New General Training Scheme for Vision Transformers" (2023)',
         config=EWAConfig,
         replay=replay_ewa,
-        export=prepare_with(merge_ewa),
+        export=prepare_with(merge_ewa, settled_by="ewa_merge"),
         train=train_transform,
         family="smalldata",
         verb="vitkit train --transform ewa:experts=4",

@@ -12,6 +12,7 @@ from vitkit.compress.tokens.evit import (
 from vitkit.compress.tokens.tome import (
     ToMeBlock,
     ToMeConfig,
+    ToMeState,
     apply_tome,
     bipartite_soft_matching,
     replay_tome,
@@ -23,6 +24,7 @@ __all__ = [
     "KeepRateSchedule",
     "ToMeBlock",
     "ToMeConfig",
+    "ToMeState",
     "apply_evit",
     "apply_tome",
     "bipartite_soft_matching",

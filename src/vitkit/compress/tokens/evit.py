@@ -28,7 +28,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from vitkit.compress._blocks import WrappedBlock, parse_int_list, transformer_blocks
+from vitkit.compress._blocks import WrappedBlock, parse_int_list, refuse_attention_mask, transformer_blocks
 from vitkit.errors import VitkitError
 from vitkit.models import AttentionState, TokenStep, TokenTapMixin, num_prefix_tokens, record_transform
 from vitkit.registry import AS_IS, Technique, register
@@ -65,15 +65,18 @@ class EViTBlock(TokenTapMixin, WrappedBlock):
 
         return self.attn.register_tap(tap, needs_probs=not plain)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
         P = self.num_prefix
         n = x.shape[1] - P
         k = kept_tokens(self.keep_rate, n)
-        if k >= n:  # keep rate 1 (or warm-up): exactly the timm block
+        if k >= n:  # keep rate 1 (or warm-up): exactly the timm block, mask included
             if self.has_token_taps:  # every token kept, in order (for visualization)
                 kept_all = torch.arange(n, device=x.device).expand(x.shape[0], -1)
                 self.emit_token_step(TokenStep("keep", n, n, P, kept=kept_all))
-            return self.mlp_residual(self.attention_residual(x))
+            return self.mlp_residual(self.attention_residual(x, attn_mask, is_causal))
+        refuse_attention_mask(attn_mask, is_causal, "EViT block", "it drops and fuses tokens")
         scores: list[torch.Tensor] = []
         handle = self._cls_attention_tap(scores)
         try:

@@ -11,8 +11,13 @@ size-weighted merge and proportional attention, with these differences on purpos
 * the block forward keeps LayerScale (``ls1``/``ls2``), q/k-norm and the fused attention kernel
   (the official patch re-implements old timm attention and drops them); the keys come from the
   attention tap (``needs_probs=False``) and ``log(size)`` from an additive attention-bias hook;
-* re-entrant: token sizes travel *with the tokens* from block to block as a tuple
-  ``(x, size, source)`` (no shared ``_tome_info`` dict, nothing popped during forward);
+* every block takes and returns a plain tensor, like timm's ``Block`` (so ``forward_intermediates``,
+  feature taps and quantization calibration see tokens): the token sizes and the source map are
+  per-forward state in a :class:`ToMeState` the model's ToMe blocks share, filed under the very
+  tensor a block returned and read by the block that receives that tensor. Unlike the official
+  ``_tome_info`` dict nothing is reset at the start of a forward, so concurrent or nested forwards
+  do not see each other's sizes, and a block called on its own (on any other tensor) starts from
+  unmerged tokens (size 1);
 * every prefix token (cls, dist, registers: ``model.num_prefix_tokens``) is set aside before the
   matching, so none is ever merged or used as a merge destination;
 * pooling stays size-weighted for every ``global_pool`` other than ``'token'``: the last block
@@ -31,6 +36,7 @@ list covers it).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -38,14 +44,11 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from vitkit.compress._blocks import WrappedBlock, transformer_blocks
+from vitkit.compress._blocks import WrappedBlock, refuse_attention_mask, transformer_blocks
 from vitkit.errors import VitkitError
 from vitkit.models import TokenStep, TokenTapMixin, num_prefix_tokens, record_transform
 from vitkit.registry import AS_IS, Technique, register
 
-# (x, size, source): tokens, size of each patch token (B, Np, 1) or None while all are 1, and for
-# every original patch the index of the merged token that holds it (B, N0) or None before any merge.
-TokenState = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 MergeFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -90,11 +93,51 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> tuple[MergeFn, torc
     return merge, dest
 
 
+class ToMeState:
+    """Per-forward merge state of one model's ToMe blocks, filed under the tokens it belongs to.
+
+    For a token tensor a ToMe block returned: the size of each patch token (B, Np, 1) and, for every
+    original patch, the index of the merged token that holds it (B, N0). The next block looks its
+    input up (:meth:`take`); an input no block returned (the patch embedding's output, a block called
+    on its own) has no entry, i.e. every token has size 1. Entries are keyed by the tensor's
+    identity and dropped when that tensor is freed (a weak reference), so nothing outlives a
+    forward and two forwards never share an entry. A deep copy (timm's EMA, export preparation)
+    starts empty, and nothing here is saved (no parameters, no buffers).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
+
+    def put(self, tokens: torch.Tensor, size: torch.Tensor, source: torch.Tensor) -> None:
+        key, entries = id(tokens), self._entries
+        ref = weakref.ref(tokens, lambda _ref: entries.pop(key, None))
+        entries[key] = (ref, size, source)
+
+    def take(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        entry = self._entries.get(id(tokens))
+        if entry is None or entry[0]() is not tokens:  # an id can be reused once its tensor is gone
+            return None, None
+        return entry[1], entry[2]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __deepcopy__(self, memo: dict) -> ToMeState:
+        return ToMeState()
+
+    def __getstate__(self) -> dict:  # torch.save of a whole model: per-forward state is not kept
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._entries = {}
+
+
 class ToMeBlock(TokenTapMixin, WrappedBlock):
     """A timm ``Block`` that merges ``r`` token pairs after its attention residual (see module doc).
 
-    Takes a tensor (first block) or a :data:`TokenState` tuple; returns a tuple, except the model's
-    last block, which returns tokens (unmerged to the original count when ``unmerge``).
+    Takes and returns tokens (B, N, C); the sizes of the tokens it receives come from ``state``
+    (shared by the model's ToMe blocks). The model's last block returns tokens unmerged to the
+    original count when ``unmerge``.
     """
 
     def __init__(
@@ -105,6 +148,7 @@ class ToMeBlock(TokenTapMixin, WrappedBlock):
         prop_attn: bool = True,
         last: bool = False,
         unmerge: bool = False,
+        state: ToMeState | None = None,
     ):
         super().__init__(block)
         self.r = int(r)
@@ -112,12 +156,14 @@ class ToMeBlock(TokenTapMixin, WrappedBlock):
         self.prop_attn = bool(prop_attn)
         self.last = bool(last)
         self.unmerge = bool(unmerge)
+        self.merge_state = state if state is not None else ToMeState()  # a plain attribute: not in state_dict
 
-    def forward(self, x: torch.Tensor | TokenState) -> torch.Tensor | TokenState:
-        if isinstance(x, tuple):
-            x, size, source = x
-        else:
-            size = source = None
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        size, source = self.merge_state.take(x)
+        if self.r > 0 or size is not None:
+            refuse_attention_mask(attn_mask, is_causal, "ToMe block", "it merges tokens")
         P = self.num_prefix
         keys: list[torch.Tensor] = []
         handles = []
@@ -129,7 +175,7 @@ class ToMeBlock(TokenTapMixin, WrappedBlock):
             bias = log_size[:, None, None, :, 0]  # (B, 1, 1, N): added to the logits of key j
             handles.append(self.attn.register_attn_bias(lambda m, q, k: bias))
         try:
-            x = self.attention_residual(x)
+            x = self.attention_residual(x, attn_mask, is_causal)
         finally:
             for h in handles:
                 h.remove()
@@ -150,7 +196,9 @@ class ToMeBlock(TokenTapMixin, WrappedBlock):
 
         x = self.mlp_residual(x)
         if not self.last:
-            return x, size, source
+            if size is not None:
+                self.merge_state.put(x, size, source)
+            return x
         if self.unmerge and source is not None:
             C = x.shape[-1]
             patches = x[:, P:].gather(1, source[..., None].expand(-1, -1, C))
@@ -212,9 +260,10 @@ def apply_tome(model: nn.Module, cfg: ToMeConfig | dict | None = None) -> nn.Mod
         n -= r
     P = num_prefix_tokens(model)
     unmerge = getattr(model, "global_pool", "token") != "token"
+    state = ToMeState()  # one per model: its blocks hand token sizes on through it
     for i, (blk, r) in enumerate(zip(list(blocks), sched)):
         last = i == len(blocks) - 1
-        blocks[i] = ToMeBlock(blk, r, P, cfg.prop_attn, last=last, unmerge=unmerge)
+        blocks[i] = ToMeBlock(blk, r, P, cfg.prop_attn, last=last, unmerge=unmerge, state=state)
     cfg.schedule = sched
     record_transform(model, "tome", cfg.to_dict())
     return model
@@ -236,8 +285,6 @@ register(
         config=ToMeConfig,
         replay=replay_tome,
         export=AS_IS,
-        quantize="ToMe's merged blocks carry (tokens, sizes) tuples through attention; quantize before "
-        "merging tokens, or reduce tokens with EViT",
         family="compress",
         verb="vitkit reduce-tokens RUN --method tome --r 2",
     )
