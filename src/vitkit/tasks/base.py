@@ -216,11 +216,11 @@ class Task:
 
     def write_outputs(self, metrics: dict[str, Any], data: ImageDataset, out_dir: str | Path) -> list[str]:
         """Write ``metrics.json`` and this task's plots into ``out_dir``; returns the file names."""
-        from vitkit.runs import write_metrics
+        from vitkit.io import write_json  # not vitkit.runs: tasks sit below run directories
 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         plots = self.write_plots(metrics, data, Path(out_dir))
-        write_metrics(out_dir, metrics)
+        write_json(Path(out_dir) / "metrics.json", metrics)
         return ["metrics.json", *plots]
 
     def write_plots(self, metrics: dict[str, Any], data: ImageDataset, out_dir: Path) -> list[str]:
