@@ -198,7 +198,10 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.M
     Never unpickles: the structure comes from ``model.json`` and the weights from safetensors.
     ``model.vitkit_run`` holds the run's :class:`RunInfo` (classes, task, data).
     """
-    info = read_run(run_dir)
+    return _model_of(read_run(run_dir), device)
+
+
+def _model_of(info: RunInfo, device: str | torch.device) -> nn.Module:
     model = build_from_manifest(info.manifest)
     load_weights(model, info.path / WEIGHTS)
     model.to(device).eval()
@@ -304,11 +307,7 @@ class Run:
         Stages that change it work on a ``copy.deepcopy``."""
         key = str(device)
         if key not in self._models:
-            model = build_from_manifest(self.info.manifest)
-            load_weights(model, self.path / WEIGHTS)
-            model.to(device).eval()
-            object.__setattr__(model, "vitkit_run", self.info)
-            self._models[key] = model
+            self._models[key] = _model_of(self.info, device)
         return self._models[key]
 
     def data(self, split: str = "val", img_size: int | None = None) -> Any:

@@ -35,8 +35,7 @@ from torch.func import functional_call
 
 from vitkit.errors import VitkitError
 from vitkit.models import record_transform
-from vitkit.registry import AS_IS, Technique, TrainTransform, prepare_with, register
-from vitkit.smalldata.options import parse_options
+from vitkit.registry import AS_IS, Technique, TrainTransform, parse_config, prepare_with, register
 from vitkit.train.objectives import Objective, ObjectiveOutput
 
 
@@ -142,7 +141,7 @@ def apply_ewa(model: nn.Module, cfg: EWAConfig | dict | None = None) -> nn.Modul
     :func:`merge_ewa`. Raises :class:`VitkitError` on a model without timm ``Mlp`` FFNs (e.g. DHVT's
     DAFF) or on layer indices that do not exist.
     """
-    cfg = parse_options(EWAConfig, cfg, "ewa")
+    cfg = parse_config(EWAConfig, cfg, "ewa")
     if ewa_layers(model):
         raise VitkitError("ewa: the model already has EWA mixture-of-experts layers")
     ffns = _ffns(model)
@@ -238,7 +237,7 @@ def replay_ewa_merge(model: nn.Module, config: dict) -> nn.Module:
 def train_transform(options: dict[str, str]) -> TrainTransform:
     """``vitkit train --transform ewa:experts=4,share=0.3,every=2``: MoE for training, averaged after
     every update, merged back into a plain ViT before evaluation and saving."""
-    cfg = parse_options(EWAConfig, options, "ewa")
+    cfg = parse_config(EWAConfig, options, "ewa")
     return TrainTransform(
         apply=lambda model: apply_ewa(model, cfg),
         wrap_objective=EWAObjective,

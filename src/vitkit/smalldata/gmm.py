@@ -56,8 +56,7 @@ from vitkit.models import (
     num_prefix_tokens,
     record_transform,
 )
-from vitkit.registry import AS_IS, Technique, TrainTransform, register
-from vitkit.smalldata.options import parse_options
+from vitkit.registry import AS_IS, Technique, TrainTransform, parse_config, register
 
 EPS = 1e-5  # the code's ``sigma ** 2 + 1e-5``
 
@@ -176,7 +175,7 @@ def apply_gmm(model: nn.Module, cfg: GMMConfig | dict | None = None) -> nn.Modul
     exactly the prefix tokens plus the patch grid. Raises :class:`VitkitError` otherwise (a CNN,
     DHVT whose attention also sees head tokens, a model already masked).
     """
-    cfg = parse_options(GMMConfig, cfg, "gmm")
+    cfg = parse_config(GMMConfig, cfg, "gmm")
     name = model_name(model)
     mods = attention_modules(model)
     if not mods:
@@ -218,7 +217,7 @@ def replay_gmm(model: nn.Module, config: dict) -> nn.Module:
 
 def train_transform(options: dict[str, str]) -> TrainTransform:
     """``vitkit train --transform gmm:k=5,form=additive``."""
-    cfg = parse_options(GMMConfig, options, "gmm")
+    cfg = parse_config(GMMConfig, options, "gmm")
     return TrainTransform(apply=lambda model: apply_gmm(model, cfg))
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from vitkit.errors import VitkitError
 from vitkit.models import count_parameters, create_model, model_input_size
-from vitkit.smalldata.options import parse_options
+from vitkit.registry import parse_config
 
 
 class ComplexityConfig(BaseModel):
@@ -78,7 +78,7 @@ def measure_complexity(model: nn.Module, cfg: ComplexityConfig | dict | None = N
 
     Training-free and data-free: the input is a random circle of images. The model is not modified.
     """
-    cfg = parse_options(ComplexityConfig, cfg, "complexity")
+    cfg = parse_config(ComplexityConfig, cfg, "complexity")
     net = copy.deepcopy(model).double().eval()
     if cfg.drop_norms:
         _strip_norms(net)
@@ -194,7 +194,7 @@ def rank_configs(
 ) -> RankResult:
     """Score every candidate with the complexity proxy at init; with ``train_epochs`` > 0 also train
     it briefly on ``data`` and report the Kendall-τ between proxy and validation accuracy."""
-    cfg = parse_options(RankConfig, cfg, "rank-configs")
+    cfg = parse_config(RankConfig, cfg, "rank-configs")
     if not specs:
         raise VitkitError("rank-configs: no configurations to rank")
     from vitkit.progress import track

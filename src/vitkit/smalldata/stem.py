@@ -31,8 +31,7 @@ from torch import nn
 
 from vitkit.errors import VitkitError
 from vitkit.models import record_transform
-from vitkit.registry import AS_IS, Technique, TrainTransform, register
-from vitkit.smalldata.options import parse_options
+from vitkit.registry import AS_IS, Technique, TrainTransform, parse_config, register
 
 
 class StemConfig(BaseModel):
@@ -94,7 +93,7 @@ def apply_stem(model: nn.Module, cfg: StemConfig | dict | None = None) -> nn.Mod
     resampled. Raises :class:`VitkitError` for models without timm's ``PatchEmbed`` (CNNs, DHVT's
     SOPE, an already compressed stem) or a compression that does not divide the image size.
     """
-    cfg = parse_options(StemConfig, cfg, "stem")
+    cfg = parse_config(StemConfig, cfg, "stem")
     pe = getattr(model, "patch_embed", None)
     if not isinstance(model, VisionTransformer) or type(pe) is not PatchEmbed:
         got = type(pe).__name__ if pe is not None else "none"
@@ -150,7 +149,7 @@ def replay_stem(model: nn.Module, config: dict) -> nn.Module:
 
 def train_transform(options: dict[str, str]) -> TrainTransform:
     """``vitkit train --transform stem:compression=2``."""
-    cfg = parse_options(StemConfig, options, "stem")
+    cfg = parse_config(StemConfig, options, "stem")
     return TrainTransform(apply=lambda model: apply_stem(model, cfg))
 
 

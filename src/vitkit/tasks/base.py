@@ -90,6 +90,8 @@ class Task:
     summary_keys: ClassVar[tuple[str, ...]] = ()
     #: the per-epoch validation metric the progress line shows
     headline: ClassVar[str] = ""
+    #: keys of :meth:`metrics` that :meth:`validate` reports each epoch (as ``val_<key>``)
+    val_metrics: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(self, options: BaseModel | None = None):
@@ -184,8 +186,13 @@ class Task:
         precision: str,
         batch_size: int,
     ) -> dict[str, Any]:
-        """Per-epoch validation metrics (keys prefixed ``val_``), in the training precision."""
-        raise NotImplementedError
+        """Per-epoch validation metrics in the training precision: :attr:`val_metrics` of
+        :meth:`metrics`, keys prefixed ``val_``."""
+        outputs = self.predict(
+            model, data, batch_size=batch_size, device=device, precision=precision, transform=transform
+        )
+        m = self.metrics(outputs, data.targets)
+        return {f"val_{k}": m[k] for k in self.val_metrics}
 
     def evaluate(
         self,

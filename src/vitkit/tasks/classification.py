@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from vitkit.config.train import TrainConfig
-    from vitkit.data import BatchTransform, DataSplits, ImageDataset
+    from vitkit.data import DataSplits, ImageDataset
     from vitkit.train.objectives import Objective
 
 
@@ -50,6 +50,7 @@ class ClassificationTask(Task):
         "few_shot_accuracy",
     )
     headline = "val_top1"
+    val_metrics = ("loss", "top1", "balanced_accuracy")
 
     def check_data(self, data: DataSplits) -> None:
         if data.multilabel:
@@ -83,23 +84,6 @@ class ClassificationTask(Task):
             many_threshold=many_threshold,
             few_threshold=few_threshold,
         )
-
-    def validate(
-        self,
-        model: nn.Module,
-        data: ImageDataset,
-        transform: BatchTransform,
-        device: torch.device,
-        precision: str,
-        batch_size: int,
-    ) -> dict[str, Any]:
-        from vitkit.train.evaluate import classification_metrics
-
-        logits = self.predict(
-            model, data, batch_size=batch_size, device=device, precision=precision, transform=transform
-        )
-        m = classification_metrics(logits, data.targets)
-        return {"val_loss": m["loss"], "val_top1": m["top1"], "val_balanced_accuracy": m["balanced_accuracy"]}
 
     def write_plots(self, metrics: dict[str, Any], data: ImageDataset, out_dir: Path) -> list[str]:
         from vitkit.train.evaluate import save_confusion_matrix

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from vitkit.config.train import TrainConfig
-    from vitkit.data import BatchTransform, DataSplits, ImageDataset
+    from vitkit.data import DataSplits
     from vitkit.train.objectives import Objective
 
 
@@ -26,6 +26,7 @@ class MultiLabelTask(Task):
     data_schemes = ("csv", "npz", "mosaic")
     summary_keys = ("mean_auroc", "mAP", "label_accuracy", "exact_match")
     headline = "val_mean_auroc"
+    val_metrics = ("loss", "mean_auroc", "mAP")
 
     def check_data(self, data: DataSplits) -> None:
         if not data.multilabel:
@@ -45,23 +46,6 @@ class MultiLabelTask(Task):
         from vitkit.train.evaluate import multilabel_metrics
 
         return multilabel_metrics(outputs, targets)
-
-    def validate(
-        self,
-        model: nn.Module,
-        data: ImageDataset,
-        transform: BatchTransform,
-        device: torch.device,
-        precision: str,
-        batch_size: int,
-    ) -> dict[str, Any]:
-        from vitkit.train.evaluate import multilabel_metrics
-
-        logits = self.predict(
-            model, data, batch_size=batch_size, device=device, precision=precision, transform=transform
-        )
-        m = multilabel_metrics(logits, data.targets)
-        return {"val_loss": m["loss"], "val_mean_auroc": m["mean_auroc"], "val_mAP": m["mAP"]}
 
     def export_signature(self, model: nn.Module) -> ExportSignature:
         k = getattr(model, "num_classes", None) or "K"

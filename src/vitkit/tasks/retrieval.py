@@ -49,7 +49,7 @@ from vitkit.train.objectives import Objective, ObjectiveOutput
 
 if TYPE_CHECKING:
     from vitkit.config.train import TrainConfig
-    from vitkit.data import BatchTransform, DataSplits, ImageDataset
+    from vitkit.data import DataSplits, ImageDataset
 
 RECALL_KS = (1, 5, 10)
 
@@ -227,6 +227,7 @@ class RetrievalTask(Task):
     data_schemes = ("digits", "fashion-mnist", "folder", "csv", "npz")
     summary_keys = ("map_at_r", "r_precision", "recall_at_1", "recall_at_5", "recall_at_10")
     headline = "val_map_at_r"
+    val_metrics = ("map_at_r", "recall_at_1")
     Options = RetrievalOptions
 
     @property
@@ -264,21 +265,6 @@ class RetrievalTask(Task):
         out["dim"] = int(outputs.shape[1]) if outputs.ndim == 2 else 0
         out["task"] = self.spec
         return out
-
-    def validate(
-        self,
-        model: nn.Module,
-        data: ImageDataset,
-        transform: BatchTransform,
-        device: torch.device,
-        precision: str,
-        batch_size: int,
-    ) -> dict[str, Any]:
-        z = self.predict(
-            model, data, batch_size=batch_size, device=device, precision=precision, transform=transform
-        )
-        m = retrieval_metrics(z, data.targets, hamming=self.hamming)
-        return {"val_map_at_r": m["map_at_r"], "val_recall_at_1": m["recall_at_1"]}
 
     def write_plots(self, metrics: dict[str, Any], data: ImageDataset, out_dir: Path) -> list[str]:
         curve = metrics.get("recall_curve")
