@@ -177,10 +177,10 @@ def sec_dta_deep(root: Path, seeds: list[int], depth: int = 12) -> dict:
     fine-tuned on digits (full lr 1e-3 x3 seeds, low lr 3e-4, LoRA rank 4 through vitkit.adapt), every
     block attacked on the evaluation images (per_block) next to both search scores."""
     import vitkit
-    from vitkit.adapt.finetune import finetune
     from vitkit.analyze.common import PixelModel, pixel_transform
     from vitkit.analyze.dta import DTAConfig, layer_search, measure_dta, split_search
     from vitkit.data import load_splits
+    from vitkit.stages.finetune import finetune
 
     deep = {"depth": depth}
     pre = train(

@@ -110,8 +110,8 @@ def _demo_config(**kw):
 
 def section_demo(args, work: Path) -> dict:
     from vitkit.api import train_model
-    from vitkit.compress.stages import prune_run, reduce_tokens_run
     from vitkit.runs import load
+    from vitkit.stages.compress import prune_run, reduce_tokens_run
 
     src = work / "demo"
     train_model(_demo_config(seed=args.seed, epochs=args.epochs), src, quiet=True)
@@ -149,9 +149,9 @@ def section_tokens(args, work: Path) -> dict:
     run ``--source``: top-1 off the shelf and after ``--finetune`` epochs (EViT with its keep-rate
     warm-up over the first half), every variant timed against the source model in one process,
     interleaved, batch 64. Keep 1.0 / r 0 fine-tuned are the control: what the extra epochs alone do."""
-    from vitkit.compress.stages import reduce_tokens_run
     from vitkit.models import model_input_size
     from vitkit.runs import load, read_metrics
+    from vitkit.stages.compress import reduce_tokens_run
 
     src = Path(args.source)
     at = [int(a) for a in args.evit_at.split(",")] if args.evit_at else None
@@ -192,8 +192,8 @@ def section_tokens(args, work: Path) -> dict:
 # -- early exit -----------------------------------------------------------------------------------
 def section_exits(args, work: Path) -> dict:
     from vitkit.compress.exits import threshold_sweep
-    from vitkit.compress.stages import train_compressed
     from vitkit.data import load_splits
+    from vitkit.stages.compress import train_compressed
 
     res = train_compressed(
         _demo_config(seed=args.seed, epochs=args.epochs), work / "exits", exits=[1, 2, 3], quiet=True
@@ -211,7 +211,7 @@ def section_repavit(args, work: Path) -> dict:
 
     from vitkit.api import train_model
     from vitkit.compress.reparam import ChannelIdleMlp, ReparamMlp, fold_block  # noqa: F401
-    from vitkit.compress.stages import reparam_run, train_compressed
+    from vitkit.stages.compress import reparam_run, train_compressed
 
     # FFN alone at ViT-S width (C=384, H=1536, 197 tokens), random weights: Mlp vs the reparameterized FFN
     torch.manual_seed(0)

@@ -39,8 +39,8 @@ def quantize(src: Path, dst: Path) -> None:
 
 def runtimes(model, tmp: Path, name: str, threads: int) -> dict:
     from vitkit.deploy import export_onnx
-    from vitkit.deploy.benchmark import _Autocast, _Runtime
     from vitkit.deploy.onnx import OnnxModel
+    from vitkit.deploy.runtimes import Autocast, Runtime
     from vitkit.models import model_input_size
 
     shape = model_input_size(model)
@@ -50,9 +50,9 @@ def runtimes(model, tmp: Path, name: str, threads: int) -> dict:
     quantize(fp32, int8)
     return {
         "timm fp32 eager": model,
-        "timm bf16 eager (autocast)": _Autocast(model),
-        "onnxruntime fp32": _Runtime(OnnxModel(fp32, threads=threads)),
-        "onnxruntime int8 (dynamic)": _Runtime(OnnxModel(int8, threads=threads)),
+        "timm bf16 eager (autocast)": Autocast(model),
+        "onnxruntime fp32": Runtime(OnnxModel(fp32, threads=threads)),
+        "onnxruntime int8 (dynamic)": Runtime(OnnxModel(int8, threads=threads)),
     }
 
 
@@ -108,8 +108,8 @@ def run(args) -> Output:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if args.run:
-            from vitkit.deploy.export import export_run
             from vitkit.runs import load
+            from vitkit.stages.export import export_run
 
             demo = load(args.run)
             extra["demo_export"] = export_run(args.run, int8="dynamic", images=1000).doc

@@ -38,8 +38,8 @@ import torch
 from bench.harness import OUT_DIR, Output, Table, log
 from vitkit.api import train_model
 from vitkit.data import load_splits
-from vitkit.distill.run import distill
 from vitkit.distill.sam import SAMObjective
+from vitkit.stages.distill import distill
 from vitkit.train import TrainConfig, classification_metrics, predict
 from vitkit.train.longtail import logit_adjust
 

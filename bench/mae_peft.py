@@ -33,13 +33,13 @@ import torch
 
 from bench.harness import OUT_DIR, Output, Table, log
 from vitkit.adapt import measure_probe, parameter_count
-from vitkit.adapt.explora import explora_pretrain
-from vitkit.adapt.finetune import apply_peft, finetune, load_pretrained_weights, subsample_labels
+from vitkit.adapt.peft import apply_peft, load_pretrained_weights, subsample_labels
 from vitkit.api import train_model
 from vitkit.data import BatchTransform, DataSplits, load_splits
 from vitkit.models import create_model, model_input_size, model_normalization
-from vitkit.pretrain import pretrain_mae
 from vitkit.runs import load
+from vitkit.stages.finetune import finetune
+from vitkit.stages.pretrain import explora_pretrain, pretrain_mae
 from vitkit.train import TrainConfig, build_optimizer
 
 PARTIAL = OUT_DIR / "partial" / "mae-peft.json"

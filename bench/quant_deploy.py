@@ -61,9 +61,9 @@ def throughput(fn, x, min_seconds: float = 1.5) -> float:
 
 def engines(model, images_calib, tmp: Path, method: str = "minmax", x86: bool = True, bf16: bool = True):
     from vitkit.compress.quant import quantize
-    from vitkit.compress.quant.deploy import export_int8_onnx
-    from vitkit.deploy.benchmark import _Autocast
     from vitkit.deploy.onnx import OnnxModel, export_onnx
+    from vitkit.deploy.qdq import export_int8_onnx
+    from vitkit.deploy.runtimes import Autocast
     from vitkit.models import model_input_size
 
     shape = model_input_size(model)
@@ -72,12 +72,12 @@ def engines(model, images_calib, tmp: Path, method: str = "minmax", x86: bool = 
     export_int8_onnx(q, tmp / "int8.onnx", shape)
     eng = {
         "fp32 eager": lambda x: model(x),
-        "bf16 eager": _Autocast(model),  # the bf16 baseline of `vitkit bench`
+        "bf16 eager": Autocast(model),  # the bf16 baseline of `vitkit bench`
         "ort fp32": OnnxModel(tmp / "fp32.onnx", threads=torch.get_num_threads()),
         "ort int8 QDQ": OnnxModel(tmp / "int8.onnx", threads=torch.get_num_threads()),
     }
     if x86:
-        from vitkit.compress.quant.x86 import compile_int8, pt2e_int8
+        from vitkit.deploy.x86 import compile_int8, pt2e_int8
 
         program = pt2e_int8(model, images_calib)
         # the same Inductor + freezing wrapper on the float model: the fair compiled FP32 / bf16 baselines

@@ -116,7 +116,7 @@ def run_accuracy(args) -> None:
 
 
 def run_throughput(args) -> dict:
-    from vitkit.deploy.bench import BenchConfig, compare
+    from vitkit.deploy.timing import BenchConfig, compare
     from vitkit.models import create_model
     from vitkit.registry import get_train_transform
     from vitkit.smalldata.ewa import merge_ewa

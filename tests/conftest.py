@@ -55,7 +55,7 @@ def quick():
 @pytest.fixture(scope="session")
 def mae_run(tmp_path_factory) -> Path:
     """vitkit_nano_p4_16 MAE-pretrained 8 epochs on digits (mask 0.75, norm_pix_loss): an encoder run."""
-    from vitkit.pretrain import pretrain_mae
+    from vitkit.stages.pretrain import pretrain_mae
 
     out = tmp_path_factory.mktemp("runs") / "mae-nano"
     cfg = quick_config(epochs=8, lr=2e-3, warmup_epochs=1, scale_min=0.5)

@@ -162,8 +162,8 @@ def test_failed_writes_leave_no_new_parent_folders(tmp_path):
 
 
 def test_api_checks_the_output_before_the_work(tmp_path):
-    from vitkit.compress.quant.run import quantize_run
-    from vitkit.deploy.report import write_report
+    from vitkit.stages.quantize import quantize_run
+    from vitkit.stages.report import write_report
 
     (tmp_path / "adir").mkdir()
     (tmp_path / "f").write_text("x")

@@ -45,7 +45,7 @@ def test_derive_writes_a_complete_run_or_nothing(trained_run, tmp_path):
 
 def test_quantize_reads_the_run_once_and_reuses_its_fp32_accuracy(trained_run, tmp_path, monkeypatch):
     import vitkit.runs as runs
-    from vitkit.compress.quant.run import quantize_run
+    from vitkit.stages.quantize import quantize_run
 
     reads: list[str] = []
     original = runs.read_run

@@ -209,7 +209,7 @@ def _save(run, model) -> None:
 
 
 def _export(run):
-    from vitkit.deploy.export import export_run
+    from vitkit.stages.export import export_run
 
     return export_run(run, data="digits", images=EXPORT_IMAGES)
 

@@ -274,6 +274,20 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
+def format_validation_error(err: Any, source: str = "config") -> str:
+    """One line for a pydantic ``ValidationError``: which field, what was wrong (the first three)."""
+    parts = []
+    for e in err.errors()[:3]:
+        loc = ".".join(str(x) for x in e["loc"]) or "(config)"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown field '{loc}'")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"field '{loc}': {msg} (got {e.get('input')!r})")
+    more = f" (+{len(err.errors()) - 3} more)" if len(err.errors()) > 3 else ""
+    return f"{source}: " + "; ".join(parts) + more
+
+
 def parse_config(cls: type, options: Any, what: str) -> Any:
     """``options`` (a dict, e.g. from ``--transform name:key=value`` or a pipeline stage) as a ``cls``
     instance, validated by pydantic (types converted: "5" -> 5). A bad or unknown field raises one

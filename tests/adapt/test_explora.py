@@ -74,8 +74,8 @@ def test_bad_explora_options():
 
 
 def test_stage_one_writes_a_plain_merged_encoder(mae_run, digits, quick, tmp_path):
-    from vitkit.adapt import explora_pretrain
     from vitkit.data import DataSplits
+    from vitkit.stages.pretrain import explora_pretrain
 
     shifted = DataSplits(digits.train.subset(range(400)), digits.val.subset(range(200)))
     shifted.train.images = 255 - shifted.train.images

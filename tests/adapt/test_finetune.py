@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitkit.adapt.finetune import finetune, finetune_config, subsample_labels
+from vitkit.adapt.peft import subsample_labels
 from vitkit.cli import main
 from vitkit.errors import VitkitError
 from vitkit.io import read_json
 from vitkit.models import create_model
 from vitkit.pretrain import MAEConfig, get_recipe
 from vitkit.runs import load, save_model
+from vitkit.stages.finetune import finetune, finetune_config
 
 
 def test_layer_decay_scales_for_a_known_depth(mae_run):
@@ -107,7 +108,7 @@ def test_a_new_image_size_resamples_the_position_embedding(mae_run, tmp_path):
 def test_resampled_pos_embed_matches_timm_interpolation(mae_run):
     from timm.layers import resample_abs_pos_embed
 
-    from vitkit.adapt.finetune import load_pretrained_weights
+    from vitkit.adapt.peft import load_pretrained_weights
 
     src = load(mae_run)
     new = create_model("vitkit_nano_p4_16", num_classes=10, img_size=24, global_pool="avg", fc_norm=True)

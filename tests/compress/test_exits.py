@@ -110,7 +110,7 @@ def test_bad_exit_blocks():
 
 @pytest.mark.slow
 def test_two_stage_training_gives_useful_exits(tmp_path, quick):
-    from vitkit.compress.stages import train_compressed
+    from vitkit.stages.compress import train_compressed
 
     cfg = quick(model="vitkit_micro_p4_16", epochs=8, lr=2e-3, warmup_epochs=1)
     res = train_compressed(cfg, tmp_path / "ex", exits=[2], distill_epochs=2, quiet=True)

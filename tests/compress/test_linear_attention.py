@@ -90,7 +90,7 @@ def test_bad_inputs():
 
 @pytest.mark.slow
 def test_linear_attention_model_trains(tmp_path, quick):
-    from vitkit.compress.stages import train_compressed
+    from vitkit.stages.compress import train_compressed
 
     cfg = quick(model="vitkit_micro_p4_16", epochs=8, lr=2e-3, warmup_epochs=1)
     run = train_compressed(cfg, tmp_path / "la", linear_attention=True, quiet=True)

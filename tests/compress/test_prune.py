@@ -152,7 +152,7 @@ def test_dimap_hits_the_sparsity_without_data(tmp_path):
 
 
 def test_pruning_a_trained_model_then_finetuning(trained_run, tmp_path):
-    from vitkit.compress.stages import prune_run
+    from vitkit.stages.compress import prune_run
 
     res = prune_run(trained_run, tmp_path / "p", heads=0.25, mlp=0.25, finetune=2)
     m = res.metrics

@@ -199,7 +199,7 @@ CASES = [
 
 @pytest.mark.parametrize(("case", "make", "message", "torch_runs_it"), CASES, ids=[c[0] for c in CASES])
 def test_hostile_pt2_refused_before_torch_reads_it(genuine, tmp_path, case, make, message, torch_runs_it):
-    from vitkit.compress.quant.x86 import load_int8_program
+    from vitkit.deploy.x86 import load_int8_program
 
     marker = tmp_path / "pwned"
     path = tmp_path / "model_int8_x86.pt2"
@@ -217,7 +217,7 @@ def test_hostile_pt2_refused_before_torch_reads_it(genuine, tmp_path, case, make
 
 
 def test_duplicate_entry_refused(genuine, tmp_path):
-    from vitkit.compress.quant.x86 import load_int8_program
+    from vitkit.deploy.x86 import load_int8_program
 
     with zipfile.ZipFile(io.BytesIO(genuine[0])) as zf:
         names = zf.namelist()
@@ -234,7 +234,7 @@ def test_duplicate_entry_refused(genuine, tmp_path):
 
 def test_nul_in_an_entry_name_refused(genuine, tmp_path):
     """zipfile cuts a name at NUL (it would see weight_9), torch's reader keeps the whole name."""
-    from vitkit.compress.quant.x86 import load_int8_program
+    from vitkit.deploy.x86 import load_int8_program
 
     data = _rewrite(genuine[0], _extra_entry("data/weights/weight_9Z.pkl")(tmp_path / "pwned"))
     assert data.count(b"weight_9Z.pkl") == 2  # local header and central directory
@@ -245,7 +245,7 @@ def test_nul_in_an_entry_name_refused(genuine, tmp_path):
 
 
 def test_not_a_zip_is_one_line_error(tmp_path):
-    from vitkit.compress.quant.x86 import load_int8_program
+    from vitkit.deploy.x86 import load_int8_program
 
     path = tmp_path / "junk.pt2"
     path.write_bytes(pickle.dumps(_Touch(tmp_path / "pwned")))
@@ -256,7 +256,7 @@ def test_not_a_zip_is_one_line_error(tmp_path):
 
 def test_genuine_and_rewritten_archives_still_load(genuine, tmp_path):
     """The check lets through what torch.export.save writes (also after a harmless zip rewrite)."""
-    from vitkit.compress.quant.x86 import load_int8_program
+    from vitkit.deploy.x86 import load_int8_program
 
     data, x, want = genuine
     for name, payload in (("a.pt2", data), ("b.pt2", _rewrite(data, lambda entries: None))):

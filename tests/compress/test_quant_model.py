@@ -175,8 +175,8 @@ def test_int8_onnx_graph_runs_integer_kernels_and_matches_the_simulated_model(fl
     import onnx
     import onnxruntime as ort
 
-    from vitkit.compress.quant.deploy import export_int8_onnx
     from vitkit.deploy.onnx import OnnxModel
+    from vitkit.deploy.qdq import export_int8_onnx
     from vitkit.train.evaluate import eval_transform
 
     q = _q(float_model, digits, method="minmax", calib_size=64)

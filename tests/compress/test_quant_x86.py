@@ -31,7 +31,7 @@ def _top1(logits, targets) -> float:
 
 
 def test_pt2e_w8a8_keeps_accuracy_agrees_with_simulated_and_reloads(float_model, digits, tmp_path):
-    from vitkit.compress.quant.x86 import load_int8_program, pt2e_int8, save_int8_program
+    from vitkit.deploy.x86 import load_int8_program, pt2e_int8, save_int8_program
 
     cfg = make_config(method="minmax", calib_size=128)
     images = calibration_images(float_model, digits.train, cfg)
@@ -57,7 +57,7 @@ def test_pt2e_w8a8_keeps_accuracy_agrees_with_simulated_and_reloads(float_model,
 
 
 def test_torch_x86_deploy_refuses_non_int8_configs(trained_run, tmp_path):
-    from vitkit.compress.quant.run import quantize_run
+    from vitkit.stages.quantize import quantize_run
 
     with pytest.raises(VitkitError, match="INT8 only"):
         quantize_run(trained_run, tmp_path / "a", deploy="torch-x86", w_bits=4, a_bits=4)
@@ -67,7 +67,7 @@ def test_torch_x86_deploy_refuses_non_int8_configs(trained_run, tmp_path):
 
 
 def test_vitkit_imports_without_torchao():
-    code = "import sys, vitkit, vitkit.compress.quant, vitkit.compress.quant.run; assert 'torchao' not in sys.modules"
+    code = "import sys, vitkit, vitkit.compress.quant, vitkit.stages.quantize; assert 'torchao' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -92,7 +92,7 @@ def test_bad_inputs():
 
 @pytest.mark.slow
 def test_trained_repavit_model_keeps_its_accuracy_after_reparam(tmp_path, quick, digits):
-    from vitkit.compress.stages import reparam_run, train_compressed
+    from vitkit.stages.compress import reparam_run, train_compressed
     from vitkit.train import evaluate
 
     cfg = quick(model="vitkit_micro_p4_16", epochs=8, lr=2e-3, warmup_epochs=1)

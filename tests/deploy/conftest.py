@@ -10,7 +10,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def exported_run(trained_run, tmp_path_factory) -> Path:
-    from vitkit.deploy.export import export_run
+    from vitkit.stages.export import export_run
 
     run = tmp_path_factory.mktemp("deploy") / "micro"
     shutil.copytree(trained_run, run)

@@ -12,11 +12,12 @@ import torch
 
 from vitkit.cli import main
 from vitkit.deploy import BenchConfig, count_flops
-from vitkit.deploy.benchmark import BASELINE, BF16_BASELINE, bench_run, plot_bench
-from vitkit.deploy.report import SECTION_IDS, build_report, pareto_front
 from vitkit.io import write_json
 from vitkit.models import model_input_size
+from vitkit.report.html import SECTION_IDS, pareto_front
 from vitkit.runs import load
+from vitkit.stages.bench import BASELINE, BF16_BASELINE, bench_run, plot_bench
+from vitkit.stages.report import build_report
 
 TINY = BenchConfig(threads=1, repeats=2, warmup=1, latency_calls=2, throughput_batch=8)
 

@@ -11,7 +11,6 @@ from vitkit.deploy import OnnxModel
 from vitkit.deploy.export import (
     AS_IS,
     ExportRule,
-    export_run,
     not_exportable,
     prepare_for_export,
     prepare_with,
@@ -22,6 +21,7 @@ from vitkit.io import read_json
 from vitkit.models import create_model, model_input_size, record_transform
 from vitkit.registry import register_transform, technique, unregister
 from vitkit.runs import load, save_model
+from vitkit.stages.export import export_run
 
 CLASSES = [str(i) for i in range(10)]
 

@@ -15,7 +15,7 @@ from vitkit.runs import load
 
 @pytest.fixture(scope="module")
 def exits_run(tmp_path_factory):
-    from vitkit.compress.stages import train_compressed
+    from vitkit.stages.compress import train_compressed
     from vitkit.train import TrainConfig
 
     # exits after 1 block (conv head) and 3 blocks (global attention head, stride 2) of 4
@@ -54,7 +54,7 @@ def test_export_writes_and_validates_every_exit(exits_run, capsys):
 def test_a_wrong_exit_graph_fails_and_leaves_nothing(exits_run, tmp_path, monkeypatch):
     import shutil
 
-    from vitkit.deploy.export import export_run
+    from vitkit.stages.export import export_run
 
     run = tmp_path / "copy"
     shutil.copytree(exits_run, run)

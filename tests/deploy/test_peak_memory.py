@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitkit.deploy.benchmark import _for_memory, _Runtime, peak_memory_mb
+from vitkit.deploy.runtimes import Runtime, for_memory, peak_memory_mb
 
 HIDDEN_MB = 512 * 4096 * 4 / 1e6  # one fp32 hidden activation of the MLP below at batch 512: 8.4 MB
 
@@ -42,10 +42,10 @@ def test_onnxruntime_measured_without_its_arena(tmp_path):
     path = tmp_path / "mlp.onnx"
     torch.onnx.export(_mlp(), torch.zeros(1, 1024), str(path), input_names=["x"],
                       dynamic_axes={"x": {0: "b"}}, dynamo=False)  # fmt: skip
-    session = _Runtime(OnnxModel(path, threads=1))
+    session = Runtime(OnnxModel(path, threads=1))
     x = torch.zeros(512, 1024)
     for _ in range(3):
         session(x)  # the arena now holds the call's memory
-    fresh = _for_memory(session)
+    fresh = for_memory(session)
     assert fresh is not session and fresh.fn.session.get_session_options().enable_cpu_mem_arena is False
     assert peak_memory_mb(fresh, x) > HIDDEN_MB

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vitkit.deploy.report import RunData, _run_sections, _table
+from vitkit.report.html import RunData, _run_sections, _table
 
 
 def _bench(load):

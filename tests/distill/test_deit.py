@@ -201,7 +201,7 @@ class Permuted(nn.Module):
 def test_dist_head_learns_the_teacher_cls_head_the_labels(trained_run, quick, tmp_path):
     """Hard distillation from a teacher whose labels are permuted: the CLS head must learn the true
     labels and the DIST head the teacher's. A loss that mixed the heads up cannot pass this."""
-    from vitkit.distill.run import distill
+    from vitkit.stages.distill import distill
 
     perm = torch.tensor([3, 7, 0, 9, 1, 5, 8, 2, 6, 4])
     teacher = Permuted(load(trained_run), perm)

@@ -10,9 +10,9 @@ from torch import nn
 from vitkit.data import load_splits
 from vitkit.distill.deit import apply_dist_token
 from vitkit.distill.deitlt import DeiTLTConfig, DeiTLTObjective
-from vitkit.distill.run import deit_lt_recipe
 from vitkit.distill.teacher import Teacher, renormalize
 from vitkit.models import create_model
+from vitkit.stages.distill import deit_lt_recipe
 from vitkit.train import fit
 from vitkit.train.longtail import effective_number_weights
 

@@ -3,7 +3,7 @@ pretrained run, and linear / kNN probes on frozen features."""
 
 from vitkit.adapt.common import ParameterCount, parameter_count, trainable_names
 from vitkit.adapt.dvpt import DVPTConfig, apply_dvpt
-from vitkit.adapt.explora import ExploraConfig, apply_explora, explora_pretrain
+from vitkit.adapt.explora import ExploraConfig, apply_explora
 from vitkit.adapt.lora import LoRAConfig, LoRAQVConfig, apply_lora, apply_lora_qv, merge_lora
 from vitkit.adapt.probes import ProbeConfig, ProbeResult, extract_features, measure_probe, probe_run
 from vitkit.adapt.vpt import VPTConfig, apply_vpt
@@ -22,7 +22,6 @@ __all__ = [
     "apply_lora",
     "apply_lora_qv",
     "apply_vpt",
-    "explora_pretrain",
     "extract_features",
     "measure_probe",
     "merge_lora",

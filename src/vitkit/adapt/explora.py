@@ -8,8 +8,8 @@ LoRA on all other blocks; stage 2 merges the LoRA into the weights and fine-tune
 (``vitkit finetune RUN --peft lora``) or fits a linear probe (``vitkit evaluate RUN --probe linear``).
 
 :func:`apply_explora` is the stage-1 model transform (recorded in the manifest, replayable);
-:func:`explora_pretrain` runs stage 1 with :func:`vitkit.pretrain.run.pretrain_mae` and writes the
-*merged* encoder as a plain run, ready for stage 2. (This module composes the MAE objective from
+:func:`vitkit.stages.pretrain.explora_pretrain` runs stage 1 (MAE pretraining from a run, with this
+transform on the encoder) and writes the *merged* encoder as a plain run, ready for stage 2. (This module composes the MAE objective from
 ``vitkit.pretrain``: ExPLoRA is extended pretraining, the one adaptation that needs it.)
 
 Our choices:
@@ -26,14 +26,13 @@ Our choices:
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vitkit.adapt.common import build_config, freeze, resolve_block_indices, transformer_blocks
-from vitkit.adapt.lora import add_lora_qv, lora_parameters, merge_lora, role_modules
+from vitkit.adapt.lora import add_lora_qv, lora_parameters, role_modules
 from vitkit.models import record_transform
 from vitkit.registry import Technique, prepare_with, register
 
@@ -82,36 +81,6 @@ def apply_explora(model: nn.Module, cfg: ExploraConfig | dict[str, Any] | None =
 
 def replay_explora(model: nn.Module, config: dict) -> nn.Module:
     return apply_explora(model, ExploraConfig(**config))
-
-
-def explora_pretrain(
-    source: str | os.PathLike,
-    output: str | os.PathLike,
-    train: Any,
-    cfg: ExploraConfig | dict[str, Any] | None = None,
-    *,
-    mae: Any = None,
-    data: Any = None,
-    force: bool = False,
-    quiet: bool = False,
-):
-    """Stage 1: continue MAE on the target data from ``source``; write the merged encoder as a run."""
-    from vitkit.pretrain.run import pretrain_mae
-
-    cfg = build_config(ExploraConfig, cfg, "explora")
-    return pretrain_mae(
-        train,
-        output,
-        mae=mae,
-        source=source,
-        encoder_transform=lambda enc: apply_explora(enc, cfg),
-        finalize=merge_lora,
-        data=data,
-        method="explora",
-        extra={"explora": cfg.model_dump()},
-        force=force,
-        quiet=quiet,
-    )
 
 
 register(

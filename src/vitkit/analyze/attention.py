@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.analyze.common import PixelModel, pixel_transform, subsample
+from vitkit.analyze.common import PixelModel, pixel_transform, subsample, token_grid
 from vitkit.analyze.tokens import follow_steps, token_maps_to_grid, token_rollout_matrix
 from vitkit.data import ImageDataset
 from vitkit.errors import VitkitError
@@ -74,13 +74,6 @@ def rollout(
         if reductions and i in reductions:
             result = reductions[i].to(torch.float64) @ result
     return result
-
-
-def token_grid(model: nn.Module) -> tuple[int, int]:
-    pe = getattr(model, "patch_embed", None)
-    if pe is None or getattr(pe, "grid_size", None) is None:
-        raise VitkitError(f"{type(model).__name__} has no patch grid: attention maps need a ViT")
-    return int(pe.grid_size[0]), int(pe.grid_size[1])
 
 
 def query_to_patches(attn: torch.Tensor, num_prefix: int, query: int = 0) -> torch.Tensor:

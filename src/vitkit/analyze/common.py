@@ -218,3 +218,10 @@ def parse_list(text: str | None, field: str, kind: type = float) -> list:
         except (ValueError, VitkitError) as e:
             raise VitkitError(f"{field}: '{part}' in '{text}' is not a {kind.__name__}") from e
     return out
+
+
+def token_grid(model: nn.Module) -> tuple[int, int]:
+    pe = getattr(model, "patch_embed", None)
+    if pe is None or getattr(pe, "grid_size", None) is None:
+        raise VitkitError(f"{type(model).__name__} has no patch grid: attention maps need a ViT")
+    return int(pe.grid_size[0]), int(pe.grid_size[1])

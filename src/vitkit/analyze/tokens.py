@@ -216,7 +216,7 @@ def measure_token_reduction(
     device: str | torch.device = "cpu",
 ) -> TokenReductionResult:
     """Kept / fused (EViT) or merged (ToMe) patches of ``cfg.n`` images after every reduction block."""
-    from vitkit.analyze.attention import token_grid
+    from vitkit.analyze.common import token_grid
 
     cfg = cfg or TokenReductionConfig()
     model = model.to(device).eval()

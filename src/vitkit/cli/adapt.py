@@ -131,11 +131,11 @@ def pretrain(
             raise VitkitError(
                 "--unfreeze-blocks/--rank/--alpha/--lora are ExPLoRA options (--method explora)"
             )
-        from vitkit.pretrain import pretrain_mae
+        from vitkit.stages.pretrain import pretrain_mae
 
         run = pretrain_mae(cfg, output, mae=mae, source=source, force=force, quiet=quiet)
     else:
-        from vitkit.adapt.explora import explora_pretrain
+        from vitkit.stages.pretrain import explora_pretrain
 
         ex = dict(
             unfreeze_blocks=_ints(unfreeze_blocks, "--unfreeze-blocks"), rank=rank, alpha=alpha, lora=lora
@@ -207,7 +207,7 @@ def finetune(
     """Fine-tune a pretrained run, fully (layer-wise LR decay) or parameter-efficiently."""
     # Before any loading or computing: a bad -o must not cost minutes of work first.
     check_output(output, "dir", force=force)
-    from vitkit.adapt.finetune import finetune as finetune_api
+    from vitkit.stages.finetune import finetune as finetune_api
 
     peft_cfg = {
         "rank": rank,

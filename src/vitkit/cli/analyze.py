@@ -56,7 +56,7 @@ def attack(
     if output is not None:
         check_output(output, "dir")
     from vitkit.analyze.common import parse_number
-    from vitkit.analyze.reports import run_attack
+    from vitkit.stages.analyze import run_attack
 
     doc, out = run_attack(
         model,
@@ -127,7 +127,7 @@ def perturb(
     if output is not None:
         check_output(output, "dir")
     from vitkit.analyze.common import parse_list
-    from vitkit.analyze.reports import run_perturb
+    from vitkit.stages.analyze import run_perturb
 
     doc, out = run_perturb(
         model,
@@ -179,7 +179,7 @@ def similarity(
     if output is not None:
         check_output(output, "dir")
     from vitkit.analyze.common import parse_list
-    from vitkit.analyze.reports import run_similarity
+    from vitkit.stages.analyze import run_similarity
 
     doc, out = run_similarity(
         model_a,
@@ -224,7 +224,7 @@ def attention(
     if output is not None:
         check_output(output, "dir")
     from vitkit.analyze.common import parse_list
-    from vitkit.analyze.reports import run_attention
+    from vitkit.stages.analyze import run_attention
 
     doc, out = run_attention(
         model,
@@ -274,7 +274,7 @@ def artifacts(
     # Before any loading or computing: a bad -o must not cost minutes of work first.
     if output is not None:
         check_output(output, "dir")
-    from vitkit.analyze.reports import run_artifacts
+    from vitkit.stages.analyze import run_artifacts
 
     doc, out = run_artifacts(
         model,
@@ -324,7 +324,7 @@ def mil(
     """Gated-attention multiple-instance learning over frozen ViT features: bag AUC and instance attention."""
     # Before any loading or computing: a bad -o must not cost minutes of work first.
     check_output(output, "dir")
-    from vitkit.analyze.reports import run_mil
+    from vitkit.stages.analyze import run_mil
 
     doc, out = run_mil(
         features,

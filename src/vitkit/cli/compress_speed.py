@@ -1,7 +1,7 @@
 """``vitkit reduce-tokens``, ``vitkit prune``, ``vitkit reparam``, ``vitkit compare``: faster ViTs.
 
 Each transforming verb reads a run and writes a new one (``-o``); the logic is in
-:mod:`vitkit.compress.stages`.
+:mod:`vitkit.stages.compress`.
 """
 
 from pathlib import Path
@@ -46,8 +46,8 @@ def reduce_tokens(
     if output is not None:
         check_output(output, "dir", force=force)
     from vitkit.compress._blocks import parse_int_list
-    from vitkit.compress.stages import reduce_tokens_run
     from vitkit.errors import VitkitError
+    from vitkit.stages.compress import reduce_tokens_run
 
     if output is None:
         raise VitkitError("say where to write the reduced run with -o/--output")
@@ -82,8 +82,8 @@ def prune(
     # Before any loading or computing: a bad -o must not cost minutes of work first.
     if output is not None:
         check_output(output, "dir", force=force)
-    from vitkit.compress.stages import prune_run
     from vitkit.errors import VitkitError
+    from vitkit.stages.compress import prune_run
 
     if output is None:
         raise VitkitError("say where to write the pruned run with -o/--output")
@@ -107,8 +107,8 @@ def reparam(
     # Before any loading or computing: a bad -o must not cost minutes of work first.
     if output is not None:
         check_output(output, "dir", force=force)
-    from vitkit.compress.stages import reparam_run
     from vitkit.errors import VitkitError
+    from vitkit.stages.compress import reparam_run
 
     if output is None:
         raise VitkitError("say where to write the reparameterized run with -o/--output")
@@ -132,8 +132,8 @@ def compare(
         check_output(output, "dir")
     from rich.table import Table
 
-    from vitkit.compress.stages import compare_runs
     from vitkit.errors import VitkitError
+    from vitkit.stages.compare import compare_runs
 
     if repeats < 1 or batch < 1 or (threads is not None and threads < 1):
         raise VitkitError("--repeats, --batch and --threads must be positive")

@@ -89,7 +89,7 @@ def distill(
     # Before any loading or computing: a bad -o must not cost minutes of work first.
     if output is not None:
         check_output(output, "dir", force=force)
-    from vitkit.distill.run import distill as run_distill
+    from vitkit.stages.distill import distill as run_distill
     from vitkit.train import TrainingInterrupted, build_config
 
     if output is None:
@@ -247,7 +247,7 @@ def evaluate_heads_cmd(
     # Before any loading or computing: a bad -o must not cost minutes of work first.
     if output is not None:
         check_output(output, "dir")
-    from vitkit.distill.run import evaluate_run_heads
+    from vitkit.stages.distill import evaluate_run_heads
 
     metrics, out = evaluate_run_heads(
         run, data, output=output, many_threshold=many, few_threshold=few, device=device

@@ -48,8 +48,8 @@ def quantize(
     """Post-training quantization of a run into a new run (simulated INT-k; writes quant.json)."""
     # Before any loading or computing: a bad -o must not cost minutes of work first.
     check_output(output, "dir", force=force)
-    from vitkit.compress.quant.run import quantize_run
     from vitkit.errors import VitkitError
+    from vitkit.stages.quantize import quantize_run
 
     if preset is not None:
         if preset.lower() not in PRESETS:

@@ -85,7 +85,7 @@ def train(
     ),
 ) -> None:
     """Train a model (from scratch or from --pretrained-file) into a new run directory."""
-    from vitkit.api import resume_config, train_model
+    from vitkit.stages.train import resume_config, train_model
     from vitkit.train import TrainingInterrupted, build_config
 
     overrides = dict(
@@ -155,7 +155,7 @@ def train(
     try:
         if compressed:
             from vitkit.compress._blocks import parse_int_list
-            from vitkit.compress.stages import train_compressed
+            from vitkit.stages.compress import train_compressed
 
             run = train_compressed(
                 cfg,
@@ -246,7 +246,7 @@ def evaluate(
     # Before any loading or computing: a bad -o must not cost minutes of work first.
     if output is not None:
         check_output(output, "dir")
-    from vitkit.api import evaluate_run
+    from vitkit.stages.evaluate import evaluate_run
 
     if probe is not None:
         from vitkit.adapt.probes import probe_run
@@ -265,7 +265,7 @@ def evaluate(
         )
         return
     if exit_threshold is not None:
-        from vitkit.compress.stages import evaluate_exit_run
+        from vitkit.stages.compress import evaluate_exit_run
 
         metrics, out = evaluate_exit_run(run, exit_threshold, data=data, output=output, batch_size=batch_size)
         _print_exit_summary(out, metrics)
@@ -283,9 +283,10 @@ def evaluate(
     )
     # the task's files only (confusion_matrix.png for single-label data, ...): an older file in `out`
     # is not ours to list
-    from vitkit.api import read_run_info, run_task
+    from vitkit.runs import read_run
+    from vitkit.stages.common import run_task
 
-    _print_summary(out, metrics, written=run_task(read_run_info(run)).output_files(metrics))
+    _print_summary(out, metrics, written=run_task(read_run(run)).output_files(metrics))
 
 
 def _print_exit_summary(path: Path, m: dict) -> None:

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vitkit.errors import VitkitError
+from vitkit.registry import format_validation_error
 
 
 class TrainConfig(BaseModel):
@@ -176,20 +177,6 @@ class TrainConfig(BaseModel):
         if self.weight_decay is not None:
             return self.weight_decay
         return {"lion": 0.5, "sgd": 5e-5, "momentum": 5e-5}.get(self.optimizer, 0.05)
-
-
-def format_validation_error(err: ValidationError, source: str = "config") -> str:
-    """One line: which field, what was wrong."""
-    parts = []
-    for e in err.errors()[:3]:
-        loc = ".".join(str(x) for x in e["loc"]) or "(config)"
-        if e["type"] == "extra_forbidden":
-            parts.append(f"unknown field '{loc}'")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"field '{loc}': {msg} (got {e.get('input')!r})")
-    more = f" (+{len(err.errors()) - 3} more)" if len(err.errors()) > 3 else ""
-    return f"{source}: " + "; ".join(parts) + more
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Deployment: ONNX export (onnx.py, export.py), benchmarks (bench.py, benchmark.py), the HTML report."""
 
-from vitkit.deploy.bench import BenchConfig, BenchResult, compare, count_flops, timm_baseline
 from vitkit.deploy.onnx import ExportResult, OnnxModel, export_onnx, parity
+from vitkit.deploy.timing import BenchConfig, BenchResult, compare, count_flops, timm_baseline
 
 __all__ = [
     "BenchConfig",

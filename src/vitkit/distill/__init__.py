@@ -1,7 +1,7 @@
 """Distillation: DeiT token distillation, DeiT-LT, feature distillation (G2SD generic stage, ScaleKD),
 and SAM for training a flat teacher.
 
-The public names load lazily (``from vitkit.distill import distill``) so importing the package is cheap.
+The public names load lazily (``from vitkit.distill import DeiTConfig``) so importing the package is cheap.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "distill": "vitkit.distill.run",
-    "evaluate_run_heads": "vitkit.distill.run",
     "apply_dist_token": "vitkit.distill.deit",
     "DistTokenConfig": "vitkit.distill.deit",
     "DeiTConfig": "vitkit.distill.deit",

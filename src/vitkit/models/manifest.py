@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 # vitkit's presets that ``model_kwargs`` is documented for. Values must be JSON scalars or lists.
 ALLOWED_KWARGS = frozenset(
     {
-        # written by vitkit (create_model, api.build_model_for, pretrain.new_encoder, adapt.finetune)
+        # written by vitkit (create_model, api.build_model_for, pretrain.new_encoder, stages.finetune)
         "num_classes", "img_size", "in_chans", "drop_path_rate", "global_pool", "fc_norm",
         # architecture of timm VisionTransformer / vitkit_* presets (model_kwargs, rank-configs)
         "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "proj_bias",

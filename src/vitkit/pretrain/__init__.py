@@ -11,20 +11,17 @@ from vitkit.pretrain.mae import (
     unpatchify,
 )
 from vitkit.pretrain.presets import RECIPES, Recipe, get_recipe
-from vitkit.pretrain.run import PretrainedRun, pretrain_mae
 
 __all__ = [
     "RECIPES",
     "MAEConfig",
     "MAEObjective",
     "MaskedAutoencoder",
-    "PretrainedRun",
     "Recipe",
     "evaluate_reconstruction",
     "get_recipe",
     "masked_patch_loss",
     "patchify",
-    "pretrain_mae",
     "random_masking",
     "unpatchify",
 ]

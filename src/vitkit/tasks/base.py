@@ -168,7 +168,7 @@ class Task:
         transform: BatchTransform | None = None,
     ) -> torch.Tensor:
         """The model's raw outputs for every sample of ``data``, in order (float32, CPU)."""
-        from vitkit.train.evaluate import predict
+        from vitkit.models.inference import predict
 
         return predict(
             model, data, batch_size=batch_size, device=device, precision=precision, transform=transform
@@ -263,9 +263,8 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    import vitkit.tasks as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
+    # the package's folder, not ``import vitkit.tasks``: the package imports this module
+    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if mod.name != "base":
             importlib.import_module(f"vitkit.tasks.{mod.name}")
 
@@ -301,7 +300,7 @@ def get_task(spec: str) -> Task:
     try:
         options = cls.Options(**raw)
     except ValidationError as e:
-        from vitkit.config.train import format_validation_error
+        from vitkit.registry import format_validation_error
 
         raise VitkitError(format_validation_error(e, f"task '{spec}'")) from e
     return cls(options)

@@ -75,7 +75,7 @@ class ClassificationTask(Task):
         few_threshold: int = 20,
         **_: Any,
     ) -> dict[str, Any]:
-        from vitkit.train.evaluate import classification_metrics
+        from vitkit.tasks.metrics import classification_metrics
 
         return classification_metrics(
             outputs,
@@ -86,7 +86,7 @@ class ClassificationTask(Task):
         )
 
     def write_plots(self, metrics: dict[str, Any], data: ImageDataset, out_dir: Path) -> list[str]:
-        from vitkit.train.evaluate import save_confusion_matrix
+        from vitkit.report.plots import save_confusion_matrix
 
         if "confusion_matrix" not in metrics:
             return []

@@ -43,7 +43,7 @@ class MultiLabelTask(Task):
         return ClassificationObjective("bce", label_smoothing=cfg.label_smoothing)
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor, **_: Any) -> dict[str, Any]:
-        from vitkit.train.evaluate import multilabel_metrics
+        from vitkit.tasks.metrics import multilabel_metrics
 
         return multilabel_metrics(outputs, targets)
 

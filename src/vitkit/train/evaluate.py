@@ -1,168 +1,30 @@
-"""Evaluation: predictions over an in-memory dataset and the metrics a user asks for.
+"""Evaluation of a model on a dataset with its task's metrics (``vitkit.evaluate``).
 
-Single-label: top-1/top-5, per-class and balanced accuracy, macro-F1, expected calibration error,
-many/medium/few-shot accuracy (by training-set class counts), confusion matrix.
-Multi-label: per-class and mean AUROC, per-class AP and mAP.
-Which of them a run gets is its task's choice (``vitkit.tasks``); the functions live here.
+The metric functions live with the tasks (:mod:`vitkit.tasks.metrics`), batched prediction with the
+models (:mod:`vitkit.models.inference`); both are importable from here too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitkit.data import BatchTransform, ImageDataset
-from vitkit.models import model_input_size, model_normalization
+from vitkit.models.inference import autocast_context, eval_transform, predict
+from vitkit.report.plots import save_confusion_matrix
+from vitkit.tasks import Task, task_for_data
+from vitkit.tasks.metrics import classification_metrics, expected_calibration_error, multilabel_metrics
 
-if TYPE_CHECKING:
-    from vitkit.tasks import Task
-
-
-def autocast_context(device: torch.device | str, precision: str):
-    device = torch.device(device)
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def eval_transform(model: nn.Module, img_size: int | None = None) -> BatchTransform:
-    c, h, w = model_input_size(model)
-    mean, std = model_normalization(model)
-    return BatchTransform(img_size or (h, w), c, mean, std, train=False)
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    data: ImageDataset,
-    *,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    precision: str = "fp32",
-    transform: BatchTransform | None = None,
-    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Logits (float32, on the CPU) for every image of ``data``, in order. The model is put in eval mode
-    for the call and restored afterwards."""
-    transform = transform or eval_transform(model)
-    was_training = model.training
-    model.eval()
-    outs = []
-    try:
-        for i in range(0, len(data), batch_size):
-            x = transform.images(data.images[i : i + batch_size]).to(device)
-            with autocast_context(device, precision):
-                y = forward(model, x) if forward else model(x)
-            outs.append(y.float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(outs) if outs else torch.empty(0)
-
-
-def classification_metrics(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    class_counts: list[int] | None = None,
-    many_threshold: int = 100,
-    few_threshold: int = 20,
-    ece_bins: int = 15,
-) -> dict:
-    """Single-label metrics. ``class_counts`` are training-set counts, for many/medium/few-shot groups
-    (many: > many_threshold samples, few: < few_threshold, medium: the rest)."""
-    from sklearn.metrics import f1_score
-
-    num_classes = logits.shape[1]
-    y = targets.long()
-    pred = logits.argmax(1)
-    correct = (pred == y).float()
-    out: dict = {"n": len(y), "top1": correct.mean().item() if len(y) else float("nan")}
-    k = min(5, num_classes)
-    topk = logits.topk(k, dim=1).indices
-    out[f"top{k}"] = (topk == y[:, None]).any(1).float().mean().item()
-    out["loss"] = F.cross_entropy(logits, y).item()
-
-    per_class = []
-    for c in range(num_classes):
-        m = y == c
-        per_class.append(correct[m].mean().item() if m.any() else float("nan"))
-    out["per_class_accuracy"] = per_class
-    present = [a for a in per_class if not np.isnan(a)]
-    out["balanced_accuracy"] = float(np.mean(present)) if present else float("nan")
-    out["macro_f1"] = float(
-        f1_score(y.numpy(), pred.numpy(), labels=list(range(num_classes)), average="macro", zero_division=0)
-    )
-    out["ece"] = expected_calibration_error(logits, y, ece_bins)
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    cm.index_put_((y, pred), torch.ones_like(y), accumulate=True)
-    out["confusion_matrix"] = cm.tolist()
-
-    if class_counts is not None:
-        groups = {"many": [], "medium": [], "few": []}
-        for c, n in enumerate(class_counts):
-            g = "many" if n > many_threshold else "few" if n < few_threshold else "medium"
-            groups[g].append(c)
-        out["shot_thresholds"] = {"many_above": many_threshold, "few_below": few_threshold}
-        out["shot_classes"] = groups
-        for g, cls in groups.items():
-            m = (
-                torch.isin(y, torch.tensor(cls, dtype=torch.long))
-                if cls
-                else torch.zeros_like(y, dtype=torch.bool)
-            )
-            out[f"{g}_shot_accuracy"] = correct[m].mean().item() if m.any() else None
-    return out
-
-
-def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:
-    """ECE with equal-width confidence bins (Guo et al. 2017)."""
-    probs = logits.float().softmax(1)
-    conf, pred = probs.max(1)
-    correct = (pred == targets).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
-    for lo, hi in itertools.pairwise(edges):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            ece += m.float().mean() * (conf[m].mean() - correct[m].mean()).abs()
-    return ece.item()
-
-
-def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict:
-    """Per-class AUROC and average precision; means over classes that have both labels present."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    scores = logits.float().sigmoid().numpy()
-    y = targets.numpy() > 0.5
-    auroc, ap = [], []
-    for c in range(y.shape[1]):
-        if y[:, c].all() or not y[:, c].any():
-            auroc.append(None)
-            ap.append(None)
-            continue
-        auroc.append(float(roc_auc_score(y[:, c], scores[:, c])))
-        ap.append(float(average_precision_score(y[:, c], scores[:, c])))
-    valid_auc = [a for a in auroc if a is not None]
-    valid_ap = [a for a in ap if a is not None]
-    pred = scores > 0.5
-    return {
-        "n": len(y),
-        "mean_auroc": float(np.mean(valid_auc)) if valid_auc else float("nan"),
-        "mAP": float(np.mean(valid_ap)) if valid_ap else float("nan"),
-        "per_class_auroc": auroc,
-        "per_class_ap": ap,
-        "label_accuracy": float((pred == y).mean()),
-        "exact_match": float((pred == y).all(1).mean()),
-        "loss": F.binary_cross_entropy_with_logits(logits.float(), targets.float()).item(),
-    }
+__all__ = [
+    "autocast_context",
+    "classification_metrics",
+    "eval_transform",
+    "evaluate",
+    "expected_calibration_error",
+    "multilabel_metrics",
+    "predict",
+    "save_confusion_matrix",
+]
 
 
 def evaluate(
@@ -182,8 +44,6 @@ def evaluate(
     """All metrics of ``task`` for ``model`` on ``data`` (pass ``logits`` to score precomputed
     outputs). Without a task: classification, or multi-label classification for multi-hot targets."""
     if task is None:
-        from vitkit.tasks import task_for_data
-
         task = task_for_data(data)
     return task.evaluate(
         model,
@@ -197,44 +57,3 @@ def evaluate(
         many_threshold=many_threshold,
         few_threshold=few_threshold,
     )
-
-
-def save_confusion_matrix(
-    cm: list[list[int]], classes: list[str], path: str | os.PathLike, title: str = ""
-) -> None:
-    """Row-normalised confusion matrix as a PNG (counts printed when the matrix is small)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from vitkit.io import atomic_path
-
-    m = np.asarray(cm, dtype=float)
-    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
-    n = len(classes)
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(3.5, 0.5 * n + 1.5)))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), [str(c)[:12] for c in classes], rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), [str(c)[:12] for c in classes], fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                if m[i, j]:
-                    ax.text(
-                        j,
-                        i,
-                        int(m[i, j]),
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black",
-                    )
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_title(title or "confusion matrix (row-normalised)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)

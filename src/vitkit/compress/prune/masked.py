@@ -89,7 +89,7 @@ def sparsity_report(model: nn.Module, input_shape: tuple[int, int, int]) -> dict
 
     ``dense_flops``: the whole model (torch's FlopCounterMode, 2 per multiply-add);
     ``sparse_flops``: the same minus 2 × tokens for every masked-out weight."""
-    from vitkit.deploy.bench import count_flops
+    from vitkit.models.flops import count_flops
 
     counts = token_counts(model, input_shape)
     total = zeros = saved = 0

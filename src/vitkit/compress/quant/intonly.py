@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.compress.quant.quantizers import Quantizer
+from vitkit.compress.quant.quantizers import Quantizer, set_quantizers_enabled
 
 INT32_MAX = 2**31 - 1
 
@@ -262,8 +262,6 @@ def install_integer_ops(model: nn.Module, points=None) -> None:
 def calibrate_integer_ops(model: nn.Module, images: torch.Tensor, batch: int) -> int:
     """Input scales of the IntGELU / IntLayerNorm modules from a float pass (running max of |x|);
     then link each IntGELU's output to the symmetric input quantizer of the layer it feeds."""
-    from vitkit.compress.quant.points import set_quantizers_enabled
-
     ops = [m for m in model.modules() if isinstance(m, (IntGELU, IntLayerNorm))]
     amax = {id(m): 0.0 for m in ops}
     handles = [

@@ -25,7 +25,7 @@ from torch import nn
 
 from vitkit.compress.quant.config import QuantConfig, point_bits
 from vitkit.compress.quant.layers import QUANT_LAYERS, QuantConv2d, QuantLinear, QuantMatMul, QuantSoftmax
-from vitkit.compress.quant.quantizers import (
+from vitkit.compress.quant.quantizers import (  # noqa: F401 - here for callers
     GELU_MIN,
     AdaLogQuantizer,
     Log2Quantizer,
@@ -35,6 +35,8 @@ from vitkit.compress.quant.quantizers import (
     TanQuantizer,
     TwinUniformQuantizer,
     UniformQuantizer,
+    quantizers,
+    set_quantizers_enabled,
 )
 from vitkit.errors import VitkitError
 from vitkit.models.attention import MatMul, Softmax, VitkitAttention
@@ -236,13 +238,3 @@ def _check_type(m: nn.Module, expected: type, p: QuantPoint) -> None:
             f"'{p.name}' is a {type(m).__name__}, not vitkit's {expected.__name__}: another transform replaced "
             "it; quantize before that transform or remove it"
         )
-
-
-def quantizers(model: nn.Module) -> dict[str, Quantizer]:
-    """Every quantizer of the model by qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, Quantizer)}
-
-
-def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
-    for q in quantizers(model).values():
-        q.enabled = enabled

@@ -701,3 +701,22 @@ QUANTIZERS: dict[str, type[Quantizer]] = {
         TanQuantizer,
     )
 }
+
+
+def int8_blockers(model: nn.Module) -> list[str]:
+    """Names (and kinds) of the quantizers onnxruntime cannot run as INT8 QDQ."""
+    out = []
+    for name, q in model.named_modules():
+        if isinstance(q, Quantizer) and not (isinstance(q, UniformQuantizer) and q.bits == 8):
+            out.append(f"{name} ({type(q).__name__}, {q.bits} bits)")
+    return out
+
+
+def quantizers(model: nn.Module) -> dict[str, Quantizer]:
+    """Every quantizer of the model by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Quantizer)}
+
+
+def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
+    for q in quantizers(model).values():
+        q.enabled = enabled

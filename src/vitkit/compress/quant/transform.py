@@ -171,11 +171,10 @@ def prepare_int8_export(model: nn.Module) -> nn.Module:
     Every 8-bit uniform quantizer of ``model`` (a deep copy made by the exporter) emits torch's
     fake-quantize op with its calibrated scale and zero point, which the ONNX exporter writes as a
     QuantizeLinear/DequantizeLinear pair: the graph is the real INT8 model onnxruntime runs with
-    integer kernels (see :mod:`vitkit.compress.quant.deploy`). A quantizer without an INT8 form in
+    integer kernels (see :mod:`vitkit.deploy.qdq`). A quantizer without an INT8 form in
     onnxruntime (log2, twin, AdaLog, ..., or another bit-width) stops the export with its name.
     """
-    from vitkit.compress.quant.deploy import int8_blockers
-    from vitkit.compress.quant.quantizers import UniformQuantizer
+    from vitkit.compress.quant.quantizers import UniformQuantizer, int8_blockers
 
     blockers = int8_blockers(model)
     if blockers:

@@ -24,7 +24,7 @@ def analysis_data(model: nn.Module, uri: str | None) -> ImageDataset:
     info = getattr(model, "vitkit_run", None)
     img = model_input_size(model)[1]
     if info is not None:
-        from vitkit.api import evaluation_data
+        from vitkit.stages.common import evaluation_data
 
         return evaluation_data(info, uri, img)
     if uri is None:

@@ -22,6 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vitkit.adapt.common import build_config as explora_config
+from vitkit.adapt.explora import ExploraConfig, apply_explora
+from vitkit.adapt.lora import merge_lora
 from vitkit.data import DataSplits, seed_everything
 from vitkit.errors import VitkitError
 from vitkit.io import atomic_path, write_yaml
@@ -130,7 +133,7 @@ def pretrain_mae(
         else:
             encoder = new_encoder(cfg)
         if data is None:
-            from vitkit.api import data_splits_for
+            from vitkit.stages.common import data_splits_for
 
             data = data_splits_for(cfg, model_input_size(encoder)[1])
         seed_everything(cfg.seed)
@@ -240,3 +243,31 @@ def _save_reconstructions(
     fig.tight_layout()
     write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
+
+
+def explora_pretrain(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    train: Any,
+    cfg: ExploraConfig | dict[str, Any] | None = None,
+    *,
+    mae: Any = None,
+    data: Any = None,
+    force: bool = False,
+    quiet: bool = False,
+):
+    """Stage 1: continue MAE on the target data from ``source``; write the merged encoder as a run."""
+    cfg = explora_config(ExploraConfig, cfg, "explora")
+    return pretrain_mae(
+        train,
+        output,
+        mae=mae,
+        source=source,
+        encoder_transform=lambda enc: apply_explora(enc, cfg),
+        finalize=merge_lora,
+        data=data,
+        method="explora",
+        extra={"explora": cfg.model_dump()},
+        force=force,
+        quiet=quiet,
+    )

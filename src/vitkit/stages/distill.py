@@ -1,6 +1,6 @@
 """``distill``: train a student from a teacher into a normal run directory (the API behind
 ``vitkit distill``). It composes a student, a teacher and a distillation objective, and hands them
-to :func:`vitkit.api.train_model` (the one loop); then it adds per-head metrics."""
+to :func:`vitkit.stages.train.train_model` (the one loop); then it adds per-head metrics."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Any
 
 from torch import nn
 
-from vitkit.api import TrainedRun, build_model_for, data_splits_for, train_model
 from vitkit.data import DataSplits, seed_everything
 from vitkit.distill.deit import (
     DeiTConfig,
@@ -28,6 +27,8 @@ from vitkit.distill.teacher import Teacher, load_teacher
 from vitkit.errors import VitkitError
 from vitkit.io import write_yaml
 from vitkit.runs import write_metrics
+from vitkit.stages.common import build_model_for, data_splits_for
+from vitkit.stages.train import TrainedRun, train_model
 from vitkit.train import TrainConfig, build_config, evaluate, fit
 from vitkit.train.objectives import Objective
 
@@ -235,16 +236,16 @@ def evaluate_run_heads(
 ) -> tuple[dict[str, Any], Path]:
     """CLS / DIST / mean metrics of a distilled run on its validation split (or ``data``); writes
     ``metrics.json`` into ``output`` (default ``RUN/heads-<data>/``)."""
-    from vitkit.api import _read_train_metrics, _slug, evaluation_data
     from vitkit.models import model_input_size
     from vitkit.runs import load
+    from vitkit.stages.common import evaluation_data, read_train_metrics, slug
 
     model = load(run_dir, device=device)
     if not has_dist_token(model):
         raise no_dist_token_error(model)
     info = model.vitkit_run
     dataset = evaluation_data(info, data, model_input_size(model)[1])
-    counts = _read_train_metrics(info.path).get("train_class_counts")
+    counts = read_train_metrics(info.path).get("train_class_counts")
     heads = evaluate_heads(
         model,
         dataset,
@@ -258,7 +259,7 @@ def evaluate_run_heads(
     for h in ("cls", "dist", "mean"):
         metrics[f"{h}_top1"] = heads[h]["top1"]
     metrics["run"] = str(info.path)
-    out = Path(output) if output else info.path / f"heads-{_slug(data or dataset.name)}"
+    out = Path(output) if output else info.path / f"heads-{slug(data or dataset.name)}"
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out, metrics)
     return metrics, out

@@ -20,20 +20,20 @@ import torch
 
 from vitkit.compress.quant.config import QuantConfig, make_config
 from vitkit.compress.quant.transform import REPORT_ATTR, quantize
+from vitkit.deploy.qdq import QDQ_FILE
 from vitkit.errors import VitkitError
 from vitkit.io import check_output
 from vitkit.models import get_manifest, model_input_size
 from vitkit.runs import CONFIG, Run
 
 QUANT_JSON = "quant.json"
-ONNX_INT8 = "model_int8.onnx"
 DEPLOY_TARGETS = (None, "onnx", "torch-x86")
 
 
 def _deploy_onnx(qmodel, val, path: Path) -> dict[str, Any]:
     """Export the INT8 QDQ graph; its top-1 and agreement with the simulated model on ``val``."""
-    from vitkit.compress.quant.deploy import export_int8_onnx
     from vitkit.deploy.onnx import OnnxModel
+    from vitkit.deploy.qdq import export_int8_onnx
     from vitkit.train.evaluate import eval_transform, predict
 
     export_int8_onnx(qmodel, path, model_input_size(qmodel))
@@ -51,7 +51,7 @@ def _deploy_onnx(qmodel, val, path: Path) -> dict[str, Any]:
 def _deploy_x86(model, qmodel, images, val, path: Path, compile: bool = True) -> dict[str, Any]:
     """PT2E INT8 program calibrated on ``images``: top-1 of its reference graph and of the Inductor-
     compiled graph (the one running oneDNN INT8 kernels), and their agreement with the simulated model."""
-    from vitkit.compress.quant.x86 import compile_int8, int8_kernels, pt2e_int8, save_int8_program
+    from vitkit.deploy.x86 import compile_int8, int8_kernels, pt2e_int8, save_int8_program
     from vitkit.train.evaluate import eval_transform, predict
     from vitkit.train.precision import bf16_is_fast
 
@@ -154,11 +154,11 @@ def quantize_run(
         summary["avg_weight_bits"] = average_bits(final_cfg.layer_bits, model)
     tmp, artifact = None, None
     if deploy == "onnx":
-        tmp, artifact = tempfile.TemporaryDirectory(), ONNX_INT8
+        tmp, artifact = tempfile.TemporaryDirectory(), QDQ_FILE
         summary.update(_deploy_onnx(qmodel, splits.val, Path(tmp.name) / artifact))
     elif deploy == "torch-x86":
         from vitkit.compress.quant.transform import calibration_images
-        from vitkit.compress.quant.x86 import PROGRAM_FILE
+        from vitkit.deploy.x86 import PROGRAM_FILE
 
         tmp, artifact = tempfile.TemporaryDirectory(), PROGRAM_FILE
         images = calibration_images(model, splits.train, cfg)  # the simulated model's calibration images

@@ -18,17 +18,10 @@ import os
 import torch
 from torch import nn
 
-from vitkit.compress.quant.quantizers import Quantizer, UniformQuantizer
+from vitkit.compress.quant.quantizers import Quantizer, UniformQuantizer, int8_blockers
 from vitkit.errors import VitkitError
 
-
-def int8_blockers(model: nn.Module) -> list[str]:
-    """Names (and kinds) of the quantizers onnxruntime cannot run as INT8 QDQ."""
-    out = []
-    for name, q in model.named_modules():
-        if isinstance(q, Quantizer) and not (isinstance(q, UniformQuantizer) and q.bits == 8):
-            out.append(f"{name} ({type(q).__name__}, {q.bits} bits)")
-    return out
+QDQ_FILE = "model_int8.onnx"  # vitkit quantize --deploy onnx: static W8A8 QDQ graph in the run
 
 
 @contextlib.contextmanager

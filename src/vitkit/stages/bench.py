@@ -1,39 +1,32 @@
 """Benchmark a run directory in every runtime it can be deployed with, next to plain timm.
 
-For one run, in one process and interleaved round by round (``vitkit.deploy.bench.compare``):
+For one run, in one process and interleaved round by round (``vitkit.deploy.timing.compare``):
 plain ``timm.create_model`` of the run's base architecture (the baseline, fp32 eager; with bf16 also
 under bf16 autocast, "timm bf16 eager"), the run in PyTorch eager fp32, optionally eager bf16
 (autocast) and ``torch.compile``, and onnxruntime on
 ``RUN/model.onnx`` and ``RUN/model.int8.onnx`` when ``vitkit export`` wrote them (and the static
 INT8 QDQ graph ``RUN/model_int8.onnx`` of ``vitkit quantize --deploy onnx``).
 
-Peak memory (``peak_memory_mb``) is the rise of the process's resident set during one steady-state
-throughput-batch call: the call's activations and workspace, not the weights nor one-time costs.
-Measured in this process, after a warm-up call, by returning freed heap memory to the OS
-(glibc ``malloc_trim``) and resetting the kernel's peak-RSS counter (``/proc/self/clear_refs``),
-then reading ``VmHWM`` after the call (a sampling thread where the counter cannot be reset);
-onnxruntime is measured in a fresh session without its memory arena. Why: the earlier measurement
-(RSS sampled every ms around the call) read 0.0 MB, because the warm-up and timed calls had already
-left that memory resident in the allocator's free lists (a 0.2 M-param ViT at batch 64: 36 MB on a
-process's first call, 0.004 MB after three calls, 5.8 MB after ``malloc_trim``). A fresh process
-per runtime would also see the memory, but costs a torch import per runtime (seconds each, some
-25 runtimes in ``vitkit demo``) and counts one-time costs in with the call.
+Peak memory: :func:`vitkit.deploy.runtimes.peak_memory_mb` (how, and why that way, is written there).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vitkit.deploy.bench import BenchConfig, compare, count_flops, resolve_threads, timm_baseline
+from vitkit.deploy.export import INT8_NAME, ONNX_NAME, prepare_for_export
+from vitkit.deploy.onnx import OnnxModel
+from vitkit.deploy.qdq import QDQ_FILE as QDQ_NAME
+from vitkit.deploy.runtimes import Autocast, Runtime, for_memory, peak_memory_mb
+from vitkit.deploy.timing import BenchConfig, compare, count_flops, resolve_threads, timm_baseline
 from vitkit.errors import VitkitError
+from vitkit.models import model_input_size
+from vitkit.runs import load
 
 BENCH_JSON = "bench.json"
 BENCH_PNG = "bench.png"
@@ -42,127 +35,19 @@ BF16_BASELINE = "timm bf16 eager"  # with bf16: the same plain timm model under 
 QDQ_LABEL = "onnxruntime int8 qdq"  # vitkit quantize --deploy onnx: static W8A8, real INT8 kernels
 
 
-class _Autocast(nn.Module):
-    """The model under CPU bf16 autocast."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.model(x)
-
-
-class _Runtime(nn.Module):
-    """Any callable (an onnxruntime session, a compiled function) as a module, for ``compare``."""
-
-    def __init__(self, fn: Any):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _malloc_trim() -> None:
-    """Return freed heap memory to the OS (glibc only; elsewhere nothing happens)."""
-    import ctypes
-    import ctypes.util
-
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: no malloc_trim
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _sampled_peak_kb(call: Any) -> int:
-    peak = [_status_kb("VmRSS")]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _status_kb("VmRSS"))
-            time.sleep(0.001)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        call()
-    finally:
-        stop.set()
-        t.join()
-    return max(peak[0], _status_kb("VmRSS"))
-
-
-def peak_memory_mb(model: nn.Module, x: torch.Tensor) -> float | None:
-    """Peak rise of resident memory during one steady-state call on ``x`` (MB; see the module
-    docstring); None where /proc is missing."""
-    import gc
-
-    if not Path("/proc/self/status").exists():
-        return None
-
-    def call() -> None:
-        with torch.no_grad():
-            model(x)
-
-    call()  # one-time costs (kernel selection, thread pools, lazy buffers) are not the call's memory
-    gc.collect()
-    _malloc_trim()
-    base = _status_kb("VmRSS")
-    if _reset_peak_rss():
-        call()
-        peak = _status_kb("VmHWM")
-    else:
-        peak = _sampled_peak_kb(call)
-    return max(0, peak - base) * 1024 / 1e6
-
-
-def _for_memory(model: nn.Module) -> nn.Module:
-    """The model to measure: an onnxruntime session is replaced by a fresh one without its arena
-    (an arena keeps the memory of earlier calls, so a call would add nothing)."""
-    from vitkit.deploy.onnx import OnnxModel
-
-    fn = getattr(model, "fn", None)
-    if isinstance(model, _Runtime) and isinstance(fn, OnnxModel):
-        return _Runtime(OnnxModel(fn.path, threads=fn.threads, optimization=fn.optimization, arena=False))
-    return model
-
-
 def runtime_variants(
     model: nn.Module, run_dir: Path, *, bf16: bool, compile: bool, onnx: bool, threads: int
 ) -> dict[str, nn.Module]:
-    from vitkit.compress.quant.run import ONNX_INT8 as QDQ_NAME
-    from vitkit.deploy.export import INT8_NAME, ONNX_NAME, prepare_for_export
-    from vitkit.deploy.onnx import OnnxModel
-
     variants: dict[str, nn.Module] = {"vitkit fp32 eager": model}
     if bf16:
-        variants["vitkit bf16 eager"] = _Autocast(model)
+        variants["vitkit bf16 eager"] = Autocast(model)
     if compile:
-        variants["vitkit fp32 compile"] = _Runtime(torch.compile(prepare_for_export(model)))
+        variants["vitkit fp32 compile"] = Runtime(torch.compile(prepare_for_export(model)))
     if onnx:
         files = ((ONNX_NAME, "onnxruntime fp32"), (INT8_NAME, "onnxruntime int8"), (QDQ_NAME, QDQ_LABEL))
         for name, label in files:
             if (run_dir / name).is_file():
-                variants[label] = _Runtime(OnnxModel(run_dir / name, threads=threads))
+                variants[label] = Runtime(OnnxModel(run_dir / name, threads=threads))
     return variants
 
 
@@ -177,9 +62,6 @@ def bench_run(
     memory: bool = True,
 ) -> dict[str, Any]:
     """Benchmark one run (see the module docstring). Returns the JSON-able document."""
-    from vitkit.models import model_input_size
-    from vitkit.runs import load
-
     model = load(run_dir)
     run_dir = Path(run_dir)
     shape = model_input_size(model)
@@ -188,7 +70,7 @@ def bench_run(
     if baseline:
         models[BASELINE] = timm_baseline(model)
         if bf16:
-            models[BF16_BASELINE] = _Autocast(models[BASELINE])
+            models[BF16_BASELINE] = Autocast(models[BASELINE])
     res = compare(models, shape, cfg, measure_flops=False)
     example = torch.zeros(1, *shape)
     flops = count_flops(model, example)
@@ -203,7 +85,7 @@ def bench_run(
     if memory:
         xb = torch.zeros(cfg.throughput_batch, *shape)
         for name, m in models.items():
-            mem[name] = peak_memory_mb(_for_memory(m), xb)
+            mem[name] = peak_memory_mb(for_memory(m), xb)
     base, base16 = res.get(BASELINE), res.get(BF16_BASELINE)
     results = {}
     for name, r in res.items():

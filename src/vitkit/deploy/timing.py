@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitkit.models.flops import count_flops
 from vitkit.progress import report
 from vitkit.train.evaluate import autocast_context
 
@@ -48,34 +49,6 @@ class BenchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def count_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """Forward FLOPs for one image, by torch's FlopCounterMode (matmuls/convs; 2 per multiply-add).
-
-    FlopCounterMode has no formula for the CPU fused-attention kernel, so attention runs its explicit
-    path while counting (vitkit's ``force_unfused``, timm's ``fused_attn``); otherwise the N² attention
-    matmuls would be missing from the count."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from vitkit.models import VitkitAttention
-
-    saved = []
-    for m in model.modules():
-        if isinstance(m, VitkitAttention):
-            saved.append((m, "force_unfused", m.force_unfused))
-            m.force_unfused = True
-        elif isinstance(getattr(m, "fused_attn", None), bool):
-            saved.append((m, "fused_attn", m.fused_attn))
-            m.fused_attn = False
-    counter = FlopCounterMode(display=False)
-    try:
-        with torch.no_grad(), counter:
-            model(example[:1])
-    finally:
-        for m, attr, value in saved:
-            setattr(m, attr, value)
-    return int(counter.get_total_flops())
 
 
 def resolve_threads(cfg: BenchConfig, models: list[nn.Module], quiet: bool = False) -> BenchConfig:

@@ -1,4 +1,4 @@
-"""``vitkit report``: one self-contained HTML page (images embedded as base64 PNG) over run directories.
+"""The HTML report page (``vitkit report``, collected by :mod:`vitkit.stages.report`): one self-contained page (images embedded as base64 PNG) over run directories.
 
 Sections, each present only when the run has the data: a summary table across runs (datasets that
 differ from the first run's are flagged), the accuracy vs latency vs size Pareto plot (from
@@ -13,10 +13,8 @@ matrix, export (``export.json``), bench (``bench.json``), and the analysis resul
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,34 +37,6 @@ class RunData:
     export: dict[str, Any] | None = None
     bench: dict[str, Any] | None = None
     analyses: dict[str, list[tuple[Path, dict[str, Any]]]] = field(default_factory=dict)
-
-
-def collect(run_dir: str | os.PathLike) -> RunData:
-    from vitkit.io import read_json
-    from vitkit.runs import read_metrics, read_run
-
-    info = read_run(run_dir)
-    p = info.path
-    history = []
-    if (p / "history.csv").is_file():
-        with open(p / "history.csv", newline="") as f:
-            history = list(csv.DictReader(f))
-    analyses: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
-    for kind in ("attack", "similarity", "attention", "tokens"):
-        for j in sorted(p.glob(f"*/{kind}.json")):
-            analyses.setdefault(kind, []).append((j, read_json(j)))
-    return RunData(
-        path=p,
-        label=p.name,
-        model=info.manifest.name,
-        transforms=[{"name": t.name, "config": dict(t.config)} for t in info.manifest.transforms],
-        data=str(info.data.get("uri", "?")),
-        metrics=read_metrics(p),
-        history=history,
-        export=read_json(p / "export.json") if (p / "export.json").is_file() else None,
-        bench=read_json(p / "bench.json") if (p / "bench.json").is_file() else None,
-        analyses=analyses,
-    )
 
 
 # -- figures ----------------------------------------------------------------------------------------
@@ -284,11 +254,10 @@ margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-al
 td:first-child,th:first-child{text-align:left}.flag{color:#b00;font-weight:bold}img{max-width:100%}"""
 
 
-def build_report(runs: list[str | os.PathLike], title: str = "vitkit report") -> tuple[str, list[str]]:
-    """The HTML text and the warnings (e.g. runs on different datasets) for these run directories."""
-    if not runs:
+def render_report(data: list[RunData], title: str = "vitkit report") -> tuple[str, list[str]]:
+    """The HTML text and the warnings (e.g. runs on different datasets) for these runs' data."""
+    if not data:
         raise VitkitError("report: give at least one run directory")
-    data = [collect(r) for r in runs]
     labels = [d.label for d in data]
     for d in data:  # two runs with the same directory name: use the path to tell them apart
         if labels.count(d.label) > 1:
@@ -328,12 +297,3 @@ def build_report(runs: list[str | os.PathLike], title: str = "vitkit report") ->
     doc = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")  # fmt: skip
     return doc, warnings
-
-
-def write_report(runs: list[str | os.PathLike], output: str | os.PathLike) -> list[str]:
-    from vitkit.io import check_output, write_text
-
-    check_output(output, "file")  # before the rendering, which takes a while for many runs
-    text, warnings = build_report(runs)
-    write_text(output, text)
-    return warnings

@@ -6,7 +6,6 @@ fine-tune it through the one loop, and write a new run (nothing is changed in pl
     reparam_run         vitkit reparam RUN -o OUT                        (RePaViT inference form)
     train_compressed    vitkit train ... --exits 4,8 | --repavit 0.75 | --linear-attention
     evaluate_exit_run   vitkit evaluate RUN --exit-threshold 0.9
-    compare_runs        vitkit compare RUN... [-o DIR]                   (accuracy/latency table + plot)
 """
 
 from __future__ import annotations
@@ -17,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from vitkit import io
 from vitkit.data import DataSplits
 from vitkit.errors import VitkitError
-from vitkit.io import write_json, write_yaml
+from vitkit.io import write_yaml
 from vitkit.models import count_parameters, get_manifest, model_input_size
 from vitkit.runs import CONFIG, load, new_run_dir, read_metrics, save_model, write_metrics
 from vitkit.train import TrainConfig, build_config, evaluate
@@ -53,7 +51,7 @@ def source_config(run: str | os.PathLike) -> TrainConfig:
 
 
 def _splits(cfg: TrainConfig, model: nn.Module) -> DataSplits:
-    from vitkit.api import data_splits_for
+    from vitkit.stages.common import data_splits_for
 
     img = model_input_size(model)[1] if cfg.data.startswith(("folder:", "csv:")) else cfg.img_size
     return data_splits_for(cfg, img)
@@ -87,7 +85,7 @@ def derive_run(
 ) -> StageResult:
     """Load ``source``, apply ``transform(model, data)`` (returns facts for metrics.json), evaluate it
     off the shelf, fine-tune it ``finetune`` epochs when asked, write the new run to ``output``."""
-    from vitkit.api import train_model
+    from vitkit.stages.train import train_model
 
     check_output(output, force)
     model = load(source)
@@ -298,8 +296,9 @@ def train_compressed(
     """``vitkit train`` with model transforms applied before training: RePaViT's channel-idle FFN,
     L²ViT linear attention, and/or LGViT exits (two stages: end-to-end, then self-distillation of
     the exit heads with the backbone frozen, ``distill_epochs`` epochs, default epochs/3)."""
-    from vitkit.api import build_model_for, data_splits_for, train_model
     from vitkit.data import seed_everything
+    from vitkit.stages.common import build_model_for, data_splits_for
+    from vitkit.stages.train import train_model
     from vitkit.train import fit
 
     check_output(output, force)
@@ -380,8 +379,8 @@ def evaluate_exit_run(
     batch_size: int = 256,
 ) -> tuple[dict[str, Any], Path]:
     """Per-sample early-exit evaluation of a run with exit heads at ``threshold``."""
-    from vitkit.api import _slug, evaluation_data
     from vitkit.compress.exits import evaluate_early_exit, exit_blocks
+    from vitkit.stages.common import evaluation_data, slug
 
     if threshold < 0:
         raise VitkitError(f"--exit-threshold must be >= 0 (a softmax confidence), got {threshold}")
@@ -391,113 +390,7 @@ def evaluate_exit_run(
     info = model.vitkit_run
     dataset = evaluation_data(info, data, model_input_size(model)[1])
     metrics = evaluate_early_exit(model, dataset, threshold, batch_size=batch_size)
-    out = Path(output) if output else info.path / f"eval-{_slug(data or dataset.name)}-exit{threshold:g}"
+    out = Path(output) if output else info.path / f"eval-{slug(data or dataset.name)}-exit{threshold:g}"
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out, {**metrics, "run": str(info.path), "data": dataset.name})
     return metrics, out
-
-
-# -- comparison -----------------------------------------------------------------------------------
-def compare_runs(
-    runs: list[str | os.PathLike],
-    output: str | os.PathLike | None = None,
-    *,
-    threads: int | None = None,
-    repeats: int = 5,
-    batch: int = 64,
-) -> list[dict[str, Any]]:
-    """Accuracy (each run's validation split) and speed (interleaved in one process) of several runs;
-    the first run is the baseline of the ratios. Writes compare.json and compare.png to ``output``."""
-    from vitkit.api import evaluation_data
-    from vitkit.deploy import BenchConfig, compare
-    from vitkit.runs import read_run
-
-    if len(runs) < 1:
-        raise VitkitError("compare: give at least one run directory")
-    models, rows = {}, []
-    shape = None
-    for r in runs:
-        model = load(r)
-        s = model_input_size(model)
-        if shape is not None and s != shape:
-            raise VitkitError(
-                f"compare: run '{r}' takes {s} inputs, '{runs[0]}' takes {shape}; compare runs of one input size"
-            )
-        shape = s
-        info = read_run(r)
-        data = evaluation_data(model.vitkit_run, None, s[1])
-        m = evaluate(model, data)
-        name = Path(r).name if Path(r).name not in models else str(r)
-        models[name] = model
-        row = {
-            "run": str(r),
-            "name": name,
-            "transforms": [t.name for t in info.manifest.transforms] or ["-"],
-            "top1": m.get("top1", float("nan")),
-        }
-        from vitkit.compress.prune.masked import MaskedLinear
-
-        if any(isinstance(x, MaskedLinear) for x in model.modules()):
-            from vitkit.compress.prune import sparsity_report
-
-            rep = sparsity_report(model, s)
-            row["sparsity"], row["sparse_flops"] = rep["sparsity"], rep["sparse_flops"]
-        rows.append(row)
-    res = compare(models, shape, BenchConfig(threads=threads, repeats=repeats, throughput_batch=batch))
-    base = rows[0]
-    b = res[base["name"]]
-    for row in rows:
-        r = res[row["name"]]
-        row.update(
-            {
-                "parameters": r.parameters,
-                "flops": r.flops,
-                "latency_ms_p50": r.latency_ms_p50,
-                "latency_ms_spread": list(r.latency_ms_spread),
-                "throughput": r.throughput,
-                "throughput_spread": list(r.throughput_spread),
-                "throughput_ratio": r.throughput / b.throughput,
-                "latency_ratio": r.latency_ms_p50 / b.latency_ms_p50,
-                "top1_delta": row["top1"] - base["top1"],
-            }
-        )
-    if output is not None:
-        out = Path(output)
-        write_json(out / "compare.json", {"runs": rows, "threads": torch.get_num_threads(), "repeats": repeats, "batch": batch,
-                                          "torch_threads": torch.get_num_threads()})  # fmt: skip
-        plot_comparison(rows, out / "compare.png")
-    return rows
-
-
-def plot_comparison(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
-    """Accuracy vs throughput (batch) and vs latency (batch 1), one labelled point per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from vitkit.io import atomic_path
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in (
-        (axes[0], "throughput", "throughput (img/s, batch)"),
-        (axes[1], "latency_ms_p50", "latency p50 (ms, batch 1)"),
-    ):
-        for row in rows:
-            ax.scatter(row[key], 100 * row["top1"], s=30)
-            ax.annotate(
-                row["name"],
-                (row[key], 100 * row["top1"]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-        ax.set_xlabel(label)
-        ax.set_ylabel("top-1 (%)")
-        ax.grid(alpha=0.3)
-    axes[0].set_title("accuracy vs throughput")
-    axes[1].set_title("accuracy vs latency")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
