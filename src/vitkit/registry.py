@@ -289,14 +289,15 @@ def format_validation_error(err: Any, source: str = "config") -> str:
 
 
 def parse_config(cls: type, options: Any, what: str) -> Any:
-    """``options`` (a dict, e.g. from ``--transform name:key=value`` or a pipeline stage) as a ``cls``
-    instance, validated by pydantic (types converted: "5" -> 5). A bad or unknown field raises one
-    :class:`VitkitError` line naming ``what`` and the field."""
+    """``options`` (a dict, e.g. from ``--transform name:key=value``, a pipeline stage or a Python
+    call) as a ``cls`` instance, validated by pydantic (types converted: "5" -> 5; a None value means
+    the field's default). A bad or unknown field raises one :class:`VitkitError` line naming ``what``
+    and the field. The one validator of technique, verb and quantization options."""
     from pydantic import BaseModel, TypeAdapter, ValidationError
 
     if isinstance(options, cls):
         return options
-    options = dict(options or {})
+    options = {k: v for k, v in dict(options or {}).items() if v is not None}
     known = [f[0] for f in config_fields(cls)]
     unknown = [k for k in options if k not in known]
     if unknown:
@@ -310,7 +311,8 @@ def parse_config(cls: type, options: Any, what: str) -> Any:
         for err in e.errors()[:3]:
             field = ".".join(str(x) for x in err["loc"]) or "(options)"
             msg = err["msg"].removeprefix("Value error, ")
-            parts.append(f"option '{field}': {msg} (got {err.get('input')!r})")
+            got = "" if "got " in msg else f" (got {err.get('input')!r})"  # a validator's own text may say it
+            parts.append(f"option '{field}': {msg}{got}")
         raise VitkitError(f"{what}: " + "; ".join(parts)) from e
 
 

@@ -332,6 +332,40 @@ class Run:
         self.data("val", img_size)
         return self._splits
 
+    def eval_data(
+        self,
+        uri: str | None = None,
+        img_size: int | None = None,
+        *,
+        strict: bool = False,
+        same_classes: bool = True,
+    ) -> Any:
+        """The data to evaluate this run on: its own validation split when ``uri`` is its training
+        data (or None), otherwise the whole of ``uri`` (its test/val split when it has one), checked
+        to have the run's classes unless ``same_classes=False`` (retrieval is often scored on
+        classes it never saw)."""
+        if self.config is not None and (uri is None or uri == self.config.data):
+            return self.data("val", img_size)
+        if uri is None:
+            raise VitkitError(
+                f"run '{self.path}' has no training config: say which data to evaluate on with --data"
+            )
+        from vitkit.data import load_eval_data
+
+        info = self.info
+        data = load_eval_data(uri, img_size=img_size, strict=strict)
+        if not same_classes:
+            return data
+        if info.classes and data.num_classes != info.num_classes:
+            raise VitkitError(
+                f"{uri} has {data.num_classes} classes but run '{info.path}' was trained on {info.num_classes}: num_classes mismatch"
+            )
+        if info.classes and data.classes != info.classes and not all(c.isdigit() for c in data.classes):
+            raise VitkitError(
+                f"{uri}: class names {data.classes[:4]}... differ from the run's {info.classes[:4]}..."
+            )
+        return data
+
     # -- a new run from this one
     def derive(
         self,

@@ -113,7 +113,7 @@ def test_bad_input_one_line_errors(float_model, digits):
         quantize(m, torch.randn(64, 3, 8, 8))
     with pytest.raises(VitkitError, match="does not support a_granularity=channel"):
         quantize(m, digits.train, method="adalog", a_granularity="channel")
-    with pytest.raises(VitkitError, match="unknown field 'bitz'"):
+    with pytest.raises(VitkitError, match="unknown option 'bitz'"):
         quantize(m, digits.train, bitz=3)
     q = _q(float_model, digits, method="minmax")
     with pytest.raises(VitkitError, match="already quantized"):

@@ -4,31 +4,20 @@ frozen backbone in eval mode, counting trainable parameters, validating techniqu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from timm.layers import Attention as TimmAttention
 from timm.layers import GluMlp, Mlp
 from torch import nn
 
 from vitkit.errors import VitkitError
 from vitkit.models import VitkitAttention, model_name
-from vitkit.train.config import format_validation_error
 
 C = TypeVar("C", bound=BaseModel)
 
 ATTENTION_TYPES: tuple[type[nn.Module], ...] = (VitkitAttention, TimmAttention)
 MLP_TYPES: tuple[type[nn.Module], ...] = (Mlp, GluMlp)
-
-
-def build_config(cls: type[C], value: C | dict[str, Any] | None, source: str) -> C:
-    """A technique config from an instance, a dict (None values mean "default") or None."""
-    if isinstance(value, cls):
-        return value
-    try:
-        return cls(**{k: v for k, v in (value or {}).items() if v is not None})
-    except ValidationError as e:
-        raise VitkitError(format_validation_error(e, source)) from e
 
 
 def model_label(model: nn.Module) -> str:

@@ -41,7 +41,6 @@ from torch import nn
 
 from vitkit.adapt.common import (
     AdapterModule,
-    build_config,
     freeze,
     keep_backbone_in_eval,
     model_label,
@@ -50,7 +49,7 @@ from vitkit.adapt.common import (
 )
 from vitkit.errors import VitkitError
 from vitkit.models import record_transform
-from vitkit.registry import AS_IS, Technique, register
+from vitkit.registry import AS_IS, Technique, parse_config, register
 
 
 class DVPTConfig(BaseModel):
@@ -111,7 +110,7 @@ class DVPTBlock(nn.Module):
 
 def apply_dvpt(model: nn.Module, cfg: DVPTConfig | dict[str, Any] | None = None) -> nn.Module:
     """Wrap every block with the shared DVPT module(s); freeze the backbone, keep it in eval."""
-    cfg = build_config(DVPTConfig, cfg, "dvpt")
+    cfg = parse_config(DVPTConfig, cfg, "dvpt")
     blocks = transformer_blocks(model, "dvpt")
     if hasattr(model, "dvpt"):
         raise VitkitError(f"dvpt: {model_label(model)} already carries DVPT modules")

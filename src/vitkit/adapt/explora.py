@@ -31,10 +31,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from vitkit.adapt.common import build_config, freeze, resolve_block_indices, transformer_blocks
+from vitkit.adapt.common import freeze, resolve_block_indices, transformer_blocks
 from vitkit.adapt.lora import add_lora_qv, lora_parameters, role_modules
 from vitkit.models import record_transform
-from vitkit.registry import Technique, prepare_with, register
+from vitkit.registry import Technique, parse_config, prepare_with, register
 
 
 class ExploraConfig(BaseModel):
@@ -49,7 +49,7 @@ class ExploraConfig(BaseModel):
 
 def apply_explora(model: nn.Module, cfg: ExploraConfig | dict[str, Any] | None = None) -> nn.Module:
     """Stage-1 ExPLoRA: unfreeze the chosen blocks (and all LayerNorms), LoRA on every other block."""
-    cfg = build_config(ExploraConfig, cfg, "explora")
+    cfg = parse_config(ExploraConfig, cfg, "explora")
     blocks = transformer_blocks(model, "explora")
     unfrozen = resolve_block_indices(cfg.unfreeze_blocks, len(blocks), "explora.unfreeze_blocks")
     others = [i for i in range(len(blocks)) if i not in unfrozen]

@@ -33,7 +33,6 @@ from torch import nn
 
 from vitkit.adapt.common import (
     attention_of,
-    build_config,
     freeze,
     mlp_of,
     replace_module,
@@ -43,7 +42,7 @@ from vitkit.adapt.common import (
 )
 from vitkit.errors import VitkitError
 from vitkit.models import get_manifest, record_transform
-from vitkit.registry import Technique, prepare_with, register
+from vitkit.registry import Technique, parse_config, prepare_with, register
 
 Role = Literal["qkv", "proj", "fc1", "fc2"]
 #: Transforms that merge_lora folds away (ExPLoRA's LoRA is ours, the unfrozen block is plain).
@@ -118,7 +117,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | dict[str, Any] | None = None)
     import peft
     from peft.tuners.lora import LoraLayer
 
-    cfg = build_config(LoRAConfig, cfg, "lora")
+    cfg = parse_config(LoRAConfig, cfg, "lora")
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise VitkitError("lora: the model already carries peft LoRA adapters (merge them first)")
     targets = role_modules(model, list(cfg.targets), cfg.blocks, "lora")
@@ -216,7 +215,7 @@ def add_lora_qv(
 
 def apply_lora_qv(model: nn.Module, cfg: LoRAQVConfig | dict[str, Any] | None = None) -> nn.Module:
     """LoRA on the Q and V slices of every (chosen) block's fused qkv; freezes all else but the head."""
-    cfg = build_config(LoRAQVConfig, cfg, "lora-qv")
+    cfg = parse_config(LoRAQVConfig, cfg, "lora-qv")
     depth = len(transformer_blocks(model, "lora-qv"))
     added = add_lora_qv(
         model,

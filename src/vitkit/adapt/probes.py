@@ -28,10 +28,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from vitkit.adapt.common import build_config
 from vitkit.data import DataSplits, ImageDataset, load_splits
 from vitkit.errors import VitkitError
 from vitkit.io import write_json
+from vitkit.registry import parse_config
 from vitkit.train.evaluate import eval_transform
 
 
@@ -163,7 +163,7 @@ def measure_probe(
     device: str | torch.device = "cpu",
 ) -> ProbeResult:
     """Fit the probe on ``data.train``'s frozen features; score it on ``data.val``."""
-    cfg = build_config(ProbeConfig, cfg, "probe")
+    cfg = parse_config(ProbeConfig, cfg, "probe")
     _check_single_label(data.train)
     kw = dict(layer=cfg.layer, pool=cfg.pool, batch_size=cfg.batch_size, device=device)
     train_x = extract_features(model, data.train, **kw)
@@ -220,7 +220,7 @@ def probe_run(
     from vitkit.models import model_input_size
     from vitkit.runs import load
 
-    cfg = build_config(ProbeConfig, cfg, "probe")
+    cfg = parse_config(ProbeConfig, cfg, "probe")
     model = load(run_dir, device=device)
     splits = probe_data_for_run(run_dir, data, model_input_size(model)[1])
     result = measure_probe(model, splits, cfg, device=device)

@@ -36,7 +36,6 @@ from torch import nn
 
 from vitkit.adapt.common import (
     AdapterModule,
-    build_config,
     freeze,
     keep_backbone_in_eval,
     model_label,
@@ -45,7 +44,7 @@ from vitkit.adapt.common import (
 )
 from vitkit.errors import VitkitError
 from vitkit.models import record_transform
-from vitkit.registry import AS_IS, Technique, register
+from vitkit.registry import AS_IS, Technique, parse_config, register
 
 
 class VPTConfig(BaseModel):
@@ -127,7 +126,7 @@ def _init_bound(model: nn.Module) -> float:
 
 def apply_vpt(model: nn.Module, cfg: VPTConfig | dict[str, Any] | None = None) -> nn.Module:
     """Insert VPT prompts (shallow or deep), freeze the backbone, keep it in eval while training."""
-    cfg = build_config(VPTConfig, cfg, "vpt")
+    cfg = parse_config(VPTConfig, cfg, "vpt")
     _check_wrappable(model)
     blocks = transformer_blocks(model, "vpt")
     start = int(model.num_prefix_tokens)

@@ -24,6 +24,7 @@ app = typer.Typer(
 
 
 _registered = False
+PANELS = ("Start here", "Train", "Adapt", "Evaluate", "Analyze", "Compress", "Deploy", "Inspect")
 
 
 def _register() -> None:
@@ -41,6 +42,9 @@ def _register() -> None:
     add_verb_commands(app)
     for info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{info.name}")
+    # `vitkit --help` shows the panels in the order of their first command: the order of the work
+    order = {panel: i for i, panel in enumerate(PANELS)}
+    app.registered_commands.sort(key=lambda c: order.get(c.rich_help_panel, len(order)))
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None):

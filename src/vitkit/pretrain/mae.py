@@ -36,14 +36,14 @@ import math
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from vitkit.data import BatchTransform, ImageDataset
 from vitkit.errors import VitkitError
-from vitkit.train.config import format_validation_error
+from vitkit.registry import parse_config
 from vitkit.train.evaluate import autocast_context
 from vitkit.train.objectives import Objective, ObjectiveOutput
 
@@ -73,10 +73,7 @@ class MAEConfig(BaseModel):
     @classmethod
     def build(cls, source: str = "mae", **values: Any) -> MAEConfig:
         """Validate ``values`` (None means default); errors become one-line ``VitkitError`` s."""
-        try:
-            return cls(**{k: v for k, v in values.items() if v is not None})
-        except ValidationError as e:
-            raise VitkitError(format_validation_error(e, source)) from e
+        return parse_config(cls, values, source)
 
 
 # -- pure functions -------------------------------------------------------------------------------

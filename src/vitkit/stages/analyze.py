@@ -12,11 +12,26 @@ from typing import Any
 
 from torch import nn
 
-from vitkit.analyze.common import model_label, output_dir, resolve_model, save_figure
+from vitkit.analyze.artifacts import ArtifactConfig, measure_artifacts, plot_artifacts
+from vitkit.analyze.attacks import AttackConfig, measure_attack
+from vitkit.analyze.attention import AttentionConfig, attention_json, measure_attention, plot_attention
+from vitkit.analyze.common import model_label, output_dir, pyplot, resolve_model, save_figure
+from vitkit.analyze.dta import DTAConfig, measure_dta
+from vitkit.analyze.mil import MILConfig, measure_mil, read_bags_csv
+from vitkit.analyze.patches import PatchConfig, measure_patch_robustness, plot_patch_result
+from vitkit.analyze.similarity import SimilarityConfig, measure_similarity, plot_similarity
+from vitkit.analyze.tokens import (
+    TokenReductionConfig,
+    has_token_reduction,
+    measure_token_reduction,
+    plot_token_reduction,
+    token_reduction_json,
+)
 from vitkit.data import ImageDataset, load_eval_data
 from vitkit.errors import VitkitError
 from vitkit.io import write_json
 from vitkit.models import model_input_size
+from vitkit.stages.common import evaluation_data
 
 
 def analysis_data(model: nn.Module, uri: str | None) -> ImageDataset:
@@ -24,8 +39,6 @@ def analysis_data(model: nn.Module, uri: str | None) -> ImageDataset:
     info = getattr(model, "vitkit_run", None)
     img = model_input_size(model)[1]
     if info is not None:
-        from vitkit.stages.common import evaluation_data
-
         return evaluation_data(info, uri, img)
     if uri is None:
         raise VitkitError(
@@ -81,8 +94,6 @@ def run_attack(
         eps = {"pgd-l2": 0.5, "patch": 1.0}.get(method, 8 / 255)
     model = resolve_model(spec, device)
     if method == "dta":
-        from vitkit.analyze.dta import DTAConfig, measure_dta
-
         if not downstream:
             raise VitkitError("--method dta needs --downstream RUN (a model fine-tuned from this one)")
         down = {str(d): resolve_model(d, device) for d in downstream}
@@ -108,8 +119,6 @@ def run_attack(
         return doc, out
     ds = analysis_data(model, data)
     if method == "patch":
-        from vitkit.analyze.patches import PatchConfig, measure_patch_robustness, plot_patch_result
-
         cfg = PatchConfig(
             corruptions=(),
             patches=(patches,),
@@ -128,7 +137,6 @@ def run_attack(
             write_json(tmp / "attack.json", doc)
             plot_patch_result(res, tmp / "attack.png", "adversarial patch attack")
         return doc, out
-    from vitkit.analyze.attacks import AttackConfig, measure_attack
 
     results = []
     methods = ["fgsm", method] if method != "fgsm" else ["fgsm"]
@@ -152,7 +160,6 @@ def run_attack(
 
 
 def _plot_attack(results: list[dict[str, Any]], path: Path) -> None:
-    from vitkit.analyze.common import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
@@ -166,7 +173,6 @@ def _plot_attack(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def _plot_dta(res, path: Path) -> None:
-    from vitkit.analyze.common import pyplot
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -220,7 +226,6 @@ def run_perturb(
     device: str = "cpu",
 ) -> tuple[dict[str, Any], Path]:
     """``vitkit perturb``: accuracy under k corrupted patches (and the patch attack) per temperature."""
-    from vitkit.analyze.patches import PatchConfig, measure_patch_robustness, plot_patch_result
 
     model = resolve_model(spec, device)
     ds = analysis_data(model, data)
@@ -260,7 +265,6 @@ def run_similarity(
     device: str = "cpu",
 ) -> tuple[dict[str, Any], Path]:
     """``vitkit similarity``: layer × layer CKA / RSA of two models (or one model on two input sets)."""
-    from vitkit.analyze.similarity import SimilarityConfig, measure_similarity, plot_similarity
 
     a = resolve_model(spec_a, device)
     b = a if spec_b == spec_a else resolve_model(spec_b, device)
@@ -303,14 +307,6 @@ def run_attention(
 ) -> tuple[dict[str, Any], Path]:
     """``vitkit attention``: maps for chosen layers/heads and rollout, as overlays + JSON; for EViT /
     ToMe models also the kept / fused / merged patches per reduction block (``tokens.json`` + PNG)."""
-    from vitkit.analyze.attention import AttentionConfig, attention_json, measure_attention, plot_attention
-    from vitkit.analyze.tokens import (
-        TokenReductionConfig,
-        has_token_reduction,
-        measure_token_reduction,
-        plot_token_reduction,
-        token_reduction_json,
-    )
 
     model = resolve_model(spec, device)
     ds = analysis_data(model, data)
@@ -346,7 +342,6 @@ def run_artifacts(
     device: str = "cpu",
 ) -> tuple[dict[str, Any], Path]:
     """``vitkit artifacts``: the DVT position-artifact diagnostic (and optionally the denoiser)."""
-    from vitkit.analyze.artifacts import ArtifactConfig, measure_artifacts, plot_artifacts
 
     model = resolve_model(spec, device)
     ds = analysis_data(model, data)
@@ -387,8 +382,6 @@ def run_mil(
 ) -> tuple[dict[str, Any], Path]:
     """``vitkit mil``: gated-attention MIL on frozen features of ``features`` over a bag CSV."""
     from safetensors.torch import save_file
-
-    from vitkit.analyze.mil import MILConfig, measure_mil, read_bags_csv
 
     model = resolve_model(features, device)
     bag_set = read_bags_csv(bags)

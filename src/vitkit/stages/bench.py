@@ -25,8 +25,9 @@ from vitkit.deploy.qdq import QDQ_FILE as QDQ_NAME
 from vitkit.deploy.runtimes import Autocast, Runtime, for_memory, peak_memory_mb
 from vitkit.deploy.timing import BenchConfig, compare, count_flops, resolve_threads, timm_baseline
 from vitkit.errors import VitkitError
+from vitkit.io import atomic_path
 from vitkit.models import model_input_size
-from vitkit.runs import load
+from vitkit.runs import Run
 
 BENCH_JSON = "bench.json"
 BENCH_PNG = "bench.png"
@@ -62,8 +63,9 @@ def bench_run(
     memory: bool = True,
 ) -> dict[str, Any]:
     """Benchmark one run (see the module docstring). Returns the JSON-able document."""
-    model = load(run_dir)
-    run_dir = Path(run_dir)
+    run = Run.open(run_dir)
+    model = run.model()
+    run_dir = run.path
     shape = model_input_size(model)
     cfg = resolve_threads(cfg, [model])  # before the onnxruntime sessions, which take the count too
     models = runtime_variants(model, run_dir, bf16=bf16, compile=compile, onnx=onnx, threads=cfg.threads)
@@ -117,8 +119,6 @@ def plot_bench(doc: dict[str, Any], path: str | os.PathLike) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from vitkit.io import atomic_path
 
     names = list(doc["results"])
     rs = [doc["results"][n] for n in names]

@@ -8,13 +8,13 @@ from typing import Any
 
 from torch import nn
 
-from vitkit.data import DataSplits, ImageDataset, load_eval_data
+from vitkit.data import DataSplits, ImageDataset
 from vitkit.errors import VitkitError
 from vitkit.io import read_json
 from vitkit.models import create_model, model_input_size
-from vitkit.runs import CONFIG, METRICS, RunInfo, splits_from_config
+from vitkit.runs import METRICS, Run, RunInfo, splits_from_config
 from vitkit.tasks import Task, get_task
-from vitkit.train import TrainConfig, build_config
+from vitkit.train import TrainConfig
 
 
 def data_splits_for(cfg: TrainConfig, img_size: int | None) -> DataSplits:
@@ -52,32 +52,9 @@ def slug(uri: str) -> str:
 def evaluation_data(
     info: RunInfo, uri: str | None, img_size: int, strict: bool = False, same_classes: bool = True
 ) -> ImageDataset:
-    """The data to evaluate a run on: its own validation split when ``uri`` is its training data (or
-    None), otherwise the whole of ``uri`` (its test/val split when it has one). ``same_classes=False``
-    accepts other classes than the run's (retrieval is often scored on classes it never saw)."""
-    cfg_path = info.path / CONFIG
-    if cfg_path.is_file():
-        cfg = build_config(cfg_path)
-        if uri is None or uri == cfg.data:
-            return data_splits_for(
-                cfg, img_size if cfg.data.startswith(("folder:", "csv:")) else cfg.img_size
-            ).val
-    if uri is None:
-        raise VitkitError(
-            f"run '{info.path}' has no training config: say which data to evaluate on with --data"
-        )
-    data = load_eval_data(uri, img_size=img_size, strict=strict)
-    if not same_classes:
-        return data
-    if info.classes and data.num_classes != info.num_classes:
-        raise VitkitError(
-            f"{uri} has {data.num_classes} classes but run '{info.path}' was trained on {info.num_classes}: num_classes mismatch"
-        )
-    if info.classes and data.classes != info.classes and not all(c.isdigit() for c in data.classes):
-        raise VitkitError(
-            f"{uri}: class names {data.classes[:4]}... differ from the run's {info.classes[:4]}..."
-        )
-    return data
+    """:meth:`vitkit.runs.Run.eval_data` of the run ``info`` describes (for stages that hold a model
+    loaded by ``vitkit.load``, whose ``vitkit_run`` is that description)."""
+    return Run(info).eval_data(uri, img_size, strict=strict, same_classes=same_classes)
 
 
 def run_task(info: RunInfo) -> Task:

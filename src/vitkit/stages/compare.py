@@ -15,8 +15,7 @@ from vitkit.deploy.timing import BenchConfig, compare
 from vitkit.errors import VitkitError
 from vitkit.io import atomic_path, write_json
 from vitkit.models import model_input_size
-from vitkit.runs import load, read_run
-from vitkit.stages.common import evaluation_data
+from vitkit.runs import Run
 from vitkit.train import evaluate
 
 
@@ -35,22 +34,22 @@ def compare_runs(
     models, rows = {}, []
     shape = None
     for r in runs:
-        model = load(r)
+        run = Run.open(r)
+        model = run.model()
         s = model_input_size(model)
         if shape is not None and s != shape:
             raise VitkitError(
                 f"compare: run '{r}' takes {s} inputs, '{runs[0]}' takes {shape}; compare runs of one input size"
             )
         shape = s
-        info = read_run(r)
-        data = evaluation_data(model.vitkit_run, None, s[1])
+        data = run.eval_data(None, s[1])
         m = evaluate(model, data)
         name = Path(r).name if Path(r).name not in models else str(r)
         models[name] = model
         row = {
             "run": str(r),
             "name": name,
-            "transforms": [t.name for t in info.manifest.transforms] or ["-"],
+            "transforms": run.transforms or ["-"],
             "top1": m.get("top1", float("nan")),
         }
         if any(isinstance(x, MaskedLinear) for x in model.modules()):

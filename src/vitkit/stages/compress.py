@@ -23,8 +23,8 @@ from vitkit.data import DataSplits
 from vitkit.errors import VitkitError
 from vitkit.io import write_yaml
 from vitkit.models import count_parameters, get_manifest, model_input_size
-from vitkit.runs import CONFIG, load, new_run_dir, read_metrics, save_model, write_metrics
-from vitkit.train import TrainConfig, build_config, evaluate
+from vitkit.runs import CONFIG, Run, load, new_run_dir, save_model, write_metrics
+from vitkit.train import TrainConfig, evaluate
 from vitkit.train.loop import default_objective
 from vitkit.train.objectives import Objective
 
@@ -41,20 +41,6 @@ class StageResult:
 def check_output(path: str | os.PathLike, force: bool) -> None:
     """Refuse a bad output before any work (the directory is only created when writing)."""
     io.check_output(path, "dir", force=force)
-
-
-def source_config(run: str | os.PathLike) -> TrainConfig:
-    p = Path(run) / CONFIG
-    if not p.is_file():
-        raise VitkitError(f"run '{run}' has no {CONFIG}: cannot tell which data it was trained on")
-    return build_config(p)
-
-
-def _splits(cfg: TrainConfig, model: nn.Module) -> DataSplits:
-    from vitkit.stages.common import data_splits_for
-
-    img = model_input_size(model)[1] if cfg.data.startswith(("folder:", "csv:")) else cfg.img_size
-    return data_splits_for(cfg, img)
 
 
 def finetune_config(cfg: TrainConfig, epochs: int, lr: float | None) -> TrainConfig:
@@ -88,12 +74,15 @@ def derive_run(
     from vitkit.stages.train import train_model
 
     check_output(output, force)
-    model = load(source)
-    info = model.vitkit_run
-    cfg = source_config(source)
+    run = Run.open(source)  # model.json, config.yaml, metrics.json and the data: each read once
+    info = run.info
+    cfg = run.config
+    if cfg is None:
+        raise VitkitError(f"run '{source}' has no {CONFIG}: cannot tell which data it was trained on")
     if finetune:
         finetune_config(cfg, finetune, lr)  # bad values fail before any work
-    data = _splits(cfg, model)
+    model = run.model()  # this stage's own Run: changed in place, nobody else holds it
+    data = run.splits()
     facts = transform(model, data)
     # Undone if the command fails before the run has a checkpoint (see new_run_dir).
     with new_run_dir(output, force=force) as out:
@@ -104,20 +93,20 @@ def derive_run(
         if finetune:
             ft_cfg = finetune_config(cfg, finetune, lr)
             obj = objective(model, ft_cfg, data) if objective else None
-            run = train_model(ft_cfg, out, objective=obj, model=model, data=data, force=True, quiet=quiet)
-            model = run.model
+            trained = train_model(ft_cfg, out, objective=obj, model=model, data=data, force=True, quiet=quiet)
+            model = trained.model
             if after_training is not None:
                 after_training(model)
                 model.eval()
                 metrics = evaluate(model, data.val, class_counts=counts)
                 save_model(out, model, classes=info.classes, task=info.task, data=info.data)
             else:
-                metrics = dict(run.metrics)
+                metrics = dict(trained.metrics)
         else:
             metrics = off_shelf
             write_yaml(out / CONFIG, cfg.model_dump(mode="json"))
             save_model(out, model, classes=info.classes, task=info.task, data=info.data)
-        src = read_metrics(source)
+        src = run.metrics
         metrics.update(
             {
                 "split": "val",

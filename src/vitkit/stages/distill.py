@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from vitkit.data import DataSplits, seed_everything
+from vitkit.data import BatchTransform, DataSplits, seed_everything
 from vitkit.distill.deit import (
     DeiTConfig,
     DeiTObjective,
@@ -25,9 +25,10 @@ from vitkit.distill.deitlt import STRONG_AUGMENT, DeiTLTConfig, DeiTLTObjective
 from vitkit.distill.feature import G2SDConfig, G2SDObjective, ScaleKDConfig, ScaleKDObjective
 from vitkit.distill.teacher import Teacher, load_teacher
 from vitkit.errors import VitkitError
-from vitkit.io import write_yaml
-from vitkit.runs import write_metrics
-from vitkit.stages.common import build_model_for, data_splits_for
+from vitkit.io import check_output, write_yaml
+from vitkit.models import model_input_size
+from vitkit.runs import load, write_metrics
+from vitkit.stages.common import build_model_for, data_splits_for, evaluation_data, read_train_metrics, slug
 from vitkit.stages.train import TrainedRun, train_model
 from vitkit.train import TrainConfig, build_config, evaluate, fit
 from vitkit.train.objectives import Objective
@@ -63,7 +64,6 @@ def deit_lt_recipe(cfg: TrainConfig, lt: DeiTLTConfig) -> TrainConfig:
 
 
 def _check_output(out: Path, force: bool) -> None:
-    from vitkit.io import check_output
 
     check_output(out, "dir", force=force)
 
@@ -211,7 +211,6 @@ def distill(
 
 
 def _teacher_eval_transform(t: Teacher):
-    from vitkit.data import BatchTransform
 
     return BatchTransform(t.input_size, t.in_chans, t.mean, t.std, train=False)
 
@@ -236,9 +235,6 @@ def evaluate_run_heads(
 ) -> tuple[dict[str, Any], Path]:
     """CLS / DIST / mean metrics of a distilled run on its validation split (or ``data``); writes
     ``metrics.json`` into ``output`` (default ``RUN/heads-<data>/``)."""
-    from vitkit.models import model_input_size
-    from vitkit.runs import load
-    from vitkit.stages.common import evaluation_data, read_train_metrics, slug
 
     model = load(run_dir, device=device)
     if not has_dist_token(model):

@@ -8,8 +8,8 @@ from typing import Any
 
 from vitkit.errors import VitkitError
 from vitkit.models import model_input_size
-from vitkit.runs import load, read_run
-from vitkit.stages.common import evaluation_data, read_train_metrics, run_task, slug
+from vitkit.runs import Run
+from vitkit.stages.common import run_task, slug
 from vitkit.tasks import get_task
 from vitkit.threads import set_threads_for
 
@@ -28,23 +28,20 @@ def evaluate_run(
     """Evaluate a run with its task's metrics; writes ``metrics.json`` and the task's plots
     (``confusion_matrix.png``, ``recall_at_k.png``, ...) into ``output`` (default
     ``RUN/eval-<data>/``). Returns (metrics, output directory)."""
-    info = read_run(run_dir)
+    run = Run.open(run_dir)
+    info = run.info
     if info.task == "none":
         raise VitkitError(
             f"run '{run_dir}' is a self-supervised encoder without a classifier: evaluate it with --probe linear|knn"
         )
     task = run_task(info)  # before loading anything: a run of an unknown task fails at once
-    model = load(run_dir, device=device)
+    model = run.model(device)
     set_threads_for(model)  # OMP_NUM_THREADS, else by model size and free cores (printed once)
-    info = model.vitkit_run
     img = model_input_size(model)[1]
-    dataset = evaluation_data(info, data, img, strict=strict, same_classes=task.name != "retrieval")
+    dataset = run.eval_data(data, img, strict=strict, same_classes=task.name != "retrieval")
     if task.name == "classification" and dataset.multilabel:
         task = get_task("multilabel")  # a legacy run that said "multiclass" for multi-hot data
-    train_counts = None
-    m = read_train_metrics(info.path)
-    if m:
-        train_counts = m.get("train_class_counts")
+    train_counts = run.metrics.get("train_class_counts")
     metrics = task.evaluate(
         model,
         dataset,

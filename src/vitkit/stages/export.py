@@ -33,8 +33,7 @@ from vitkit.errors import VitkitError
 from vitkit.io import write_json
 from vitkit.models import model_input_size
 from vitkit.registry import technique
-from vitkit.runs import load, read_run
-from vitkit.stages.common import evaluation_data
+from vitkit.runs import Run
 from vitkit.train.evaluate import predict
 
 
@@ -75,8 +74,9 @@ def export_run(
         raise VitkitError(f"--int8 must be 'dynamic', got '{int8}'")
     if images < 1:
         raise VitkitError("--images must be positive")
-    info = read_run(run_dir)  # a clear line for a missing/unfinished run before anything heavy
-    names = [t.name for t in info.manifest.transforms]
+    run = Run.open(run_dir)  # a clear line for a missing/unfinished run before anything heavy
+    info = run.info
+    names = run.transforms
     check_exportable(names)
     approx = [r.parity for r in (technique(n).export for n in names) if r.parity is not None]
     if int8 and "quantize" in names:
@@ -86,10 +86,10 @@ def export_run(
     if bound is None:
         bound = max((a.max_abs_logit_diff for a in approx), default=DEFAULT_BOUND)
     min_agreement = max((a.min_top1_agreement for a in approx), default=None)
-    model = load(run_dir)
+    model = run.model()
     deployable = prepare_for_export(model)
     input_shape = model_input_size(deployable)
-    dataset = evaluation_data(info, data, input_shape[1])
+    dataset = run.eval_data(data, input_shape[1])
     dataset = dataset.subset(torch.arange(min(images, len(dataset))))
     if threads:
         torch.set_num_threads(threads)

@@ -22,17 +22,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vitkit.adapt.common import build_config as explora_config
 from vitkit.adapt.explora import ExploraConfig, apply_explora
 from vitkit.adapt.lora import merge_lora
 from vitkit.data import DataSplits, seed_everything
 from vitkit.errors import VitkitError
-from vitkit.io import atomic_path, write_yaml
+from vitkit.io import atomic_path, write_atomic, write_yaml
 from vitkit.models import create_model, get_manifest, model_input_size
 from vitkit.pretrain.mae import MAEConfig, MAEObjective, MaskedAutoencoder
 from vitkit.progress import console
+from vitkit.registry import parse_config
 from vitkit.runs import CONFIG, load, new_run_dir, read_run, save_model, write_metrics
+from vitkit.stages.common import data_splits_for
 from vitkit.train import TrainConfig, build_config, fit
+from vitkit.train.evaluate import eval_transform
 
 DECODER = "mae_decoder.safetensors"
 
@@ -133,8 +135,6 @@ def pretrain_mae(
         else:
             encoder = new_encoder(cfg)
         if data is None:
-            from vitkit.stages.common import data_splits_for
-
             data = data_splits_for(cfg, model_input_size(encoder)[1])
         seed_everything(cfg.seed)
         model = MaskedAutoencoder(encoder, mae_cfg, init_encoder=source is None)
@@ -216,9 +216,6 @@ def _save_reconstructions(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vitkit.io import write_atomic
-    from vitkit.train.evaluate import eval_transform
-
     tf = eval_transform(model.encoder)
     model.eval()
     x = tf.images(data.val.images[:n]).to(next(model.parameters()).device)
@@ -257,7 +254,7 @@ def explora_pretrain(
     quiet: bool = False,
 ):
     """Stage 1: continue MAE on the target data from ``source``; write the merged encoder as a run."""
-    cfg = explora_config(ExploraConfig, cfg, "explora")
+    cfg = parse_config(ExploraConfig, cfg, "explora")
     return pretrain_mae(
         train,
         output,

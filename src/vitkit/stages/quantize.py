@@ -19,12 +19,18 @@ from typing import Any
 import torch
 
 from vitkit.compress.quant.config import QuantConfig, make_config
-from vitkit.compress.quant.transform import REPORT_ATTR, quantize
-from vitkit.deploy.qdq import QDQ_FILE
+from vitkit.compress.quant.mixed import average_bits, plot_bits
+from vitkit.compress.quant.transform import REPORT_ATTR, calibration_images, quantize
+from vitkit.deploy.onnx import OnnxModel
+from vitkit.deploy.qdq import QDQ_FILE, export_int8_onnx
+from vitkit.deploy.x86 import PROGRAM_FILE, compile_int8, int8_kernels, pt2e_int8, save_int8_program
 from vitkit.errors import VitkitError
 from vitkit.io import check_output
 from vitkit.models import get_manifest, model_input_size
 from vitkit.runs import CONFIG, Run
+from vitkit.train import evaluate
+from vitkit.train.evaluate import eval_transform, predict
+from vitkit.train.precision import bf16_is_fast
 
 QUANT_JSON = "quant.json"
 DEPLOY_TARGETS = (None, "onnx", "torch-x86")
@@ -32,9 +38,6 @@ DEPLOY_TARGETS = (None, "onnx", "torch-x86")
 
 def _deploy_onnx(qmodel, val, path: Path) -> dict[str, Any]:
     """Export the INT8 QDQ graph; its top-1 and agreement with the simulated model on ``val``."""
-    from vitkit.deploy.onnx import OnnxModel
-    from vitkit.deploy.qdq import export_int8_onnx
-    from vitkit.train.evaluate import eval_transform, predict
 
     export_int8_onnx(qmodel, path, model_input_size(qmodel))
     sim = predict(qmodel, val)
@@ -51,9 +54,6 @@ def _deploy_onnx(qmodel, val, path: Path) -> dict[str, Any]:
 def _deploy_x86(model, qmodel, images, val, path: Path, compile: bool = True) -> dict[str, Any]:
     """PT2E INT8 program calibrated on ``images``: top-1 of its reference graph and of the Inductor-
     compiled graph (the one running oneDNN INT8 kernels), and their agreement with the simulated model."""
-    from vitkit.deploy.x86 import compile_int8, int8_kernels, pt2e_int8, save_int8_program
-    from vitkit.train.evaluate import eval_transform, predict
-    from vitkit.train.precision import bf16_is_fast
 
     program = pt2e_int8(model.to("cpu"), images)
     sim = predict(qmodel, val).cpu()
@@ -101,7 +101,6 @@ def quantize_run(
     **overrides: Any,
 ) -> tuple[dict[str, Any], Path]:
     """Quantize ``run_dir``'s model into the new run ``output``; returns (summary, output path)."""
-    from vitkit.train import evaluate
 
     cfg = make_config(config, **overrides)
     if deploy not in DEPLOY_TARGETS:
@@ -149,17 +148,12 @@ def quantize_run(
         **{k: v for k, v in get_manifest(qmodel).transforms[-1].config.items() if k != "resolved_bits"}
     )
     if final_cfg.layer_bits:
-        from vitkit.compress.quant.mixed import average_bits
-
         summary["avg_weight_bits"] = average_bits(final_cfg.layer_bits, model)
     tmp, artifact = None, None
     if deploy == "onnx":
         tmp, artifact = tempfile.TemporaryDirectory(), QDQ_FILE
         summary.update(_deploy_onnx(qmodel, splits.val, Path(tmp.name) / artifact))
     elif deploy == "torch-x86":
-        from vitkit.compress.quant.transform import calibration_images
-        from vitkit.deploy.x86 import PROGRAM_FILE
-
         tmp, artifact = tempfile.TemporaryDirectory(), PROGRAM_FILE
         images = calibration_images(model, splits.train, cfg)  # the simulated model's calibration images
         summary.update(_deploy_x86(model, qmodel, images, splits.val, Path(tmp.name) / artifact))
@@ -177,8 +171,6 @@ def quantize_run(
     if tmp is not None:
         artifacts[artifact] = Path(tmp.name) / artifact
     if final_cfg.mixed_precision is not None:
-        from vitkit.compress.quant.mixed import plot_bits
-
         artifacts["bits.png"] = lambda path: plot_bits(final_cfg.layer_bits, path)
     try:
         out = run.derive(output, qmodel, {**metrics, **summary}, artifacts,

@@ -94,8 +94,13 @@ class Verb:
             decls = [d for d in (_extra(info).get("decls") or []) if d.startswith("--")]
             on, _, off = (decls[0] if decls else "--" + name.replace("_", "-")).partition("/")
             if isinstance(v, bool):
-                argv.append(on if v else (off or "--no-" + on[2:]))
-                continue
+                if v:
+                    argv.append(on)
+                elif off:
+                    argv.append(off)
+                elif info.default is not False:  # generated as --x/--no-x (see cli/generate.py)
+                    argv.append("--no-" + on[2:])
+                continue  # an off flag without a --no- form: off is its default, leave it out
             for item in v if isinstance(v, list) else [v]:
                 argv += [on, str(item)]
         return argv

@@ -11,10 +11,11 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vitkit.compress.quant.quantizers import MAX_BITS, MIN_BITS, check_bits
 from vitkit.errors import VitkitError
+from vitkit.registry import parse_config
 
 
 @dataclass(frozen=True)
@@ -165,15 +166,7 @@ def make_config(config: QuantConfig | dict[str, Any] | None = None, **overrides:
     else:
         data = dict(config or {})
     data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        cfg = QuantConfig(**data)
-    except ValidationError as e:
-        e0 = e.errors()[0]
-        loc = ".".join(str(x) for x in e0["loc"]) or "config"
-        if e0["type"] == "extra_forbidden":
-            raise VitkitError(f"quantization config: unknown field '{loc}'") from e
-        msg = e0["msg"].removeprefix("Value error, ")
-        raise VitkitError(f"quantization config field '{loc}': {msg} (got {e0.get('input')!r})") from e
+    cfg = parse_config(QuantConfig, data, "quantization config")
     return cfg.check()
 
 
