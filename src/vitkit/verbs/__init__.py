@@ -94,6 +94,8 @@ class Verb:
             decls = [d for d in (_extra(info).get("decls") or []) if d.startswith("--")]
             on, _, off = (decls[0] if decls else "--" + name.replace("_", "-")).partition("/")
             if isinstance(v, bool):
+                if not v and not off and info.default is not True:
+                    continue  # an on-only flag (--force): off is its default, there is no --no-force
                 argv.append(on if v else (off or "--no-" + on[2:]))
                 continue
             for item in v if isinstance(v, list) else [v]:
