@@ -6,78 +6,87 @@ transforms (``vitkit train --transform gmm:k=5``, ``--transform ewa:share=0.3``,
 ``--transform stem:compression=2``).
 """
 
+from __future__ import annotations
+
 import csv
 import io
 from pathlib import Path
 
-from vitkit.cli import app
-from vitkit.cli.options import Opt
-from vitkit.errors import VitkitError
+from pydantic import ValidationInfo, field_validator
+
 from vitkit.io import check_output
 from vitkit.progress import console
+from vitkit.verbs import Verb, VerbOptions, option, register_verb
 
 
 def _ints(text: str, option: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise VitkitError(f"--{option}: expected comma-separated integers like 1,2,4, got '{text}'") from e
+    except ValueError:
+        raise ValueError(f"--{option}: expected comma-separated integers like 1,2,4, got '{text}'") from None
 
 
-@app.command("rank-configs", rich_help_panel="Analyze")
-def rank_configs_cmd(
-    depths: str = Opt("1,2,4", help="comma-separated depths"),
-    widths: str = Opt("32,64", help="comma-separated embedding widths"),
-    heads: str = Opt("2,4", help="comma-separated head counts (must divide every width)"),
-    patches: str = Opt("2,4", help="comma-separated patch sizes (must divide --img-size)"),
-    img_size: int = Opt(16, help="input side in pixels"),
-    base_model: str = Opt("vitkit_micro_p4_16", help="preset whose depth/width/heads/patch are overridden"),
-    repeats: int = Opt(3, help="initialisations (and input curves) averaged per configuration"),
-    points: int = Opt(128, help="points on the input circle (As-ViT: 500)"),
-    train_epochs: int = Opt(0, help="also train each configuration this many epochs and report Kendall-τ"),
-    train_seeds: int = Opt(1, help="training seeds averaged per configuration"),
-    data: str = Opt("digits", help="dataset URI for --train-epochs"),
-    lr: float = Opt(2e-3, help="learning rate of the short trainings"),
-    seed: int = Opt(0),
-    threads: int | None = Opt(None, help="torch threads for the short trainings"),
-    output: Path | None = Opt(
+class RankConfigsOptions(VerbOptions):
+    depths: str = option("1,2,4", help="comma-separated depths")
+    widths: str = option("32,64", help="comma-separated embedding widths")
+    heads: str = option("2,4", help="comma-separated head counts (must divide every width)")
+    patches: str = option("2,4", help="comma-separated patch sizes (must divide --img-size)")
+    img_size: int = option(16, help="input side in pixels")
+    base_model: str = option("vitkit_micro_p4_16", help="preset whose depth/width/heads/patch are overridden")
+    repeats: int = option(3, help="initialisations (and input curves) averaged per configuration")
+    points: int = option(128, help="points on the input circle (As-ViT: 500)")
+    train_epochs: int = option(0, help="also train each configuration this many epochs and report Kendall-τ")
+    train_seeds: int = option(1, help="training seeds averaged per configuration")
+    data: str = option("digits", help="dataset URI for --train-epochs")
+    lr: float = option(2e-3, help="learning rate of the short trainings")
+    seed: int = option(0, help="seed of the initialisations, input curves and short trainings")
+    threads: int | None = option(None, help="torch threads for the short trainings")
+    output: Path | None = option(
         None, "-o", "--output", help="write ranking.json, ranking.csv (and ranking.png) here"
-    ),
-    force: bool = Opt(False, "--force", help="replace a non-empty output directory"),
-) -> None:
+    )
+    force: bool = option(False, "--force", help="replace a non-empty output directory")
+
+    @field_validator("depths", "widths", "heads", "patches")
+    @classmethod
+    def _comma_separated_integers(cls, v: str, info: ValidationInfo) -> str:
+        _ints(v, str(info.field_name))
+        return v
+
+
+def rank_configs_cmd(o: RankConfigsOptions) -> None:
     """Rank (depth, width, heads, patch) ViT configurations by As-ViT's complexity proxy at init."""
     # Before any loading or computing: a bad -o must not cost minutes of work first.
-    if output is not None:
-        check_output(output, "dir", force=force)
+    if o.output is not None:
+        check_output(o.output, "dir", force=o.force)
     from vitkit.smalldata.rank import config_grid, plot_ranking, rank_configs
 
     specs = config_grid(
-        _ints(depths, "depths"),
-        _ints(widths, "widths"),
-        _ints(heads, "heads"),
-        _ints(patches, "patches"),
-        img_size,
+        _ints(o.depths, "depths"),
+        _ints(o.widths, "widths"),
+        _ints(o.heads, "heads"),
+        _ints(o.patches, "patches"),
+        o.img_size,
     )
     cfg = dict(
-        base_model=base_model,
-        img_size=img_size,
-        repeats=repeats,
-        complexity={"points": points, "seed": seed},
-        train_epochs=train_epochs,
-        train_seeds=train_seeds,
-        data=data,
-        lr=lr,
-        seed=seed,
-        threads=threads,
+        base_model=o.base_model,
+        img_size=o.img_size,
+        repeats=o.repeats,
+        complexity={"points": o.points, "seed": o.seed},
+        train_epochs=o.train_epochs,
+        train_seeds=o.train_seeds,
+        data=o.data,
+        lr=o.lr,
+        seed=o.seed,
+        threads=o.threads,
     )
     result = rank_configs(specs, cfg)
     _print(result)
-    if output is not None:
+    if o.output is not None:
         from vitkit.io import write_json, write_text
         from vitkit.runs import prepare_run_dir
 
         # Created only now, after the work: a failed ranking leaves no empty directory behind.
-        out = prepare_run_dir(output, force=force)
+        out = prepare_run_dir(o.output, force=o.force)
 
         write_json(out / "ranking.json", result.to_dict())
         write_text(out / "ranking.csv", _csv(result.rows))
@@ -115,3 +124,6 @@ def _csv(rows: list[dict]) -> str:
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
+
+
+register_verb(Verb("rank-configs", RankConfigsOptions, rank_configs_cmd, panel="Analyze"))
