@@ -94,7 +94,8 @@ class Verb:
             decls = [d for d in (_extra(info).get("decls") or []) if d.startswith("--")]
             on, _, off = (decls[0] if decls else "--" + name.replace("_", "-")).partition("/")
             if isinstance(v, bool):
-                argv.append(on if v else (off or "--no-" + on[2:]))
+                if v or off or info.default is not False:  # an off-by-default flag has no --no-X
+                    argv.append(on if v else (off or "--no-" + on[2:]))
                 continue
             for item in v if isinstance(v, list) else [v]:
                 argv += [on, str(item)]
