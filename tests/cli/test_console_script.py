@@ -92,7 +92,7 @@ def test_help_shows_defaults_and_every_train_option_has_help():
     assert "[default: 30]" in text and "[default: adamw]" in text  # rich markup used to eat these
     flag_rows = [ln for ln in text.splitlines() if "--force" in ln or "--no-tensorboard" in ln]
     assert flag_rows and not any("<bool>" in ln for ln in flag_rows), flag_rows
-    from vitkit.cli.options import field_help
+    from vitkit.config import field_help
     from vitkit.config.train import TrainConfig
 
     for name in ("translate", "mixup", "seed", "threads", "hflip", "eval_every"):
