@@ -11,14 +11,16 @@
       - stage: report
         input: all                # ... or `input: NAME`, a list of names, or all: every run so far
 
-The verbs are discovered from the typer app, so verbs that other packages add work as stages without
-changes here. Everything is checked before the first stage runs: the stage names, every field
-against the verb's parameters (name and type), required options, and that every input and every
-``{NAME}`` reference in a value (e.g. ``teacher: "{cnn}"``) names an earlier run-producing stage.
+The stages are the registered verbs (:mod:`vitkit.verbs`), called directly: no command line is built
+or parsed. Everything is checked before the first stage runs, by the verb's own options class (the
+one that also makes its CLI options): the stage names, every field (name, type, allowed values),
+required fields, and that every input and every ``{NAME}`` reference in a value (e.g.
+``teacher: "{cnn}"``) names an earlier run-producing stage.
 
-A verb that takes a run as its first argument gets the input run directory(ies) there. A verb with an
-``--output`` option that is not an analysis verb (``ANALYSIS_VERBS``) produces a new run directory,
-``workdir/NAME``, which later stages read. Resume: each completed stage writes
+A verb whose registration names an ``input`` field gets the input run directory(ies) there (a verb
+with several run arguments, such as ``similarity A B``, one per argument). A verb registered with
+``produces=True`` writes a new run directory, ``workdir/NAME``, which later stages read. Each stage's
+record holds the equivalent command line (``argv``), to run it by hand. Resume: each completed stage writes
 ``workdir/.pipeline/NAME.json`` with a hash of its resolved arguments and of its input runs' weight
 files (SHA-256); a stage whose hash is unchanged (and whose output run is still there) is skipped.
 """
@@ -36,9 +38,8 @@ import yaml
 
 from vitkit.errors import VitkitError
 from vitkit.progress import StageProgress
+from vitkit.verbs import Verb, verbs
 
-ANALYSIS_VERBS = {"export", "evaluate", "bench", "report", "attack", "perturb", "similarity",
-                  "attention", "artifacts", "mil", "compare", "evaluate-heads", "rank-configs"}  # fmt: skip
 # Stage names the issue texts use, mapped onto verbs (and preset options).
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "int8": ("export", {"int8": "dynamic"}),
@@ -46,7 +47,6 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "token-reduction": ("reduce-tokens", {}),
     "quantise": ("quantize", {}),
 }
-NOT_STAGES = {"pipeline", "demo"}
 DEFAULT_OUTPUT = {"report": "{workdir}/{name}.html"}
 RESERVED = {"stage", "name", "input"}
 STATE_DIR = ".pipeline"
@@ -68,23 +68,6 @@ class Pipeline:
     path: Path
     workdir: Path
     stages: list[Stage]
-
-
-def _commands() -> dict[str, Any]:
-    import typer
-
-    from vitkit.cli import _register, app
-
-    _register()
-    group = typer.main.get_command(app)
-    return {k: v for k, v in group.commands.items() if k not in NOT_STAGES}  # type: ignore[attr-defined]
-
-
-def _params(cmd: Any) -> tuple[list[Any], dict[str, Any]]:
-    # Duck-typed: typer ships its own copy of click, so isinstance checks against click would fail.
-    args = [p for p in cmd.params if p.param_type_name == "argument"]
-    opts = {p.name: p for p in cmd.params if p.param_type_name == "option" and p.name}
-    return args, opts
 
 
 def _refs(value: Any) -> list[str]:
@@ -114,7 +97,7 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     if extra:
         raise VitkitError(f"{p}: unknown top-level field '{sorted(extra)[0]}' (expected workdir, stages)")
     workdir = Path(doc.get("workdir") or p.with_suffix(""))
-    commands = _commands()
+    commands = verbs()
     stages: list[Stage] = []
     produced: list[str] = []  # run-producing stage names so far
     for i, raw in enumerate(doc["stages"], 1):
@@ -122,8 +105,8 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
         if not isinstance(raw, dict) or "stage" not in raw:
             raise VitkitError(f"{where}: expected a mapping with a 'stage' field")
         kind = str(raw["stage"])
-        verb, preset = ALIASES.get(kind, (kind, {}))
-        if verb not in commands:
+        verb_name, preset = ALIASES.get(kind, (kind, {}))
+        if verb_name not in commands:
             raise VitkitError(f"{where}: unknown stage '{kind}' (known: {', '.join(sorted(commands))}, "
                               f"aliases {', '.join(sorted(ALIASES))})")  # fmt: skip
         name = str(raw.get("name") or kind)
@@ -132,21 +115,20 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
             raise VitkitError(f"{where}: another stage is already named '{name}'; give this one a 'name'")
         if name.startswith(".") or "/" in name:
             raise VitkitError(f"{where}: 'name' must be a plain directory name, got '{name}'")
-        cmd = commands[verb]
-        args, opts = _params(cmd)
+        verb = commands[verb_name]
+        args = verb.arguments()
+        fields = [f for f in verb.options.model_fields if f not in args]
         options = {**preset, **{k.replace("-", "_"): v for k, v in raw.items() if k not in RESERVED}}
-        for k, v in options.items():
-            if k not in opts:
-                raise VitkitError(f"{where}: unknown field '{k}' for `vitkit {verb}` "
-                                  f"(fields: {', '.join(sorted(opts))})")  # fmt: skip
-            _check_value(where, k, v, opts[k])
-        needs_input = bool(args)
+        for k in options:
+            if k not in fields:
+                raise VitkitError(f"{where}: unknown field '{k}' for `vitkit {verb_name}` "
+                                  f"(fields: {', '.join(sorted(fields))})")  # fmt: skip
         inputs: list[str] = []
-        if needs_input:
+        if verb.input is not None:
             want = raw.get("input")
             if want is None:
                 if not produced:
-                    raise VitkitError(f"{where}: `vitkit {verb}` reads a run directory but no earlier "
+                    raise VitkitError(f"{where}: `vitkit {verb_name}` reads a run directory but no earlier "
                                       "stage produces one (put a train/distill/... stage first)")  # fmt: skip
                 inputs = [produced[-1]]
             elif want == "all":
@@ -157,65 +139,62 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
                 if n not in produced:
                     raise VitkitError(f"{where}: input '{n}' is not the output of an earlier run-producing "
                                       f"stage (earlier: {', '.join(produced) or 'none'})")  # fmt: skip
-            if args[0].nargs == 1:  # one run per positional argument (e.g. similarity A B)
-                need = sum(bool(a.required) for a in args)
+            if not _takes_many(verb):  # one run per positional argument (e.g. similarity A B)
+                need = sum(verb.options.model_fields[a].is_required() for a in args)
                 if not need <= len(inputs) <= len(args):
-                    raise VitkitError(f"{where}: `vitkit {verb}` takes {need}–{len(args)} input runs "
-                                      f"({', '.join(a.name for a in args)}), got {inputs}")  # fmt: skip
+                    raise VitkitError(f"{where}: `vitkit {verb_name}` takes {need}–{len(args)} input runs "
+                                      f"({', '.join(args)}), got {inputs}")  # fmt: skip
         elif "input" in raw:
-            raise VitkitError(f"{where}: `vitkit {verb}` reads no run directory; drop 'input'")
+            raise VitkitError(f"{where}: `vitkit {verb_name}` reads no run directory; drop 'input'")
         refs = _refs(list(options.values()))
         for r in refs:
             if r not in produced:
                 raise VitkitError(f"{where}: '{{{r}}}' names no earlier run-producing stage "
                                   f"(earlier: {', '.join(produced) or 'none'})")  # fmt: skip
-        produces = "output" in opts and verb not in ANALYSIS_VERBS
-        missing = [o for o in opts.values() if o.required and o.name not in options
-                   and not (produces and o.name == "output")]  # fmt: skip
-        if missing:
-            raise VitkitError(f"{where}: `vitkit {verb}` needs field '{missing[0].name}'")
-        stages.append(Stage(i, name, verb, options, inputs, produces, refs))
-        if produces:
+        _validate(verb, where, options, _bind_inputs(verb, [str(workdir / n) for n in inputs]),
+                  str(workdir / name) if verb.produces else None)  # fmt: skip
+        stages.append(Stage(i, name, verb_name, options, inputs, verb.produces, refs))
+        if verb.produces:
             produced.append(name)
     return Pipeline(p, workdir, stages)
 
 
-def _base_type(annotation: Any) -> tuple[Any, bool]:
-    """(scalar type, is a list) of a verb parameter's annotation: Optional[int] → (int, False)."""
+def _validate(
+    verb: Verb, where: str, options: dict[str, Any], inputs: dict[str, Any], output: str | None
+) -> None:
+    """The stage's fields, checked by the options class the verb runs with. A value holding a
+    ``{NAME}`` reference is a path known only when its stage runs: it stands in as a plain path."""
+    values = {k: (_refs_as_paths(v) if _refs(v) else v) for k, v in options.items()}
+    values.update(inputs)
+    if output is not None:
+        values["output"] = output
+    missing = [f for f, info in verb.options.model_fields.items() if info.is_required() and f not in values]
+    if missing:
+        raise VitkitError(f"{where}: `vitkit {verb.name}` needs field '{missing[0]}'")
+    verb.parse(values, where)
+
+
+def _refs_as_paths(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_refs_as_paths(v) for v in value]
+    return value.replace("{", "").replace("}", "") if isinstance(value, str) else value
+
+
+def _takes_many(verb: Verb) -> bool:
+    """Whether the verb's input field takes a list of runs (``report A B C``)."""
     import typing
 
-    origin = typing.get_origin(annotation)
-    if origin in (list, tuple):
-        return _base_type(typing.get_args(annotation)[0])[0], True
-    if origin is not None:  # Optional / Union: the first non-None member
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _base_type(args[0]) if args else (str, False)
-    return annotation, False
+    annotation = verb.options.model_fields[verb.input].annotation
+    return typing.get_origin(annotation) is list
 
 
-def _check_value(where: str, key: str, value: Any, opt: Any) -> None:
-    """Type-check a field against the verb's annotation (paths are checked when the stage runs)."""
-    if value is None:
-        return
-    desc = getattr(opt, "type_descriptor", None)
-    typ, is_list = _base_type(desc.annotation) if desc is not None else (str, False)
-    if isinstance(value, list) and not is_list:
-        raise VitkitError(f"{where}: field '{key}' takes one value, got a list")
-    for v in value if isinstance(value, list) else [value]:
-        if isinstance(v, str) and _refs(v):
-            continue
-        ok = True
-        if typ is bool:
-            ok = isinstance(v, bool)
-        elif typ is int:
-            ok = isinstance(v, int) and not isinstance(v, bool)
-        elif typ is float:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        elif isinstance(v, (dict, list)):
-            ok = False
-        if not ok:
-            name = getattr(typ, "__name__", str(typ))
-            raise VitkitError(f"{where}: field '{key}' must be {name}, got {v!r}")
+def _bind_inputs(verb: Verb, inputs: list[str]) -> dict[str, Any]:
+    """The input run directories as values of the verb's argument fields."""
+    if verb.input is None or not inputs:
+        return {}
+    if _takes_many(verb):
+        return {verb.input: inputs}
+    return dict(zip(verb.arguments(), inputs, strict=False))
 
 
 def _sha256(path: Path) -> str:
@@ -236,27 +215,15 @@ def _expand(value: Any, ctx: dict[str, str]) -> Any:
     return value
 
 
-def _argv(stage: Stage, cmd: Any, ctx: dict[str, str], inputs: list[str]) -> list[str]:
-    _, opts = _params(cmd)
-    argv = [stage.verb, *inputs]
-    options = dict(stage.options)
+def resolve(stage: Stage, verb: Verb, ctx: dict[str, str], inputs: list[str]) -> dict[str, Any]:
+    """The stage's values (field name -> value) with references, inputs and its output filled in."""
+    values = {k: _expand(v, ctx) for k, v in stage.options.items()}
+    values.update(_bind_inputs(verb, inputs))
     if stage.produces:
-        options["output"] = ctx["output"]
-    elif stage.verb in DEFAULT_OUTPUT and "output" not in options and "output" in opts:
-        options["output"] = DEFAULT_OUTPUT[stage.verb]
-    for k, v in options.items():
-        opt = opts[k]
-        v = _expand(v, ctx)
-        flag = max(opt.opts, key=len)
-        if opt.is_flag:
-            if opt.secondary_opts:
-                argv.append(flag if v else max(opt.secondary_opts, key=len))
-            elif v:
-                argv.append(flag)
-            continue
-        for item in v if isinstance(v, list) else [v]:
-            argv += [flag, str(item)]
-    return argv
+        values["output"] = ctx["output"]
+    elif stage.verb in DEFAULT_OUTPUT and "output" not in values and verb.takes("output"):
+        values["output"] = _expand(DEFAULT_OUTPUT[stage.verb], ctx)
+    return values
 
 
 def stage_key(stage: Stage, argv: list[str], run_dirs: list[Path]) -> str:
@@ -277,25 +244,23 @@ class StageOutcome:
 
 def run_pipeline(path: str | os.PathLike, *, force: bool = False, echo=print) -> list[StageOutcome]:
     """Validate, then run the stages in order, skipping those whose hash is unchanged."""
-    import typer
-
-    from vitkit.cli import app
     from vitkit.io import read_json, write_json
 
     pipe = load_pipeline(path)
-    commands = _commands()
-    group = typer.main.get_command(app)
+    commands = verbs()
     state = pipe.workdir / STATE_DIR
     outputs: dict[str, Path] = {s.name: pipe.workdir / s.name for s in pipe.stages if s.produces}
     results = []
     for s in pipe.stages:
+        verb = commands[s.verb]
         ctx = {"workdir": str(pipe.workdir), "name": s.name, **{k: str(v) for k, v in outputs.items()}}
         inputs = [str(outputs[n]) for n in s.inputs]
         if inputs:
             ctx["input"] = inputs[0]
         if s.produces:
             ctx["output"] = str(outputs[s.name])
-        argv = _argv(s, commands[s.verb], ctx, inputs)
+        values = resolve(s, verb, ctx, inputs)
+        argv = verb.command_line(values)
         run_dirs = [outputs[n] for n in s.inputs + s.refs]
         key = stage_key(s, argv, run_dirs)
         record = state / f"{s.name}.json"
@@ -308,27 +273,22 @@ def run_pipeline(path: str | os.PathLike, *, force: bool = False, echo=print) ->
             results.append(StageOutcome(s.name, s.verb, "skipped", ctx.get("output")))
             continue
         if s.produces and outputs[s.name].exists() and any(outputs[s.name].iterdir()):
-            if "force" not in _params(commands[s.verb])[1]:
+            if not verb.takes("force"):
                 raise VitkitError(f"{head}: output '{outputs[s.name]}' exists and `vitkit {s.verb}` "
                                   "cannot replace it; remove it")  # fmt: skip
-            argv.append("--force")
-        echo(f"{head}: vitkit {' '.join(argv)}")
+            values["force"] = True
+        echo(f"{head}: vitkit {' '.join(verb.command_line(values))}")
         record.unlink(missing_ok=True)
         try:
+            options = verb.parse(values, head)
             # A bar (or, off a terminal, a line every 30 s) with the stage's elapsed time and time
             # left: some stages (calibration, attacks, bench) print nothing for minutes otherwise.
             with StageProgress(head, echo=echo):
-                code = group.main(args=argv, standalone_mode=False, prog_name="vitkit")
+                verb.run(options)
         except VitkitError as e:
-            raise VitkitError(f"{head} failed: {e}") from e
-        except Exception as e:
-            if not hasattr(e, "format_message"):  # not a click usage error: a bug, keep the traceback
+            if str(e).startswith(head):
                 raise
-            raise VitkitError(f"{head} failed: {e.format_message()}") from e
-        if code == 130:  # Ctrl-C inside the stage: typer turned it into exit code 130; stop the pipeline too
-            raise KeyboardInterrupt
-        if code not in (None, 0):
-            raise VitkitError(f"{head} failed with exit code {code}")
+            raise VitkitError(f"{head} failed: {e}") from e
         write_json(record, {"key": key, "argv": argv, "stage": s.verb})
         results.append(StageOutcome(s.name, s.verb, "ran", ctx.get("output")))
     return results

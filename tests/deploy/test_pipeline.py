@@ -62,7 +62,7 @@ def test_pipeline_runs_then_skips_unchanged_stages(tmp_path):
     [
         ([TRAIN, {"stage": "sharpen"}], "unknown stage 'sharpen' (known: "),
         ([TRAIN, {"stage": "export", "int9": "dynamic"}], "unknown field 'int9' for `vitkit export`"),
-        ([TRAIN, {**BENCH, "repeats": "many"}], "field 'repeats' must be int, got 'many'"),
+        ([TRAIN, {**BENCH, "repeats": "many"}], "option 'repeats': Input should be a valid integer"),
         ([{"stage": "export"}], "no earlier stage produces one"),
         ([TRAIN, {"stage": "bench", "input": "teacher"}], "input 'teacher' is not the output of an earlier"),
         (
