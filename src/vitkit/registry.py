@@ -50,10 +50,10 @@ PrepareFn = Callable[["nn.Module"], "nn.Module"]
 TECHNIQUE_PACKAGES = (
     "vitkit.adapt",
     "vitkit.analyze",
+    "vitkit.architecture",
     "vitkit.compress",
     "vitkit.distill",
     "vitkit.pretrain",
-    "vitkit.smalldata",
 )
 
 
@@ -142,7 +142,7 @@ class Technique:
     quantize: str | None = None  # why quantization refuses a model carrying it (None: it composes)
     requires: tuple[str, ...] = ()  # transforms that must have been applied before this one
     train: str | TrainTransformFactory | None = None
-    family: str = ""  # the package kind: adapt, compress, distill, analyze, smalldata, ...
+    family: str = ""  # the package kind: adapt, architecture, compress, distill, analyze, ...
     verb: str = ""  # the command that applies it (docs)
     module: str = ""  # filled by register(): where the registration lives
 

@@ -1,9 +1,7 @@
-"""ViTs that learn from small data (issue 9).
+"""ViTs that learn from small data (issue 9): what is left here moves next.
 
-* :mod:`~vitkit.smalldata.gmm`: Gaussian-mixture mask attention (a model transform, ``gmm``);
-* :mod:`~vitkit.smalldata.ewa`: experts weights averaging (a transform + objective wrapper, ``ewa``);
-* :mod:`~vitkit.smalldata.stem`: a CI2P-style compressed convolutional patch stem (``stem``);
 * :mod:`~vitkit.smalldata.rank`: As-ViT's training-free complexity proxy and configuration ranking.
 
-The DHVT model family lives in :mod:`vitkit.models.dhvt`.
+The DHVT model family lives in :mod:`vitkit.models.dhvt`; GMM masks, the patch stem and EWA in
+:mod:`vitkit.architecture`.
 """

@@ -254,7 +254,7 @@ register(
         replay=replay_ewa,
         export=prepare_with(merge_ewa, settled_by="ewa_merge"),
         train=train_transform,
-        family="smalldata",
+        family="architecture",
         verb="vitkit train --transform ewa:experts=4",
     )
 )
@@ -266,7 +266,7 @@ register(
         replay=replay_ewa_merge,
         export=AS_IS,
         requires=("ewa",),
-        family="smalldata",
+        family="architecture",
         verb="(applied by --transform ewa after training)",
     )
 )

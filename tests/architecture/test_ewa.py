@@ -10,7 +10,7 @@ import torch
 
 from vitkit.errors import VitkitError
 from vitkit.models import count_parameters, create_model
-from vitkit.smalldata.ewa import EWAMoE, EWAObjective, apply_ewa, ewa_layers, merge_ewa
+from vitkit.architecture.ewa import EWAMoE, EWAObjective, apply_ewa, ewa_layers, merge_ewa
 from vitkit.train import fit
 
 

@@ -8,7 +8,7 @@ import torch
 
 from vitkit.errors import VitkitError
 from vitkit.models import attention_maps, count_parameters, create_model
-from vitkit.smalldata.gmm import EPS, apply_gmm, gmm_masks, gmm_parameter_count
+from vitkit.architecture.gmm import EPS, apply_gmm, gmm_masks, gmm_parameter_count
 
 
 def _peaky(name="vitkit_micro_p4_16", **kw):
