@@ -49,7 +49,7 @@ def rank_configs_cmd(
     # Before any loading or computing: a bad -o must not cost minutes of work first.
     if output is not None:
         check_output(output, "dir", force=force)
-    from vitkit.smalldata.rank import config_grid, plot_ranking, rank_configs
+    from vitkit.analyze.rank import config_grid, plot_ranking, rank_configs
 
     specs = config_grid(
         _ints(depths, "depths"),

@@ -12,7 +12,7 @@ from torch import nn
 
 from vitkit.errors import VitkitError
 from vitkit.models import create_model
-from vitkit.smalldata.rank import ArchSpec, config_grid, kendall_tau, measure_complexity, rank_configs
+from vitkit.analyze.rank import ArchSpec, config_grid, kendall_tau, measure_complexity, rank_configs
 
 
 class _Linear(nn.Module):
