@@ -116,10 +116,10 @@ def run_accuracy(args) -> None:
 
 
 def run_throughput(args) -> dict:
+    from vitkit.architecture.ewa import merge_ewa
     from vitkit.deploy.bench import BenchConfig, compare
     from vitkit.models import create_model
     from vitkit.registry import get_train_transform
-    from vitkit.architecture.ewa import merge_ewa
 
     def build(model: str, transforms: list[str], img: int):
         torch.manual_seed(0)

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
+from vitkit.architecture.ewa import EWAMoE, EWAObjective, apply_ewa, ewa_layers, merge_ewa
 from vitkit.errors import VitkitError
 from vitkit.models import count_parameters, create_model
-from vitkit.architecture.ewa import EWAMoE, EWAObjective, apply_ewa, ewa_layers, merge_ewa
 from vitkit.train import fit
 
 
