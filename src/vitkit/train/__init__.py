@@ -20,8 +20,10 @@ from vitkit.train.loop import (
 from vitkit.train.objectives import ClassificationObjective, Objective, ObjectiveOutput
 from vitkit.train.optim import build_optimizer, build_scheduler, lion_from_adamw
 from vitkit.train.precision import bf16_cpu_conv_hazard, bf16_is_fast, resolve_precision
+from vitkit.train.sam import SAM
 
 __all__ = [
+    "SAM",
     "Callback",
     "ClassificationObjective",
     "FitResult",
