@@ -19,7 +19,7 @@ class _Recorder(Callback):
         self.events.append(("train_start", ctx.epoch, ctx.step, ctx.update))
 
     def on_epoch_start(self, ctx, epoch):
-        self.events.append(("epoch_start", epoch))
+        self.events.append(("epoch_start", epoch, ctx.step))
 
     def on_step_start(self, ctx):
         self.events.append(("step", ctx.epoch, ctx.step))
@@ -49,7 +49,7 @@ def test_hooks_run_in_order_with_the_loop_position(digits, quick):
     fit(create_model("vitkit_nano_p4_16", num_classes=10), _data(digits), quick(epochs=2, accum_steps=2),
         callbacks=[rec], quiet=True)  # fmt: skip
     epoch0 = [
-        ("epoch_start", 0),
+        ("epoch_start", 0, 0),
         ("step", 0, 0), ("step", 0, 1), ("before", 0, True), ("after", 1, False),
         ("step", 0, 2), ("before", 1, True), ("after", 2, False),
         ("epoch_end", 0, 1),
@@ -57,6 +57,7 @@ def test_hooks_run_in_order_with_the_loop_position(digits, quick):
     assert rec.events[0] == ("train_start", 0, 0, 0)
     assert rec.events[1 : 1 + len(epoch0)] == epoch0
     assert rec.events[-2:] == [("epoch_end", 1, 2), ("train_end", 4)]
+    assert ("epoch_start", 1, 0) in rec.events  # the step counter starts again at each epoch
     assert sum(e[0] == "after" for e in rec.events) == 4
 
 
@@ -69,7 +70,7 @@ def test_resume_gives_callbacks_the_restored_position(tmp_path, digits, quick):
     rec = _Recorder()
     fit(create_model("vitkit_nano_p4_16", num_classes=10), _data(digits), cfg, run_dir=tmp_path,
         resume=True, callbacks=[rec], quiet=True)  # fmt: skip
-    assert rec.events[:2] == [("train_start", 1, 0, 3), ("epoch_start", 1)]
+    assert rec.events[:2] == [("train_start", 1, 0, 3), ("epoch_start", 1, 0)]
     assert rec.events[-1] == ("train_end", 6)
 
 

@@ -227,6 +227,7 @@ def fit(
     is given and the per-epoch validation when the objective has none of its own. ``callbacks``
     (:class:`vitkit.train.Callback`) run at the loop's hooks, in order, after the objective's own.
     """
+    user_callbacks = CallbackList(callbacks)  # a wrong argument fails before any work
     s = _set_up(model, data, cfg, objective, task, quiet)
     book = _Bookkeeping(s, cfg, Path(run_dir) if run_dir is not None else None, resume)
     ctx = TrainContext(
@@ -240,7 +241,7 @@ def fit(
         step=book.start_step,
         update=book.start_update,
     )
-    hooks = CallbackList([ObjectiveHooks(s.objective), *callbacks])
+    hooks = CallbackList([ObjectiveHooks(s.objective), user_callbacks])
     bars = _Bars(
         s.show, cfg.epochs * s.steps_per_epoch, book.start_epoch * s.steps_per_epoch + book.start_step
     )
@@ -403,14 +404,15 @@ def _train_epoch(
 ) -> _EpochStats:
     """One epoch (or the rest of an interrupted one): steps, optimizer updates, the epoch's loss."""
     epoch = ctx.epoch
+    resumed = book.rng is not None and epoch == book.start_epoch  # the epoch a resumed session starts in
+    first = book.start_step if resumed else 0
+    ctx.step = first
     hooks.on_epoch_start(ctx, epoch)
     if cfg.mixup_off_epoch is not None:
         s.train_tf.set_mixup_enabled(epoch < cfg.mixup_off_epoch)
     perm = _epoch_order(s, data, cfg, epoch)
-    first = 0
-    if book.rng is not None and epoch == book.start_epoch:
+    if resumed:
         restore_rng(book.rng, s.aug_gen)
-        first = book.start_step
     if first == 0:
         # Augmentation randomness is re-seeded per epoch, so an epoch replays exactly on resume.
         seed = _epoch_seed(cfg.seed, epoch, s.dist.rank)
