@@ -329,3 +329,38 @@ def test_blocks_pass_plain_tensors_so_forward_intermediates_and_copies_work():
         h = m.blocks[0](m.norm_pre(m._pos_embed(m.patch_embed(x))))
         assert h.shape[1] == P + 12 and len(m.blocks[0].merge_state) == 1
         assert m.blocks[1](h.clone()).shape[1] == P + 10
+
+
+def test_keep_rate_schedule_resumes_mid_epoch_exactly(tmp_path, digits, quick):
+    """Ctrl-C in the middle of the warm-up, then --resume: the same weights as an uninterrupted run
+    (the schedule reads the loop's position, so the resumed steps get the rates they would have had)."""
+    import dataclasses
+    import os
+    import signal
+
+    from vitkit.train import Callback, TrainingInterrupted, fit
+
+    class CtrlCAt(Callback):
+        def __init__(self, n):
+            self.calls, self.n = 0, n
+
+        def on_step_start(self, ctx):
+            self.calls += 1
+            if self.calls == self.n:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    data = dataclasses.replace(digits, train=digits.train.subset(torch.arange(256)))
+    cfg = quick(epochs=2)
+
+    def run(run_dir=None, resume=False, extra=()):
+        torch.manual_seed(0)
+        m = apply_evit(_model("vitkit_nano_p4_16", {}), {"keep": 0.5, "at": [1]})
+        sched = KeepRateSchedule(m, 0.5, 0.0, 1.5)
+        return fit(m, data, cfg, run_dir=run_dir, resume=resume, callbacks=[sched, *extra], quiet=True)
+
+    full = run()
+    with pytest.raises(TrainingInterrupted) as info:
+        run(tmp_path, extra=[CtrlCAt(6)])  # the 2nd step of epoch 2 (4 steps per epoch)
+    assert (info.value.epoch, info.value.step) == (1, 2)
+    resumed = run(tmp_path, resume=True)
+    assert resumed.weight_checksums == full.weight_checksums
