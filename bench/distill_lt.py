@@ -38,9 +38,8 @@ import torch
 from bench.harness import OUT_DIR, Output, Table, log
 from vitkit.api import train_model
 from vitkit.data import load_splits
-from vitkit.distill.sam import SAMObjective
 from vitkit.stages.distill import distill
-from vitkit.train import TrainConfig, classification_metrics, predict
+from vitkit.train import SAM, TrainConfig, classification_metrics, predict
 from vitkit.train.longtail import logit_adjust
 
 QUICK = {"seeds": [0], "epochs": 1, "teacher_epochs": 1, "feature_teacher_epochs": 1, "feature_epochs": 1,
@@ -162,7 +161,7 @@ def _train_teacher(args, data, teacher_dir: Path, results: dict, t0: float) -> N
         ),
         teacher_dir,
         # DeiT-LT trains its teachers with SAM (outside its repository): --teacher-sam RHO
-        objective=SAMObjective(rho=args.teacher_sam) if args.teacher_sam else None,
+        callbacks=[SAM(rho=args.teacher_sam)] if args.teacher_sam else (),
         data=data,
         force=True,
         quiet=True,

@@ -116,10 +116,10 @@ def run_accuracy(args) -> None:
 
 
 def run_throughput(args) -> dict:
+    from vitkit.architecture.ewa import merge_ewa
     from vitkit.deploy.timing import BenchConfig, compare
     from vitkit.models import create_model
     from vitkit.registry import get_train_transform
-    from vitkit.smalldata.ewa import merge_ewa
 
     def build(model: str, transforms: list[str], img: int):
         torch.manual_seed(0)
@@ -144,7 +144,7 @@ def run_throughput(args) -> dict:
 
 
 def run_rank(args):
-    from vitkit.smalldata.rank import config_grid, plot_ranking, rank_configs
+    from vitkit.analyze.rank import config_grid, plot_ranking, rank_configs
 
     specs = config_grid([1, 2, 4], [32, 64], [2, 4], [int(v) for v in args.patches.split(",")], 16)
     res = rank_configs(

@@ -27,25 +27,25 @@ EXPORT_IMAGES = 100  # real validation images for the parity checks (one flip = 
 
 
 def _gmm(m, data):
-    from vitkit.smalldata.gmm import apply_gmm
+    from vitkit.architecture.gmm import apply_gmm
 
     return apply_gmm(m, {"k": 3})
 
 
 def _ewa(m, data):
-    from vitkit.smalldata.ewa import apply_ewa
+    from vitkit.architecture.ewa import apply_ewa
 
     return apply_ewa(m, {"experts": 2, "every": 1})
 
 
 def _ewa_merge(m, data):
-    from vitkit.smalldata.ewa import merge_ewa
+    from vitkit.architecture.ewa import merge_ewa
 
     return merge_ewa(_ewa(m, data))
 
 
 def _stem(m, data):
-    from vitkit.smalldata.stem import apply_stem
+    from vitkit.architecture.stem import apply_stem
 
     return apply_stem(m, {"compression": 2})
 

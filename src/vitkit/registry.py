@@ -41,7 +41,7 @@ from vitkit.errors import VitkitError
 if TYPE_CHECKING:
     from torch import nn
 
-    from vitkit.train.objectives import Objective
+    from vitkit.train.callbacks import Callback
 
 ReplayFn = Callable[["nn.Module", dict], "nn.Module"]
 PrepareFn = Callable[["nn.Module"], "nn.Module"]
@@ -50,10 +50,10 @@ PrepareFn = Callable[["nn.Module"], "nn.Module"]
 TECHNIQUE_PACKAGES = (
     "vitkit.adapt",
     "vitkit.analyze",
+    "vitkit.architecture",
     "vitkit.compress",
     "vitkit.distill",
     "vitkit.pretrain",
-    "vitkit.smalldata",
 )
 
 
@@ -116,12 +116,13 @@ class TrainTransform:
     """What one ``--transform`` spec does to a training run (``vitkit.api.train_model`` runs it).
 
     ``apply`` edits the freshly built model before training (and records itself in the manifest);
-    ``wrap_objective`` wraps the objective (per-update work such as weight averaging);
+    ``callbacks`` returns fresh training-loop callbacks (:class:`vitkit.train.Callback`: per-update
+    work such as weight averaging), called once per training session;
     ``finalize`` runs on the trained model before it is evaluated and saved (e.g. merging).
     """
 
     apply: Callable[[nn.Module], nn.Module]
-    wrap_objective: Callable[[Objective], Objective] | None = None
+    callbacks: Callable[[], list[Callback]] | None = None
     finalize: Callable[[nn.Module], nn.Module] | None = None
 
 
@@ -142,7 +143,7 @@ class Technique:
     quantize: str | None = None  # why quantization refuses a model carrying it (None: it composes)
     requires: tuple[str, ...] = ()  # transforms that must have been applied before this one
     train: str | TrainTransformFactory | None = None
-    family: str = ""  # the package kind: adapt, compress, distill, analyze, smalldata, ...
+    family: str = ""  # the package kind: adapt, architecture, compress, distill, analyze, ...
     verb: str = ""  # the command that applies it (docs)
     module: str = ""  # filled by register(): where the registration lives
 

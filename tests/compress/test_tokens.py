@@ -186,13 +186,43 @@ def test_keep_rate_schedule():
     assert scheduled_keep_rate(2.0, 0.7, 1, 2) == pytest.approx(0.85)
     assert scheduled_keep_rate(3.0, 0.7, 1, 2) == 0.7
     m = apply_evit(_model("vitkit_nano_p4_16", {}), {"keep": 0.5, "at": [1]})
-    from vitkit.train.objectives import ClassificationObjective
+    from vitkit.train import TrainConfig, TrainContext
 
-    sched = KeepRateSchedule(m, ClassificationObjective(), 0.5, 0, 1, steps_per_epoch=2)
-    sched.on_epoch_start(0, 2)
-    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
-    rates = [sched(m, x, y).logs["keep_rate"] for _ in range(2)]
+    sched = KeepRateSchedule(m, 0.5, 0, 1)
+    ctx = TrainContext(m, torch.optim.SGD(m.parameters(), lr=0.1), TrainConfig(epochs=2), steps_per_epoch=2)
+    sched.on_epoch_start(ctx, 0)
+    rates = []
+    for step in range(2):  # what the loop does before each step's forward
+        ctx.step = step
+        sched.on_step_start(ctx)
+        rates.append(sched.current)
+        assert all(b.keep_rate == sched.current for b in m.blocks if isinstance(b, EViTBlock))
     assert rates == [1.0, pytest.approx(0.75)]
+
+
+def test_keep_rate_schedule_runs_per_step_in_the_loop(digits, quick):
+    """In fit, the blocks carry the scheduled rate at every step's forward (EViT's per-iteration cosine)."""
+    import dataclasses
+
+    from vitkit.compress.tokens.evit import evit_blocks
+    from vitkit.train import Callback, fit
+
+    class Seen(Callback):  # runs after the schedule's own on_step_start
+        def __init__(self):
+            self.rates: list[tuple[float, float]] = []
+
+        def on_step_start(self, ctx):
+            self.rates.append((ctx.progress_epochs, evit_blocks(ctx.model)[0].keep_rate))
+
+    data = dataclasses.replace(digits, train=digits.train.subset(torch.arange(256)))
+    torch.manual_seed(0)
+    m = apply_evit(_model("vitkit_nano_p4_16", {}), {"keep": 0.5, "at": [1]})
+    seen = Seen()
+    fit(m, data, quick(epochs=2), callbacks=[KeepRateSchedule(m, 0.5, 0.0, 1.5), seen], quiet=True)
+    assert [p for p, _ in seen.rates] == [0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75]  # 4 steps per epoch
+    for progress, rate in seen.rates:
+        assert rate == pytest.approx(scheduled_keep_rate(progress, 0.5, 0.0, 1.5))
+    assert seen.rates[0][1] == 1.0 and seen.rates[-1][1] == 0.5
 
 
 def test_bad_inputs():
@@ -299,3 +329,38 @@ def test_blocks_pass_plain_tensors_so_forward_intermediates_and_copies_work():
         h = m.blocks[0](m.norm_pre(m._pos_embed(m.patch_embed(x))))
         assert h.shape[1] == P + 12 and len(m.blocks[0].merge_state) == 1
         assert m.blocks[1](h.clone()).shape[1] == P + 10
+
+
+def test_keep_rate_schedule_resumes_mid_epoch_exactly(tmp_path, digits, quick):
+    """Ctrl-C in the middle of the warm-up, then --resume: the same weights as an uninterrupted run
+    (the schedule reads the loop's position, so the resumed steps get the rates they would have had)."""
+    import dataclasses
+    import os
+    import signal
+
+    from vitkit.train import Callback, TrainingInterrupted, fit
+
+    class CtrlCAt(Callback):
+        def __init__(self, n):
+            self.calls, self.n = 0, n
+
+        def on_step_start(self, ctx):
+            self.calls += 1
+            if self.calls == self.n:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    data = dataclasses.replace(digits, train=digits.train.subset(torch.arange(256)))
+    cfg = quick(epochs=2)
+
+    def run(run_dir=None, resume=False, extra=()):
+        torch.manual_seed(0)
+        m = apply_evit(_model("vitkit_nano_p4_16", {}), {"keep": 0.5, "at": [1]})
+        sched = KeepRateSchedule(m, 0.5, 0.0, 1.5)
+        return fit(m, data, cfg, run_dir=run_dir, resume=resume, callbacks=[sched, *extra], quiet=True)
+
+    full = run()
+    with pytest.raises(TrainingInterrupted) as info:
+        run(tmp_path, extra=[CtrlCAt(6)])  # the 2nd step of epoch 2 (4 steps per epoch)
+    assert (info.value.epoch, info.value.step) == (1, 2)
+    resumed = run(tmp_path, resume=True)
+    assert resumed.weight_checksums == full.weight_checksums

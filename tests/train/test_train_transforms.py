@@ -1,4 +1,4 @@
-"""``TrainConfig.transforms`` / ``vitkit train --transform``: apply, wrap the objective, finalize."""
+"""``TrainConfig.transforms`` / ``vitkit train --transform``: apply, the loop callbacks, finalize."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from vitkit.errors import VitkitError
 from vitkit.registry import TrainTransform, parse_transform_spec, register_train_transform, unregister
-from vitkit.train import build_config
+from vitkit.train import Callback, build_config
 
 
 def _scaled_head(options: dict[str, str]) -> TrainTransform:
@@ -18,9 +18,14 @@ def _scaled_head(options: dict[str, str]) -> TrainTransform:
         calls.append("apply")
         return model
 
-    def wrap(objective):
-        calls.append(f"wrap:{type(objective).__name__}")
-        return objective
+    class _FirstUpdate(Callback):
+        def after_optimizer_step(self, ctx):
+            if "update" not in calls:
+                calls.append("update")
+
+    def callbacks():
+        calls.append("callbacks")
+        return [_FirstUpdate()]
 
     def finalize(model):
         calls.append("finalize")
@@ -28,7 +33,7 @@ def _scaled_head(options: dict[str, str]) -> TrainTransform:
             model.head.weight.mul_(factor)
         return model
 
-    t = TrainTransform(apply, wrap, finalize)
+    t = TrainTransform(apply, callbacks, finalize)
     t.calls = calls  # type: ignore[attr-defined]
     _scaled_head.last = t  # type: ignore[attr-defined]
     return t
@@ -54,13 +59,14 @@ def test_unknown_transform_is_a_config_error():
         build_config(transforms=["nope:x=1"])
 
 
-def test_train_model_runs_apply_wrap_finalize(tmp_path, quick):
+def test_train_model_runs_apply_callbacks_finalize(tmp_path, quick):
     from vitkit.api import train_model
     from vitkit.runs import load
 
     cfg = quick(epochs=1, train_size=128, transforms=["test_scaled_head:factor=0"])
     run = train_model(cfg, tmp_path / "r", quiet=True)
-    assert _scaled_head.last.calls == ["apply", "wrap:ClassificationObjective", "finalize"]
+    # the transform's callbacks ran in the loop (after the first optimizer step), before finalize
+    assert _scaled_head.last.calls == ["apply", "callbacks", "update", "finalize"]
     # finalize ran before evaluation and saving: a zero head predicts one class everywhere
     assert torch.count_nonzero(load(run.path).head.weight) == 0
     assert run.metrics["top1"] < 0.2

@@ -1,5 +1,5 @@
-"""Distillation: DeiT token distillation, DeiT-LT, feature distillation (G2SD generic stage, ScaleKD),
-and SAM for training a flat teacher.
+"""Distillation: DeiT token distillation, DeiT-LT, feature distillation (G2SD generic stage, ScaleKD).
+A flat teacher for DeiT-LT trains with SAM (:class:`vitkit.train.SAM`, a loop callback).
 
 The public names load lazily (``from vitkit.distill import DeiTConfig``) so importing the package is cheap.
 """
@@ -25,7 +25,6 @@ _LAZY = {
     "ScaleKDObjective": "vitkit.distill.feature",
     "Teacher": "vitkit.distill.teacher",
     "load_teacher": "vitkit.distill.teacher",
-    "SAMObjective": "vitkit.distill.sam",
 }
 
 __all__ = sorted(_LAZY)

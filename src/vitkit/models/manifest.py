@@ -32,7 +32,7 @@ ALLOWED_KWARGS = frozenset(
         "init_values", "class_token", "reg_tokens", "no_embed_class", "pos_embed", "pre_norm", "final_norm",
         "dynamic_img_size", "dynamic_img_pad", "weight_init",
         "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
-        # vitkit_dhvt_* (smalldata.dhvt)
+        # vitkit_dhvt_* (models/dhvt.py)
         "sope", "daff", "head_tokens",
         # CNN teachers / students (timm ResNet family)
         "drop_block_rate", "output_stride",

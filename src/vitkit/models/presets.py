@@ -115,6 +115,6 @@ def vitkit_tiny_distilled_p4_32(pretrained: bool = False, **kwargs) -> VisionTra
     return _build("vitkit_tiny_distilled_p4_32", "tiny", True, pretrained, **kwargs)
 
 
-# Technique model families registered into timm's registry alongside the presets (imports nothing of
-# vitkit but vitkit.errors, so no cycle): the DHVT family of issue 9.
-from vitkit.smalldata import dhvt as _dhvt  # noqa: E402, F401
+# Model families registered into timm's registry alongside the presets (models/dhvt.py imports nothing
+# of vitkit but vitkit.errors, so no cycle): the DHVT family of issue 9.
+from vitkit.models import dhvt as _dhvt  # noqa: E402, F401

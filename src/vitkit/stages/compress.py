@@ -25,7 +25,6 @@ from vitkit.io import write_yaml
 from vitkit.models import count_parameters, get_manifest, model_input_size
 from vitkit.runs import CONFIG, Run, load, new_run_dir, save_model, write_metrics
 from vitkit.train import TrainConfig, evaluate
-from vitkit.train.loop import default_objective
 from vitkit.train.objectives import Objective
 
 STAGE = "stage.yaml"
@@ -65,6 +64,7 @@ def derive_run(
     finetune: int = 0,
     lr: float | None = None,
     objective: Callable[[nn.Module, TrainConfig, DataSplits], Objective] | None = None,
+    callbacks: Callable[[nn.Module, TrainConfig, DataSplits], list] | None = None,
     after_training: Callable[[nn.Module], None] | None = None,
     force: bool = False,
     quiet: bool = True,
@@ -93,7 +93,10 @@ def derive_run(
         if finetune:
             ft_cfg = finetune_config(cfg, finetune, lr)
             obj = objective(model, ft_cfg, data) if objective else None
-            trained = train_model(ft_cfg, out, objective=obj, model=model, data=data, force=True, quiet=quiet)
+            cbs = callbacks(model, ft_cfg, data) if callbacks else []
+            trained = train_model(
+                ft_cfg, out, objective=obj, callbacks=cbs, model=model, data=data, force=True, quiet=quiet
+            )
             model = trained.model
             if after_training is not None:
                 after_training(model)
@@ -154,12 +157,9 @@ def reduce_tokens_run(
             apply_evit(model, ecfg)
             return {"method": "evit", "keep": keep, "at": ecfg.at}
 
-        def objective(model: nn.Module, cfg: TrainConfig, data: DataSplits) -> Objective:
+        def callbacks(model: nn.Module, cfg: TrainConfig, data: DataSplits) -> list:
             shrink = keep_warmup if keep_warmup is not None else max(1.0, cfg.epochs / 2)
-            steps = max(1, len(data.train) // min(cfg.batch_size, len(data.train)))
-            return KeepRateSchedule(
-                model, default_objective(cfg, data.multilabel), keep, 0.0, shrink, steps_per_epoch=steps
-            )
+            return [KeepRateSchedule(model, keep, 0.0, shrink)]  # per step: EViT's schedule
 
         def finish(model: nn.Module) -> None:
             from vitkit.compress.tokens import set_keep_rate
@@ -168,7 +168,7 @@ def reduce_tokens_run(
 
         stage = {"stage": "reduce-tokens", "method": "evit", "keep": keep, "at": ecfg.at or "default"}
         return derive_run(
-            source, output, transform, stage, finetune=finetune, lr=lr, objective=objective,
+            source, output, transform, stage, finetune=finetune, lr=lr, callbacks=callbacks,
             after_training=finish, force=force, quiet=quiet,
         )  # fmt: skip
     if method == "tome":

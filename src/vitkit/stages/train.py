@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from vitkit.runs import (
 )
 from vitkit.stages.common import build_model_for, data_splits_for, model_img_size
 from vitkit.tasks import get_task
-from vitkit.train import TrainConfig, build_config, fit
+from vitkit.train import Callback, TrainConfig, build_config, fit
 from vitkit.train.checkpoint import clean_stale_temps
 from vitkit.train.loop import task_for_config
 from vitkit.train.objectives import Objective
@@ -41,6 +42,7 @@ def train_model(
     output: str | os.PathLike,
     *,
     objective: Objective | None = None,
+    callbacks: Sequence[Callback] = (),
     model: nn.Module | None = None,
     data: DataSplits | None = None,
     resume: bool = False,
@@ -54,7 +56,8 @@ def train_model(
     ``output`` from its checkpoint (the config should be the one in its ``config.yaml``).
     ``config.transforms`` (``vitkit train --transform``) are applied to the model before training,
     in order (see :class:`vitkit.registry.TrainTransform`); their ``finalize`` steps run on the
-    trained model before it is evaluated and saved.
+    trained model before it is evaluated and saved. ``callbacks`` go to the loop (``fit``), before
+    the transforms' own.
     """
     cfg = config if isinstance(config, TrainConfig) else build_config(**config)
     # Resolved first, so a bad transform option fails before anything is written.
@@ -70,9 +73,12 @@ def train_model(
         # or a NaN loss in the first epoch leaves nothing behind.
         with new_run_dir(out, force=force):
             return _train_into(
-                cfg, transforms, out, objective, model, data, resume, quiet, stop_after_epoch, is_main
-            )
-    return _train_into(cfg, transforms, out, objective, model, data, resume, quiet, stop_after_epoch, is_main)
+                cfg, transforms, out, objective, callbacks, model, data, resume, quiet, stop_after_epoch,
+                is_main,
+            )  # fmt: skip
+    return _train_into(
+        cfg, transforms, out, objective, callbacks, model, data, resume, quiet, stop_after_epoch, is_main
+    )
 
 
 def _train_into(
@@ -80,6 +86,7 @@ def _train_into(
     transforms: list,
     out: Path,
     objective: Objective | None,
+    callbacks: Sequence[Callback],
     model: nn.Module | None,
     data: DataSplits | None,
     resume: bool,
@@ -99,10 +106,11 @@ def _train_into(
     if model is None:
         seed_everything(cfg.seed)
         model = build_model_for(cfg, task.num_outputs(data))
+    callbacks = list(callbacks)
     for t in transforms:
         model = t.apply(model)
-        if t.wrap_objective is not None:
-            objective = t.wrap_objective(objective or task.loss(cfg))
+        if t.callbacks is not None:
+            callbacks += t.callbacks()
     task.check_head(model, data, cfg.model)
     if is_main:
         write_yaml(out / CONFIG, cfg.model_dump(mode="json"))
@@ -113,6 +121,7 @@ def _train_into(
         data,
         cfg,
         objective=objective,
+        callbacks=callbacks,
         run_dir=out,
         resume=resume,
         quiet=quiet,

@@ -1,5 +1,6 @@
-"""The one training loop, its configuration, objectives and evaluation."""
+"""The one training loop, its configuration, objectives, callbacks and evaluation."""
 
+from vitkit.train.callbacks import Callback, TrainContext
 from vitkit.train.config import TrainConfig, build_config, format_validation_error
 from vitkit.train.evaluate import (
     classification_metrics,
@@ -19,13 +20,17 @@ from vitkit.train.loop import (
 from vitkit.train.objectives import ClassificationObjective, Objective, ObjectiveOutput
 from vitkit.train.optim import build_optimizer, build_scheduler, lion_from_adamw
 from vitkit.train.precision import bf16_cpu_conv_hazard, bf16_is_fast, resolve_precision
+from vitkit.train.sam import SAM
 
 __all__ = [
+    "SAM",
+    "Callback",
     "ClassificationObjective",
     "FitResult",
     "Objective",
     "ObjectiveOutput",
     "TrainConfig",
+    "TrainContext",
     "TrainingInterrupted",
     "bf16_cpu_conv_hazard",
     "bf16_is_fast",

@@ -3,7 +3,9 @@
 An objective runs the forward pass itself (``model(images)``) so that techniques with special
 outputs (distillation tokens, MAE reconstructions, exit heads) need no second loop. Techniques
 subclass :class:`Objective`; the loop calls ``on_epoch_start`` before every epoch and ``after_update``
-after every optimizer step.
+after every optimizer step. Work that is not part of the loss (schedules that change the model,
+weight edits after each update, another optimizer step) is a :class:`vitkit.train.Callback`, which
+composes with any objective.
 """
 
 from __future__ import annotations

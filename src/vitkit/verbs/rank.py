@@ -58,7 +58,7 @@ def rank_configs_cmd(o: RankConfigsOptions) -> None:
     # Before any loading or computing: a bad -o must not cost minutes of work first.
     if o.output is not None:
         check_output(o.output, "dir", force=o.force)
-    from vitkit.smalldata.rank import config_grid, plot_ranking, rank_configs
+    from vitkit.analyze.rank import config_grid, plot_ranking, rank_configs
 
     specs = config_grid(
         _ints(o.depths, "depths"),

@@ -32,7 +32,7 @@ from vitkit.compress._blocks import WrappedBlock, parse_int_list, refuse_attenti
 from vitkit.errors import VitkitError
 from vitkit.models import AttentionState, TokenStep, TokenTapMixin, num_prefix_tokens, record_transform
 from vitkit.registry import AS_IS, Technique, register
-from vitkit.train.objectives import Objective, ObjectiveOutput
+from vitkit.train.callbacks import Callback, TrainContext
 
 
 def kept_tokens(keep_rate: float, n: int) -> int:
@@ -182,49 +182,41 @@ def scheduled_keep_rate(
     return target + (1.0 - target) * (math.cos(t * math.pi) + 1.0) / 2.0
 
 
-class KeepRateSchedule(Objective):
-    """Wraps an objective and sets the EViT keep rate before every training step (EViT's warm-up).
-
-    ``steps_per_epoch`` makes the cosine per-iteration as in EViT; without it it moves per epoch.
+class KeepRateSchedule(Callback):
+    """EViT's keep-rate warm-up as a training-loop callback (``fit(..., callbacks=[...])``): keep rate 1
+    for ``start_epochs``, then a cosine from 1 down to ``target`` over ``shrink_epochs``, set on every
+    EViT block before every step (per iteration, as EViT's ``adjust_keep_rate``) or, with
+    ``per_step=False``, once per epoch. Works with any objective; positions come from the loop, so a
+    resumed run continues the schedule where it stopped.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        base: Objective,
         target: float,
         start_epochs: float = 0.0,
         shrink_epochs: float = 1.0,
-        steps_per_epoch: int | None = None,
+        per_step: bool = True,
     ):
         self.blocks = evit_blocks(model)
         if not self.blocks:
             raise VitkitError("KeepRateSchedule: the model has no EViT blocks (apply_evit first)")
-        self.base = base
         self.target = check_keep_rate(target, "target keep rate")
         self.start_epochs, self.shrink_epochs = float(start_epochs), float(shrink_epochs)
-        self.steps_per_epoch = steps_per_epoch
-        self.task = base.task
-        self.epoch, self.step = 0, 0
+        self.per_step = per_step
         self.current = 1.0
 
-    def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
-        self.epoch, self.step = epoch, 0
-        self.base.on_epoch_start(epoch, num_epochs)
-        self._set(self.epoch)
+    def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
+        self._set(epoch)
+
+    def on_step_start(self, ctx: TrainContext) -> None:
+        if self.per_step:
+            self._set(ctx.progress_epochs)
 
     def _set(self, progress: float) -> None:
         self.current = scheduled_keep_rate(progress, self.target, self.start_epochs, self.shrink_epochs)
         for blk in self.blocks:
             blk.keep_rate = self.current
-
-    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> ObjectiveOutput:
-        if self.steps_per_epoch:
-            self._set(self.epoch + self.step / self.steps_per_epoch)
-        self.step += 1
-        out = self.base(model, images, targets)
-        out.logs["keep_rate"] = self.current
-        return out
 
     def finish(self) -> None:
         """Set the target keep rate (the state the model is saved and evaluated in)."""
@@ -237,7 +229,7 @@ class KeepRateSchedule(Objective):
             "target": self.target,
             "start_epochs": self.start_epochs,
             "shrink_epochs": self.shrink_epochs,
-            "base": self.base.describe(),
+            "per_step": self.per_step,
         }
 
 

@@ -24,7 +24,7 @@ Where our reading differs from the code (said in docs/smalldata.md too):
   global_pool: avg}`` for the paper's prefix-free layout.
 * d_ij is computed per layer from ``model.patch_embed.grid_size`` (rectangular grids allowed).
 
-Limit behaviours (tested in tests/smalldata/test_gmm.py):
+Limit behaviours (tested in tests/architecture/test_gmm.py):
 
 | masks                     | multiplicative (default)                      | additive                          |
 |---------------------------|-----------------------------------------------|-----------------------------------|
@@ -230,7 +230,7 @@ register(
         replay=replay_gmm,
         export=AS_IS,
         train=train_transform,
-        family="smalldata",
+        family="architecture",
         verb="vitkit train --transform gmm:k=5",
     )
 )

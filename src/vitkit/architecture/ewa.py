@@ -12,8 +12,8 @@ towards the others (EWA, share rate β)
 
     E_i <- (1 - β) E_i + β / (N - 1) · Σ_{j≠i} E_j          (keeps the experts' mean) [verify]
 
-applied to every weight and bias, outside autograd, through the loop's generic
-``Objective.after_update`` hook (:class:`EWAObjective` wraps any objective). After training every MoE
+applied to every weight and bias, outside autograd, by the training-loop callback
+:class:`EWAAveraging` (``fit(..., callbacks=[EWAAveraging()])``, any objective). After training every MoE
 is converted back into one FFN whose weights are the experts' mean (:func:`merge_ewa`): the model is
 the original ViT again, same parameter count and inference cost. In eval mode an MoE already
 computes exactly that averaged FFN, so per-epoch validation measures the model that will be kept.
@@ -36,7 +36,7 @@ from torch.func import functional_call
 from vitkit.errors import VitkitError
 from vitkit.models import record_transform
 from vitkit.registry import AS_IS, Technique, TrainTransform, parse_config, prepare_with, register
-from vitkit.train.objectives import Objective, ObjectiveOutput
+from vitkit.train.callbacks import Callback, TrainContext
 
 
 class EWAConfig(BaseModel):
@@ -137,7 +137,7 @@ def _ffns(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
 def apply_ewa(model: nn.Module, cfg: EWAConfig | dict | None = None) -> nn.Module:
     """Replace the chosen FFNs by :class:`EWAMoE` layers (experts copied from each FFN), in place.
 
-    Train with :class:`EWAObjective` (or call :func:`ewa_step` after every optimizer step), then
+    Train with the :class:`EWAAveraging` callback (or call :func:`ewa_step` after every optimizer step), then
     :func:`merge_ewa`. Raises :class:`VitkitError` on a model without timm ``Mlp`` FFNs (e.g. DHVT's
     DAFF) or on layer indices that do not exist.
     """
@@ -190,35 +190,12 @@ def merge_ewa(model: nn.Module) -> nn.Module:
     return model
 
 
-class EWAObjective(Objective):
-    """Wraps any objective: the same loss, plus one EWA step after every optimizer step."""
+class EWAAveraging(Callback):
+    """The training-loop callback: one EWA step on every MoE layer after every optimizer step (under
+    no_grad, on the unwrapped model, before the EMA sees the weights; alike on every DDP process)."""
 
-    def __init__(self, inner: Objective | None = None):
-        from vitkit.train.objectives import ClassificationObjective
-
-        self.inner = inner or ClassificationObjective("ce")
-        self.task = getattr(self.inner, "task", "multiclass")
-
-    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> ObjectiveOutput:
-        return self.inner(model, images, targets)
-
-    def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
-        self.inner.on_epoch_start(epoch, num_epochs)
-
-    def after_update(self, model: nn.Module, update: int) -> None:
-        inner_hook = getattr(self.inner, "after_update", None)
-        if inner_hook is not None:
-            inner_hook(model, update)
-        ewa_step(model)
-
-    def __getattr__(self, name: str):
-        # optional hooks of the wrapped objective (e.g. ``validate``) stay visible to the loop
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def describe(self) -> dict:
-        return {"name": "ewa", "inner": self.inner.describe()}
+    def after_optimizer_step(self, ctx: TrainContext) -> None:
+        ewa_step(ctx.model)
 
 
 def replay_ewa(model: nn.Module, config: dict) -> nn.Module:
@@ -240,7 +217,7 @@ def train_transform(options: dict[str, str]) -> TrainTransform:
     cfg = parse_config(EWAConfig, options, "ewa")
     return TrainTransform(
         apply=lambda model: apply_ewa(model, cfg),
-        wrap_objective=EWAObjective,
+        callbacks=lambda: [EWAAveraging()],
         finalize=merge_ewa,
     )
 
@@ -254,7 +231,7 @@ register(
         replay=replay_ewa,
         export=prepare_with(merge_ewa, settled_by="ewa_merge"),
         train=train_transform,
-        family="smalldata",
+        family="architecture",
         verb="vitkit train --transform ewa:experts=4",
     )
 )
@@ -266,7 +243,7 @@ register(
         replay=replay_ewa_merge,
         export=AS_IS,
         requires=("ewa",),
-        family="smalldata",
+        family="architecture",
         verb="(applied by --transform ewa after training)",
     )
 )

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from vitkit.analyze.rank import ArchSpec, config_grid, kendall_tau, measure_complexity, rank_configs
 from vitkit.errors import VitkitError
 from vitkit.models import create_model
-from vitkit.smalldata.rank import ArchSpec, config_grid, kendall_tau, measure_complexity, rank_configs
 
 
 class _Linear(nn.Module):

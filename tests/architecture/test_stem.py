@@ -7,9 +7,9 @@ import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
 
+from vitkit.architecture.stem import GDN, apply_stem, stem_token_count
 from vitkit.errors import VitkitError
 from vitkit.models import create_model, model_input_size
-from vitkit.smalldata.stem import GDN, apply_stem, stem_token_count
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
+from vitkit.architecture.ewa import EWAAveraging, EWAMoE, apply_ewa, ewa_layers, merge_ewa
 from vitkit.errors import VitkitError
 from vitkit.models import count_parameters, create_model
-from vitkit.smalldata.ewa import EWAMoE, EWAObjective, apply_ewa, ewa_layers, merge_ewa
 from vitkit.train import fit
 
 
@@ -96,11 +96,11 @@ def test_one_expert_is_the_ffn():
 @pytest.mark.parametrize(("share", "identical"), [(0.5, True), (0.0, False)])
 def test_the_loop_averages_after_every_update(digits, quick, share, identical):
     # two experts and share 0.5: each EWA step makes them equal; share 0: random partitions make
-    # them drift apart. Only the loop's after_update wiring can tell the two apart.
+    # them drift apart. Only the loop's after_optimizer_step wiring can tell the two apart.
     data = dataclasses.replace(digits, train=digits.train.subset(torch.arange(192)))
     torch.manual_seed(0)
     model = apply_ewa(create_model("vitkit_nano_p4_16", num_classes=10), {"experts": 2, "share": share})
-    fit(model, data, quick(epochs=1), objective=EWAObjective(), quiet=True)
+    fit(model, data, quick(epochs=1), callbacks=[EWAAveraging()], quiet=True)
     e0, e1 = ewa_layers(model)[0].experts
     same = torch.allclose(e0.fc1.weight, e1.fc1.weight, atol=1e-6)
     assert same is identical

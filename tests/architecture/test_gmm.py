@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vitkit.architecture.gmm import EPS, apply_gmm, gmm_masks, gmm_parameter_count
 from vitkit.errors import VitkitError
 from vitkit.models import attention_maps, count_parameters, create_model
-from vitkit.smalldata.gmm import EPS, apply_gmm, gmm_masks, gmm_parameter_count
 
 
 def _peaky(name="vitkit_micro_p4_16", **kw):

@@ -162,7 +162,7 @@ register(
         replay=replay_stem,
         export=AS_IS,
         train=train_transform,
-        family="smalldata",
+        family="architecture",
         verb="vitkit train --transform stem:compression=2",
     )
 )

@@ -8,7 +8,7 @@ import torch
 
 from vitkit.errors import VitkitError
 from vitkit.models import attention_maps, count_parameters, create_model
-from vitkit.smalldata.dhvt import DAFF, SOPE, HeadInteractionAttention, dhvt_parameter_count
+from vitkit.models.dhvt import DAFF, SOPE, HeadInteractionAttention, dhvt_parameter_count
 
 PRESETS = {
     "vitkit_dhvt_nano_p4_16": dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, img_size=16),
