@@ -193,9 +193,9 @@ def section_tokens(args, work: Path) -> dict:
 def section_exits(args, work: Path) -> dict:
     from vitkit.compress.exits import threshold_sweep
     from vitkit.data import load_splits
-    from vitkit.stages.compress import train_compressed
+    from vitkit.stages.compress import train_with_exits
 
-    res = train_compressed(
+    res = train_with_exits(
         _demo_config(seed=args.seed, epochs=args.epochs), work / "exits", exits=[1, 2, 3], quiet=True
     )
     data = load_splits("digits")
@@ -211,7 +211,7 @@ def section_repavit(args, work: Path) -> dict:
 
     from vitkit.api import train_model
     from vitkit.compress.reparam import ChannelIdleMlp, ReparamMlp, fold_block  # noqa: F401
-    from vitkit.stages.compress import reparam_run, train_compressed
+    from vitkit.stages.compress import reparam_run
 
     # FFN alone at ViT-S width (C=384, H=1536, 197 tokens), random weights: Mlp vs the reparameterized FFN
     torch.manual_seed(0)
@@ -235,8 +235,12 @@ def section_repavit(args, work: Path) -> dict:
     seeds = []
     for seed in range(args.seed, args.seed + args.seeds):
         base = train_model(_demo_config(seed=seed, epochs=args.epochs), work / f"rp_base{seed}", quiet=True)
-        rp = train_compressed(
-            _demo_config(seed=seed, epochs=args.epochs), work / f"rp{seed}", repavit=0.75, quiet=True
+        rp = train_model(
+            _demo_config(seed=seed, epochs=args.epochs).model_copy(
+                update={"transforms": ["repavit:idle=0.75"]}
+            ),
+            work / f"rp{seed}",
+            quiet=True,
         )
         folded = reparam_run(rp.path, work / f"rp{seed}_reparam")
         seeds.append({"seed": seed, "baseline_top1": base.metrics["top1"], "repavit_top1": rp.metrics["top1"],

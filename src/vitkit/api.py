@@ -38,7 +38,7 @@ _STAGES = {
     "reduce_tokens_run": "compress",
     "prune_run": "compress",
     "reparam_run": "compress",
-    "train_compressed": "compress",
+    "train_with_exits": "compress",
     "evaluate_exit_run": "compress",
     "compare_runs": "compare",
     # deploy

@@ -110,10 +110,10 @@ def test_bad_exit_blocks():
 
 @pytest.mark.slow
 def test_two_stage_training_gives_useful_exits(tmp_path, quick):
-    from vitkit.stages.compress import train_compressed
+    from vitkit.stages.compress import train_with_exits
 
     cfg = quick(model="vitkit_micro_p4_16", epochs=8, lr=2e-3, warmup_epochs=1)
-    res = train_compressed(cfg, tmp_path / "ex", exits=[2], distill_epochs=2, quiet=True)
+    res = train_with_exits(cfg, tmp_path / "ex", exits=[2], distill_epochs=2, quiet=True)
     m = res.metrics
     # chance is 0.1; measured 0.755 with this seed (stage 1 alternates: the final head alone on odd
     # steps, the blocks-weighted mix of all heads on even steps, so it trains slower than plain CE)

@@ -90,8 +90,10 @@ def test_bad_inputs():
 
 @pytest.mark.slow
 def test_linear_attention_model_trains(tmp_path, quick):
-    from vitkit.stages.compress import train_compressed
+    from vitkit.stages.train import train_model
 
     cfg = quick(model="vitkit_micro_p4_16", epochs=8, lr=2e-3, warmup_epochs=1)
-    run = train_compressed(cfg, tmp_path / "la", linear_attention=True, quiet=True)
+    run = train_model(
+        cfg.model_copy(update={"transforms": ["linear_attention"]}), tmp_path / "la", quiet=True
+    )
     assert run.metrics["top1"] > 0.7, run.metrics["top1"]  # chance: 0.1

@@ -92,11 +92,14 @@ def test_bad_inputs():
 
 @pytest.mark.slow
 def test_trained_repavit_model_keeps_its_accuracy_after_reparam(tmp_path, quick, digits):
-    from vitkit.stages.compress import reparam_run, train_compressed
+    from vitkit.stages.compress import reparam_run
+    from vitkit.stages.train import train_model
     from vitkit.train import evaluate
 
     cfg = quick(model="vitkit_micro_p4_16", epochs=8, lr=2e-3, warmup_epochs=1)
-    run = train_compressed(cfg, tmp_path / "repa", repavit=0.75, quiet=True)
+    run = train_model(
+        cfg.model_copy(update={"transforms": ["repavit:idle=0.75"]}), tmp_path / "repa", quiet=True
+    )
     assert run.metrics["top1"] > 0.75, run.metrics["top1"]
     res = reparam_run(tmp_path / "repa", tmp_path / "repa-inf")
     assert res.metrics["top1"] == pytest.approx(run.metrics["top1"], abs=1 / 359)
@@ -106,3 +109,16 @@ def test_trained_repavit_model_keeps_its_accuracy_after_reparam(tmp_path, quick,
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-4)
     assert evaluate(b, digits.val)["top1"] == pytest.approx(res.metrics["top1"])
+
+
+def test_a_transformed_run_fine_tunes_without_applying_its_transforms_again(tmp_path, quick):
+    """A run trained with --transform carries it in its model; a compression stage's fine-tuning must
+    not apply the config's transforms on top (RePaViT twice would nest its FFNs)."""
+    from vitkit.runs import Run
+    from vitkit.stages.compress import reduce_tokens_run
+    from vitkit.stages.train import train_model
+
+    cfg = quick(epochs=1).model_copy(update={"transforms": ["repavit:idle=0.75"]})
+    run = train_model(cfg, tmp_path / "repa", quiet=True)
+    reduced = reduce_tokens_run(run.path, tmp_path / "tome", method="tome", r=2, finetune=1)
+    assert Run.open(reduced.path).transforms == ["repavit", "tome"]

@@ -15,14 +15,14 @@ from vitkit.runs import load
 
 @pytest.fixture(scope="module")
 def exits_run(tmp_path_factory):
-    from vitkit.stages.compress import train_compressed
+    from vitkit.stages.compress import train_with_exits
     from vitkit.train import TrainConfig
 
     # exits after 1 block (conv head) and 3 blocks (global attention head, stride 2) of 4
     cfg = TrainConfig(model="vitkit_micro_p4_16", data="digits", epochs=6, batch_size=64, lr=2e-3,
                       warmup_epochs=1, tensorboard=False)  # fmt: skip
     out = tmp_path_factory.mktemp("exits") / "ex"
-    train_compressed(cfg, out, exits=[1, 3], distill_epochs=1, quiet=True)
+    train_with_exits(cfg, out, exits=[1, 3], distill_epochs=1, quiet=True)
     return out
 
 

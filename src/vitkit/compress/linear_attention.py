@@ -38,7 +38,7 @@ from vitkit.models import (
     num_prefix_tokens,
     record_transform,
 )
-from vitkit.registry import AS_IS, Technique, register
+from vitkit.registry import AS_IS, Technique, TrainTransform, parse_config, register
 
 DENOM_CLAMP = 100.0  # L2ViT's clamp on the normaliser ("makes training stable", per their code)
 
@@ -177,6 +177,12 @@ def replay_linear_attention(model: nn.Module, config: dict) -> nn.Module:
     return apply_linear_attention(model, LinearAttentionConfig(**config))
 
 
+def train_transform(options: dict[str, str]) -> TrainTransform:
+    """``vitkit train --transform linear_attention`` (options as ``key=value``): applied before training."""
+    cfg = parse_config(LinearAttentionConfig, options, "linear_attention")
+    return TrainTransform(apply=lambda model: apply_linear_attention(model, cfg))
+
+
 register(
     Technique(
         name="linear_attention",
@@ -189,6 +195,7 @@ register(
         quantize="its attention computes relu(q)·(relu(k)ᵀv) without the q·kᵀ product and softmax "
         "the attention quantizers sit on",
         family="compress",
-        verb="vitkit train --linear-attention",
+        verb="vitkit train --transform linear_attention",
+        train=train_transform,
     )
 )

@@ -32,7 +32,7 @@ from torch import nn
 from vitkit.compress._blocks import all_blocks
 from vitkit.errors import VitkitError
 from vitkit.models import get_manifest, record_transform
-from vitkit.registry import AS_IS, Technique, register
+from vitkit.registry import AS_IS, Technique, TrainTransform, parse_config, register
 
 
 class TokenBatchNorm(nn.BatchNorm1d):
@@ -238,6 +238,12 @@ __all__ = [
 ]
 
 
+def train_transform(options: dict[str, str]) -> TrainTransform:
+    """``vitkit train --transform repavit`` (options as ``key=value``): applied before training."""
+    cfg = parse_config(RePaViTConfig, options, "repavit")
+    return TrainTransform(apply=lambda model: apply_repavit(model, cfg))
+
+
 register(
     Technique(
         name="repavit",
@@ -247,7 +253,8 @@ register(
         replay=replay_repavit,
         export=AS_IS,
         family="compress",
-        verb="vitkit train --repavit 0.75",
+        verb="vitkit train --transform repavit:idle=0.75",
+        train=train_transform,
     )
 )
 register(

@@ -4,7 +4,7 @@ fine-tune it through the one loop, and write a new run (nothing is changed in pl
     reduce_tokens_run   vitkit reduce-tokens RUN --method evit|tome ... -o OUT [--finetune N]
     prune_run           vitkit prune RUN --heads 0.25 --mlp 0.3 | --method lpvit|dimap ... -o OUT
     reparam_run         vitkit reparam RUN -o OUT                        (RePaViT inference form)
-    train_compressed    vitkit train ... --exits 4,8 | --repavit 0.75 | --linear-attention
+    train_with_exits    vitkit train ... --exits 4,8   (two-stage training of LGViT exit heads)
     evaluate_exit_run   vitkit evaluate RUN --exit-threshold 0.9
 """
 
@@ -19,12 +19,44 @@ from typing import Any
 from torch import nn
 
 from vitkit import io
-from vitkit.data import DataSplits
+from vitkit.compress.exits import (
+    ExitConfig,
+    ExitDistillObjective,
+    ExitEndToEndObjective,
+    all_exit_logits,
+    apply_exits,
+    evaluate_early_exit,
+    exit_blocks,
+    frozen_backbone,
+)
+from vitkit.compress.prune import (
+    DIMAPConfig,
+    LPViTConfig,
+    StructuredPruneConfig,
+    apply_dimap,
+    apply_lpvit,
+    apply_structured_prune,
+    sparsity_report,
+)
+from vitkit.compress.reparam import reparameterize
+from vitkit.compress.tokens import (
+    EViTConfig,
+    KeepRateSchedule,
+    ToMeConfig,
+    apply_evit,
+    apply_tome,
+    set_keep_rate,
+)
+from vitkit.compress.tokens.evit import check_keep_rate
+from vitkit.data import DataSplits, seed_everything
 from vitkit.errors import VitkitError
 from vitkit.io import write_yaml
-from vitkit.models import count_parameters, get_manifest, model_input_size
+from vitkit.models import count_parameters, get_manifest, model_input_size, num_prefix_tokens
+from vitkit.registry import get_train_transform
 from vitkit.runs import CONFIG, Run, load, new_run_dir, save_model, write_metrics
-from vitkit.train import TrainConfig, evaluate
+from vitkit.stages.common import build_model_for, data_splits_for, evaluation_data, slug
+from vitkit.stages.train import train_model
+from vitkit.train import TrainConfig, evaluate, fit
 from vitkit.train.objectives import Objective
 
 STAGE = "stage.yaml"
@@ -51,6 +83,9 @@ def finetune_config(cfg: TrainConfig, epochs: int, lr: float | None) -> TrainCon
             "epochs": int(epochs),
             "warmup_epochs": 0.0,
             "lr": lr if lr is not None else cfg.resolved_lr() / 4,
+            # the source run's --transform specs are already in the model (and its manifest):
+            # train_model must not apply them a second time
+            "transforms": [],
         }
     )
 
@@ -71,7 +106,6 @@ def derive_run(
 ) -> StageResult:
     """Load ``source``, apply ``transform(model, data)`` (returns facts for metrics.json), evaluate it
     off the shelf, fine-tune it ``finetune`` epochs when asked, write the new run to ``output``."""
-    from vitkit.stages.train import train_model
 
     check_output(output, force)
     run = Run.open(source)  # model.json, config.yaml, metrics.json and the data: each read once
@@ -146,8 +180,6 @@ def reduce_tokens_run(
     quiet: bool = True,
 ) -> StageResult:
     """EViT (``keep``, ``at``) or ToMe (``r``, ``prop_attn``) on a run; see :func:`derive_run`."""
-    from vitkit.compress.tokens import EViTConfig, KeepRateSchedule, ToMeConfig, apply_evit, apply_tome
-    from vitkit.compress.tokens.evit import check_keep_rate
 
     if method == "evit":
         check_keep_rate(keep)
@@ -162,7 +194,6 @@ def reduce_tokens_run(
             return [KeepRateSchedule(model, keep, 0.0, shrink)]  # per step: EViT's schedule
 
         def finish(model: nn.Module) -> None:
-            from vitkit.compress.tokens import set_keep_rate
 
             set_keep_rate(model, keep)
 
@@ -205,15 +236,6 @@ def prune_run(
 ) -> StageResult:
     """Structured (``heads``, ``mlp``, ``importance``), LPViT (``flops``, ``block``, ``power``) or
     DIMAP (``sparsity``) pruning of a run; see :func:`derive_run`."""
-    from vitkit.compress.prune import (
-        DIMAPConfig,
-        LPViTConfig,
-        StructuredPruneConfig,
-        apply_dimap,
-        apply_lpvit,
-        apply_structured_prune,
-        sparsity_report,
-    )
 
     def structured(model: nn.Module, data: DataSplits) -> dict:
         before = count_parameters(model)
@@ -256,7 +278,6 @@ def prune_run(
 # -- RePaViT --------------------------------------------------------------------------------------
 def reparam_run(source: str | os.PathLike, output: str | os.PathLike, *, force: bool = False) -> StageResult:
     """The RePaViT inference form of a run trained with the channel-idle FFN (exact, no training)."""
-    from vitkit.compress.reparam import reparameterize
 
     def transform(model: nn.Module, data: DataSplits) -> dict:
         before = count_parameters(model)
@@ -270,55 +291,39 @@ def reparam_run(source: str | os.PathLike, output: str | os.PathLike, *, force: 
 DEFAULT_THRESHOLDS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)
 
 
-def train_compressed(
+def train_with_exits(
     cfg: TrainConfig,
     output: str | os.PathLike,
     *,
-    exits: list[int] | None = None,
+    exits: list[int],
     distill_epochs: int | None = None,
     distill_lr: float | None = None,
-    repavit: float | None = None,
-    linear_attention: bool = False,
     force: bool = False,
     quiet: bool = False,
 ) -> StageResult:
-    """``vitkit train`` with model transforms applied before training: RePaViT's channel-idle FFN,
-    L²ViT linear attention, and/or LGViT exits (two stages: end-to-end, then self-distillation of
-    the exit heads with the backbone frozen, ``distill_epochs`` epochs, default epochs/3)."""
-    from vitkit.data import seed_everything
-    from vitkit.stages.common import build_model_for, data_splits_for
-    from vitkit.stages.train import train_model
-    from vitkit.train import fit
-
+    """``vitkit train --exits``: LGViT exit heads, trained in two stages (end-to-end, then
+    self-distillation of the exit heads with the backbone frozen, ``distill_epochs`` epochs, default
+    epochs/3). Why not a ``--transform``: the second stage is a training run of its own, with its own
+    objective and a frozen backbone, which a transform applied around one loop cannot express.
+    ``cfg.transforms`` that only change the model (``repavit``, ``linear_attention``, ...) are
+    applied first, as ``vitkit train`` applies them."""
     check_output(output, force)
     if cfg.data.startswith(("folder:", "csv:")) and not cfg.img_size:
-        raise VitkitError("--exits/--repavit/--linear-attention with folder:/csv: data need --img-size")
+        raise VitkitError("--exits with folder:/csv: data needs --img-size")
+    transforms = [get_train_transform(spec) for spec in cfg.transforms]
+    for spec, t in zip(cfg.transforms, transforms, strict=True):
+        if t.callbacks is not None or t.finalize is not None:
+            raise VitkitError(
+                f"--exits with --transform {spec}: that transform acts during or after training, and "
+                "--exits trains in two stages of its own; train without one of them"
+            )
     seed_everything(cfg.seed)
     data = data_splits_for(cfg, cfg.img_size)
     seed_everything(cfg.seed)
     model = build_model_for(cfg, data.train.num_classes)
-    if repavit is not None:
-        from vitkit.compress.reparam import RePaViTConfig, apply_repavit
-
-        apply_repavit(model, RePaViTConfig(idle=repavit))
-    if linear_attention:
-        from vitkit.compress.linear_attention import apply_linear_attention
-
-        apply_linear_attention(model)
-    if not exits:
-        run = train_model(cfg, output, model=model, data=data, force=force, quiet=quiet)
-        return StageResult(run.path, run.model, run.metrics)
-
-    from vitkit.compress.exits import (
-        ExitConfig,
-        ExitDistillObjective,
-        ExitEndToEndObjective,
-        all_exit_logits,
-        apply_exits,
-        evaluate_early_exit,
-        frozen_backbone,
-    )
-
+    for t in transforms:
+        model = t.apply(model)
+    cfg = cfg.model_copy(update={"transforms": []})  # applied: train_model must not apply them again
     if data.multilabel:
         raise VitkitError("--exits: early exit by confidence needs single-label data")
     apply_exits(model, ExitConfig(exits=list(exits)))
@@ -340,7 +345,6 @@ def train_compressed(
             }
         )
         grid = tuple(model.patch_embed.grid_size)
-        from vitkit.models import num_prefix_tokens
 
         stage2 = ExitDistillObjective(grid, num_prefix_tokens(model), label_smoothing=cfg.label_smoothing)
         with frozen_backbone(model):
@@ -368,8 +372,6 @@ def evaluate_exit_run(
     batch_size: int = 256,
 ) -> tuple[dict[str, Any], Path]:
     """Per-sample early-exit evaluation of a run with exit heads at ``threshold``."""
-    from vitkit.compress.exits import evaluate_early_exit, exit_blocks
-    from vitkit.stages.common import evaluation_data, slug
 
     if threshold < 0:
         raise VitkitError(f"--exit-threshold must be >= 0 (a softmax confidence), got {threshold}")

@@ -103,11 +103,17 @@ TrainOptions = create_model(
     ),
     repavit=(
         float | None,
-        option(None, help="RePaViT channel-idle FFN with this idle fraction θ, e.g. 0.75"),
+        option(
+            None,
+            help="RePaViT channel-idle FFN with this idle fraction θ, e.g. 0.75 (= --transform repavit:idle=θ)",
+        ),
     ),
     linear_attention=(
         bool,
-        option(False, help="L²ViT linear attention (+ local concentration) in every block"),
+        option(
+            False,
+            help="L²ViT linear attention (+ local concentration) in every block (= --transform linear_attention)",
+        ),
     ),
 )
 TrainOptions.__doc__ = "The options of ``vitkit train``: its own, then one per exposed TrainConfig field."
@@ -136,21 +142,24 @@ def train(o: TrainOptions) -> None:
         if _is_main():  # other ranks find the directory rank 0 made
             check_output(output, "dir", force=o.force)
         cfg = build_config(o.config, **overrides)
-    compressed = o.exits is not None or o.repavit is not None or o.linear_attention
-    if compressed and o.resume is not None:
-        raise VitkitError("--resume does not rebuild --exits/--repavit/--linear-attention models; train anew")
+    # --repavit and --linear-attention are shorthands for their --transform (applied before training)
+    shorthand = ([f"repavit:idle={o.repavit}"] if o.repavit is not None else []) + (
+        ["linear_attention"] if o.linear_attention else []
+    )
+    if shorthand:
+        cfg = type(cfg).model_validate({**cfg.model_dump(), "transforms": [*cfg.transforms, *shorthand]})
+    if o.exits is not None and o.resume is not None:
+        raise VitkitError("--resume does not rebuild --exits models (two training stages); train anew")
     try:
-        if compressed:
+        if o.exits is not None:
             from vitkit.compress._blocks import parse_int_list
-            from vitkit.stages.compress import train_compressed
+            from vitkit.stages.compress import train_with_exits
 
-            run = train_compressed(
+            run = train_with_exits(
                 cfg,
                 output,
-                exits=parse_int_list(o.exits, "--exits") if o.exits is not None else None,
+                exits=parse_int_list(o.exits, "--exits"),
                 distill_epochs=o.exit_epochs,
-                repavit=o.repavit,
-                linear_attention=o.linear_attention,
                 force=o.force,
                 quiet=o.quiet,
             )
