@@ -53,8 +53,8 @@ from vitkit.errors import VitkitError
 from vitkit.io import write_yaml
 from vitkit.models import count_parameters, get_manifest, model_input_size, num_prefix_tokens
 from vitkit.registry import get_train_transform
-from vitkit.runs import CONFIG, Run, load, new_run_dir, save_model, write_metrics
-from vitkit.stages.common import build_model_for, data_splits_for, evaluation_data, slug
+from vitkit.runs import CONFIG, Run, new_run_dir, save_model, write_metrics
+from vitkit.stages.common import build_model_for, data_splits_for, slug
 from vitkit.stages.train import train_model
 from vitkit.train import TrainConfig, evaluate, fit
 from vitkit.train.objectives import Objective
@@ -375,11 +375,12 @@ def evaluate_exit_run(
 
     if threshold < 0:
         raise VitkitError(f"--exit-threshold must be >= 0 (a softmax confidence), got {threshold}")
-    model = load(run)
+    source = Run.open(run)
+    info = source.info
+    model = source.model()
     if not exit_blocks(model):
         raise VitkitError(f"run '{run}' has no exit heads: train it with `vitkit train ... --exits 4,8`")
-    info = model.vitkit_run
-    dataset = evaluation_data(info, data, model_input_size(model)[1])
+    dataset = source.eval_data(data, model_input_size(model)[1])
     metrics = evaluate_early_exit(model, dataset, threshold, batch_size=batch_size)
     out = Path(output) if output else info.path / f"eval-{slug(data or dataset.name)}-exit{threshold:g}"
     out.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,8 @@ from vitkit.distill.teacher import Teacher, load_teacher
 from vitkit.errors import VitkitError
 from vitkit.io import check_output, write_yaml
 from vitkit.models import model_input_size
-from vitkit.runs import load, write_metrics
-from vitkit.stages.common import build_model_for, data_splits_for, evaluation_data, read_train_metrics, slug
+from vitkit.runs import Run, write_metrics
+from vitkit.stages.common import build_model_for, data_splits_for, slug
 from vitkit.stages.train import TrainedRun, train_model
 from vitkit.train import TrainConfig, build_config, evaluate, fit
 from vitkit.train.objectives import Objective
@@ -236,12 +236,13 @@ def evaluate_run_heads(
     """CLS / DIST / mean metrics of a distilled run on its validation split (or ``data``); writes
     ``metrics.json`` into ``output`` (default ``RUN/heads-<data>/``)."""
 
-    model = load(run_dir, device=device)
+    run = Run.open(run_dir)
+    info = run.info
+    model = run.model(device)
     if not has_dist_token(model):
         raise no_dist_token_error(model)
-    info = model.vitkit_run
-    dataset = evaluation_data(info, data, model_input_size(model)[1])
-    counts = read_train_metrics(info.path).get("train_class_counts")
+    dataset = run.eval_data(data, model_input_size(model)[1])
+    counts = run.metrics.get("train_class_counts")
     heads = evaluate_heads(
         model,
         dataset,

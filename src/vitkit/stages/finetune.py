@@ -31,16 +31,16 @@ from vitkit.io import write_yaml
 from vitkit.models import create_model, model_input_size
 from vitkit.pretrain.presets import get_recipe, with_recipe
 from vitkit.progress import console
-from vitkit.runs import load, read_run, write_metrics
+from vitkit.runs import Run, write_metrics
 from vitkit.stages.train import data_splits_for, train_model
 from vitkit.train import build_config
 
 
 def finetune_config(
-    source_dir: str | os.PathLike, overrides: dict[str, Any], recipe: str | None, peft: str | None
+    source_dir: str | os.PathLike | Run, overrides: dict[str, Any], recipe: str | None, peft: str | None
 ):
     """The TrainConfig of a fine-tuning run: the source's architecture, the recipe, the user's flags."""
-    info = read_run(source_dir)
+    info = (source_dir if isinstance(source_dir, Run) else Run.open(source_dir)).info
     if info.manifest.transforms:
         names = ", ".join(t.name for t in info.manifest.transforms)
         raise VitkitError(
@@ -88,8 +88,9 @@ def finetune(
     check_labels_fraction(labels_fraction)
     if peft is not None and peft not in PEFT_METHODS:
         raise VitkitError(f"unknown --peft '{peft}' (expected one of: {', '.join(PEFT_METHODS)})")
-    cfg, recipe_name, _ = finetune_config(source, dict(train or {}), recipe, peft)
-    src = load(source)
+    source_run = Run.open(source)  # model.json read once for the whole stage
+    cfg, recipe_name, _ = finetune_config(source_run, dict(train or {}), recipe, peft)
+    src = source_run.model()
     c, h, _ = model_input_size(src)
     if cfg.in_chans is not None and cfg.in_chans != c:
         raise VitkitError(f"--in-chans {cfg.in_chans}: {source} was pretrained on {c}-channel input")

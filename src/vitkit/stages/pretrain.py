@@ -31,7 +31,7 @@ from vitkit.models import create_model, get_manifest, model_input_size
 from vitkit.pretrain.mae import MAEConfig, MAEObjective, MaskedAutoencoder
 from vitkit.progress import console
 from vitkit.registry import parse_config
-from vitkit.runs import CONFIG, load, new_run_dir, read_run, save_model, write_metrics
+from vitkit.runs import CONFIG, Run, new_run_dir, save_model, write_metrics
 from vitkit.stages.common import data_splits_for
 from vitkit.train import TrainConfig, build_config, fit
 from vitkit.train.evaluate import eval_transform
@@ -57,14 +57,15 @@ def new_encoder(cfg: TrainConfig) -> nn.Module:
 
 def load_source_encoder(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """A plain run's model as the encoder to keep pretraining; its decoder state when it has one."""
-    info = read_run(source)
+    run = Run.open(source)
+    info = run.info
     if info.manifest.transforms:
         names = ", ".join(t.name for t in info.manifest.transforms)
         raise VitkitError(
             f"--from {source}: pretraining continues from a plain encoder, but the run carries transforms "
             f"({names}); merge or drop them first"
         )
-    encoder = load(source)
+    encoder = run.model()
     decoder: dict[str, Any] = {}
     dec_path = Path(source) / DECODER
     if dec_path.is_file():
