@@ -15,7 +15,8 @@ from typing import Any, Literal, Optional
 import typer
 
 from vitkit.cli.options import Arg, Opt
-from vitkit.verbs import Verb, VerbOptions, _extra, field_help, verbs
+from vitkit.config import field_help
+from vitkit.verbs import Verb, VerbOptions, _extra, verbs
 
 
 def _typer_type(annotation: Any) -> Any:
@@ -40,7 +41,7 @@ def _parameters(options: type[VerbOptions]) -> list[inspect.Parameter]:
     params = []
     for name, info in options.model_fields.items():
         extra = _extra(info)
-        help_text = field_help(options, name)
+        help_text = field_help(options, name, show_bool=False)
         required = info.is_required()
         annotation = _typer_type(info.annotation)
         if extra.get("argument"):

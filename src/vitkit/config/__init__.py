@@ -19,12 +19,17 @@ def field_default(config: type[BaseModel], field: str) -> str | None:
     return str(info.default)
 
 
-def field_help(config: type[BaseModel], field: str, extra: str | None = None) -> str:
-    """``description [default: value]`` of a config field (the one place this text is written)."""
+def field_help(
+    config: type[BaseModel], field: str, extra: str | None = None, *, show_bool: bool = True
+) -> str:
+    """``description [default: value]`` of a config field (the one place this text is written).
+    ``show_bool=False``: no default for an on/off flag (typer shows which of its names is the default)."""
     info = config.model_fields[field]
     text = info.description or field.replace("_", " ")
     if extra:
         text = f"{text}; {extra}"
+    if not show_bool and isinstance(info.default, bool):
+        return text
     default = field_default(config, field)
     return f"{text} [default: {default}]" if default not in (None, "[]", "{}") else text
 

@@ -145,15 +145,3 @@ def get_verb(name: str) -> Verb:
     if v is None:
         raise VitkitError(f"unknown verb '{name}' (known: {', '.join(sorted(verbs()))})")
     return v
-
-
-def field_help(options: type[BaseModel], name: str) -> str:
-    """``description [default: value]`` of an options field (the one place this text is written).
-    No default is shown for None (the stage decides; the description says what) nor for an on/off
-    flag (typer shows which of its two names is the default)."""
-    info = options.model_fields[name]
-    text = info.description or name.replace("_", " ")
-    default = info.default
-    if info.is_required() or default is None or isinstance(default, bool) or default in ([], {}):
-        return text
-    return f"{text} [default: {default}]"
