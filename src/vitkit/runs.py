@@ -167,15 +167,22 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
 
 
 def build_from_manifest(manifest: Manifest) -> nn.Module:
-    """Create the base model and replay the recorded transforms (structure only, no weights)."""
+    """Create the base model, wrap it in its dense head if it has one, and replay the recorded
+    transforms (structure only, no weights)."""
     if manifest.transforms:
         check_order([t.name for t in manifest.transforms])  # also: every name is a known technique
     model = create_model(manifest.name, **manifest.kwargs)
+    if manifest.head is not None:
+        from vitkit.models.dense import attach_dense_head
+
+        model = attach_dense_head(model, manifest.head)
     for t in manifest.transforms:
         model = get_transform(t.name)(model, dict(t.config))
     got = get_manifest(model)
     if got is None or [r.name for r in got.transforms] != [t.name for t in manifest.transforms]:
-        set_manifest(model, Manifest(manifest.name, dict(manifest.kwargs), list(manifest.transforms)))
+        set_manifest(
+            model, Manifest(manifest.name, dict(manifest.kwargs), list(manifest.transforms), manifest.head)
+        )
     return model
 
 

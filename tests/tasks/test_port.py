@@ -111,7 +111,9 @@ def test_legacy_run_loads_and_evaluates_to_its_own_metrics(task, tmp_path):
     saved = json.loads((run / "metrics.json").read_text())
     keys = {k for k in saved if k in metrics and k not in VOLATILE}
     assert {"top1", "confusion_matrix"} <= keys if task == "classification" else {"mAP", "mean_auroc"} <= keys
-    assert_same({k: metrics[k] for k in keys}, {k: saved[k] for k in keys}, tol=1e-6 if SAME_CPU else 1e-4)
+    # Off the recording CPU the logits move by ~1e-6, enough to swap two near-tied scores: one swap
+    # moves a per-class AP of this 256-image set by ~1e-4 (seen on an AVX2-only EPYC), so 1e-3 there.
+    assert_same({k: metrics[k] for k in keys}, {k: saved[k] for k in keys}, tol=1e-6 if SAME_CPU else 1e-3)
     written = json.loads((out / "metrics.json").read_text())
     assert written["run"] == str(run)
     assert (out / "confusion_matrix.png").is_file() == (task == "classification")

@@ -128,7 +128,7 @@ def test_task_specs_are_canonical_and_validated():
     assert get_task("retrieval:temperature=0.1,bits=8").spec == "retrieval:bits=8"
     assert TrainConfig(task="multiclass").task == "classification"
     for bad, message in [
-        ("segmentation", "unknown task 'segmentation'"),
+        ("detection3d", "unknown task 'detection3d'"),
         ("retrieval:bits=8,embed_dim=4", "not both"),
         ("retrieval:bitz=8", "unknown field 'bitz'"),
         ("retrieval:bits", "not key=value"),

@@ -33,13 +33,20 @@ class TrainConfig(BaseModel):
     # task
     task: str = Field(
         "classification",
-        description="what to learn: classification, multilabel, retrieval; options as NAME:key=value,... "
-        "(e.g. retrieval:bits=32); multi-label data makes classification multilabel",
+        description="what to learn: classification, multilabel, retrieval, segmentation, change; options as "
+        "NAME:key=value,... (e.g. retrieval:bits=32); multi-label data makes classification multilabel",
+    )
+    head: Literal["linear", "upernet"] | None = Field(
+        None,
+        description="dense tasks (segmentation, change): the decoder head, linear (per patch) or upernet "
+        "(default); more as --task segmentation:pyramid=multilevel,channels=128",
     )
 
     # data
     data: str = Field(
-        "digits", description="dataset URI: digits, fashion-mnist, folder:P, csv:P, npz:P, mosaic:URI"
+        "digits",
+        description="dataset URI: digits, fashion-mnist, folder:P, csv:P, npz:P, mosaic:URI; dense: canvas, "
+        "canvas-change, segfolder:P, pairs:P",
     )
     val_fraction: float = Field(
         0.2,

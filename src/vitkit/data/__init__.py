@@ -1,7 +1,7 @@
 """Data: dataset URIs, in-memory datasets, deterministic splits, batch transforms."""
 
 from vitkit.data.dataset import DataSplits, ImageDataset
-from vitkit.data.sources import VitkitDataWarning, build_mosaic, load_source, parse_uri
+from vitkit.data.sources import VitkitDataWarning, build_mosaic
 from vitkit.data.splits import (
     limit_size,
     load_eval_data,
@@ -10,12 +10,14 @@ from vitkit.data.splits import (
     longtail_subset,
     stratified_split,
 )
-from vitkit.data.transforms import AugmentConfig, BatchTransform, seed_everything
+from vitkit.data.transforms import AugmentConfig, BatchTransform, DenseBatchTransform, seed_everything
+from vitkit.data.uris import load_source, parse_uri
 
 __all__ = [
     "AugmentConfig",
     "BatchTransform",
     "DataSplits",
+    "DenseBatchTransform",
     "ImageDataset",
     "VitkitDataWarning",
     "build_mosaic",

@@ -13,8 +13,11 @@ class ImageDataset:
 
     Attributes:
         images: (N, C, H, W) uint8, C is 1 (grayscale) or 3 (RGB).
-        targets: (N,) int64 class indices, or (N, K) float32 multi-hot for multi-label data.
+        targets: (N,) int64 class indices, (N, K) float32 multi-hot for multi-label data, or
+            (N, H, W) int64 masks of class indices for dense tasks (255: ignore).
         classes: class names, index-aligned with the targets.
+        info: source facts; ``info["pair"]`` marks image pairs stacked on the channel axis (change
+            detection: ``(N, 2C, H, W)``, the first image's channels, then the second's).
         name: the URI the data came from (for reports and error messages).
     """
 
@@ -44,6 +47,16 @@ class ImageDataset:
         return self.targets.ndim == 2
 
     @property
+    def dense(self) -> bool:
+        """Targets are per-pixel class masks (N, H, W)."""
+        return self.targets.ndim == 3
+
+    @property
+    def pair(self) -> bool:
+        """Each sample is two images stacked on the channel axis (change detection)."""
+        return bool(self.info.get("pair", False))
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
@@ -54,15 +67,29 @@ class ImageDataset:
         )
 
     def class_counts(self) -> list[int]:
-        """Samples per class (for multi-label data: positives per class)."""
+        """Samples per class (for multi-label data: positives per class; for masks: pixels per class,
+        ignored pixels left out)."""
         if self.multilabel:
             return [int(c) for c in self.targets.sum(0).tolist()]
+        if self.dense:
+            t = self.targets.flatten()
+            t = t[(t >= 0) & (t < self.num_classes)]
+            return [int(c) for c in torch.bincount(t, minlength=self.num_classes).tolist()]
         return [int(c) for c in torch.bincount(self.targets, minlength=self.num_classes).tolist()]
 
     def label_indices(self) -> torch.Tensor:
-        """A single label per sample (the first positive for multi-label data), for stratification."""
+        """A single label per sample (the first positive for multi-label data; for masks the most
+        frequent class other than class 0, the background, or 0 when there is none), for
+        stratification."""
         if self.multilabel:
             return self.targets.argmax(1)
+        if self.dense:
+            k = self.num_classes
+            t = self.targets.flatten(1)
+            counts = torch.zeros(len(t), k + 1, dtype=torch.long)
+            counts.scatter_add_(1, t.clamp(0, k), torch.ones_like(t))  # ignore (255) -> bin k
+            fg = counts[:, 1:k]
+            return torch.where(fg.sum(1) > 0, fg.argmax(1) + 1, 0)
         return self.targets
 
 

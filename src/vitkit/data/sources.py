@@ -1,14 +1,5 @@
-"""Dataset sources named by URI. Each returns its official splits as in-memory datasets.
-
-| URI              | what                                                                            |
-|------------------|---------------------------------------------------------------------------------|
-| ``digits``       | scikit-learn's bundled UCI handwritten digits: 1,797 real 8x8 images, 10 classes |
-| ``fashion-mnist``| 60k + 10k real 28x28 images from Debian's ``dataset-fashion-mnist`` package      |
-| ``folder:PATH``  | an ImageFolder tree (``PATH/<class>/<image>``; or ``PATH/train`` + ``PATH/val``) |
-| ``csv:PATH``     | image path + label(s) per row; several labels make the set multi-label          |
-| ``npz:PATH``     | arrays ``x`` (images) and ``y`` (labels or multi-hot), optional ``classes``       |
-| ``mosaic:URI``   | 2x2 mosaics of URI's images with multi-hot targets (a multi-label builder)       |
-"""
+"""Dataset readers: the embedded and packaged sets and image-label files on disk (which URI names
+which: vitkit.data.uris)."""
 
 from __future__ import annotations
 
@@ -44,46 +35,10 @@ FASHION_MNIST_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
-SCHEMES = ("digits", "fashion-mnist", "folder:PATH", "csv:PATH", "npz:PATH", "mosaic:URI")
 
 
 class VitkitDataWarning(UserWarning):
     """Data problems that were worked around (e.g. corrupt images skipped)."""
-
-
-def parse_uri(uri: str) -> tuple[str, str]:
-    """Split ``scheme:arg``; plain names (``digits``) have an empty argument."""
-    if uri in ("digits", "fashion-mnist"):
-        return uri, ""
-    scheme, sep, arg = uri.partition(":")
-    if sep and scheme in ("folder", "csv", "npz", "mosaic") and arg:
-        return scheme, arg
-    hint = ""
-    if os.path.isdir(uri):
-        hint = f" (for an image folder write folder:{uri})"
-    elif uri.endswith(".csv") or uri.endswith(".npz"):
-        hint = f" (write {uri.rsplit('.', 1)[1]}:{uri})"
-    raise VitkitError(f"unknown dataset '{uri}': expected one of {', '.join(SCHEMES)}{hint}")
-
-
-def load_source(uri: str, img_size: int | None = None, strict: bool = False) -> dict[str, ImageDataset]:
-    """Load the official splits of a dataset URI: ``{"all": ...}`` or ``{"train": ..., "test": ...}``.
-
-    ``img_size`` resizes files read from disk (folder, csv) at load time; array sources keep their
-    native resolution and are resized per batch.
-    """
-    scheme, arg = parse_uri(uri)
-    if scheme == "digits":
-        return {"all": load_digits()}
-    if scheme == "fashion-mnist":
-        return load_fashion_mnist()
-    if scheme == "folder":
-        return load_folder(arg, img_size=img_size, strict=strict)
-    if scheme == "csv":
-        return {"all": load_csv(arg, img_size=img_size, strict=strict)}
-    if scheme == "npz":
-        return {"all": load_npz(arg)}
-    raise VitkitError(f"'{uri}': mosaic datasets are built by vitkit.data.load_splits, not loaded directly")
 
 
 # -- embedded and packaged datasets -------------------------------------------------------------

@@ -8,7 +8,8 @@ import warnings
 import torch
 
 from vitkit.data.dataset import DataSplits, ImageDataset
-from vitkit.data.sources import VitkitDataWarning, _show, build_mosaic, load_source, parse_uri
+from vitkit.data.sources import VitkitDataWarning, _show, build_mosaic
+from vitkit.data.uris import load_source, parse_uri
 from vitkit.errors import VitkitError
 
 

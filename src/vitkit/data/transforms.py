@@ -193,3 +193,79 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+class DenseBatchTransform:
+    """Images and their masks together: uint8 (B, C, H, W) + int64 (B, H, W) → normalized float
+    images and masks at ``img_size``, with the same geometric augmentation for both.
+
+    Training draws a random scale-crop (area fraction in ``scale``, square, anywhere inside the
+    image), a shift (``translate``) and a horizontal flip per sample, and resamples the image
+    bilinearly and the mask by nearest neighbour (never a blend of two labels); pixels the shifted
+    crop takes from outside the image are ``ignore_index`` in the mask. ``pair`` data (two images
+    stacked on channels) moves both images as one. Evaluation resizes only (``images``); masks keep
+    their resolution there and the task scores predictions at the mask's size.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int],
+        in_chans: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        train: bool = False,
+        augment: AugmentConfig | None = None,
+        ignore_index: int = 255,
+        pair: bool = False,
+    ):
+        self.size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.in_chans = in_chans
+        self.pair = pair
+        one = BatchTransform(img_size, in_chans, mean, std)
+        self.mean = one.mean.repeat(1, 2 if pair else 1, 1, 1)
+        self.std = one.std.repeat(1, 2 if pair else 1, 1, 1)
+        self.train = train
+        self.aug = augment or AugmentConfig()
+        self.ignore_index = ignore_index
+
+    def set_mixup_enabled(self, enabled: bool) -> None:  # the loop's interface; masks are never mixed
+        pass
+
+    def _channels(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.pair:
+            return _adapt_channels(x, self.in_chans)
+        c = x.shape[1] // 2
+        return torch.cat(
+            [_adapt_channels(x[:, :c], self.in_chans), _adapt_channels(x[:, c:], self.in_chans)], 1
+        )
+
+    def images(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = self._channels(x.float().div_(255.0))
+        if tuple(x.shape[-2:]) != self.size:
+            x = _resize(x, self.size)
+        return (x - self.mean) / self.std
+
+    def __call__(
+        self, x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.train:
+            return self.images(x), masks
+        x = self._channels(x.float().div_(255.0))
+        a, b = self.aug, x.shape[0]
+        area = torch.empty(b).uniform_(a.scale[0], a.scale[1], generator=generator)
+        s = area.sqrt().clamp(max=1.0)
+        tx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - s + 2 * a.translate)
+        ty = (torch.rand(b, generator=generator) * 2 - 1) * (1 - s + 2 * a.translate)
+        flip = torch.rand(b, generator=generator) < a.hflip
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0] = torch.where(flip, -s, s)  # a mirrored x axis is the flip
+        theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = s, tx, ty
+        grid = F.affine_grid(theta, [b, 1, *self.size], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # mask + 1, so the zero padding outside the image reads as "no label" (0 -> ignore)
+        m = F.grid_sample(
+            (masks + 1).float()[:, None], grid, mode="nearest", padding_mode="zeros", align_corners=False
+        )
+        m = m[:, 0].round().long() - 1
+        m = torch.where(m < 0, self.ignore_index, m)
+        return (x - self.mean) / self.std, m

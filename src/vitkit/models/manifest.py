@@ -1,7 +1,8 @@
 """The manifest: what a model is made of, so a run directory can rebuild it.
 
-A manifest holds the base model (timm name + construction kwargs) and the ordered list of
-transforms applied to it. It lives on the model as ``model.vitkit_manifest`` and is written to
+A manifest holds the base model (timm name + construction kwargs), the task head a dense model wraps
+it in (``head``: a :class:`vitkit.models.dense.DenseHeadConfig`, absent for image-level models) and
+the ordered list of transforms applied after that. It lives on the model as ``model.vitkit_manifest`` and is written to
 ``model.json``. Transforms record themselves with :func:`record_transform`.
 """
 
@@ -99,13 +100,17 @@ class Manifest:
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     transforms: list[TransformRecord] = field(default_factory=list)
+    head: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "format": FORMAT_VERSION,
             "base": {"name": self.name, "kwargs": copy.deepcopy(self.kwargs)},
-            "transforms": [{"name": t.name, "config": copy.deepcopy(t.config)} for t in self.transforms],
         }
+        if self.head is not None:
+            out["head"] = copy.deepcopy(self.head)
+        out["transforms"] = [{"name": t.name, "config": copy.deepcopy(t.config)} for t in self.transforms]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -116,6 +121,7 @@ class Manifest:
             transforms=[
                 TransformRecord(t["name"], dict(t.get("config", {}))) for t in d.get("transforms", [])
             ],
+            head=dict(d["head"]) if d.get("head") is not None else None,
         )
 
 

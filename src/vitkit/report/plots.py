@@ -53,3 +53,73 @@ def save_confusion_matrix(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def label_colors(n: int) -> np.ndarray:
+    """(n, 3) float RGB colours for class indices: 0 (background) black, then tab20's colours."""
+    plt = pyplot()
+    cmap = plt.get_cmap("tab20")
+    colors = np.array([cmap(i % 20)[:3] for i in range(max(n - 1, 0))]).reshape(-1, 3)
+    return np.concatenate([np.zeros((1, 3)), colors])
+
+
+def save_mask_overlays(
+    images: np.ndarray,
+    truths: np.ndarray,
+    predictions: np.ndarray,
+    classes: list[str],
+    path: str | os.PathLike,
+    *,
+    pair: bool = False,
+    title: str = "",
+    ignore_index: int = 255,
+) -> None:
+    """A grid, one row per sample: the image (both dates for ``pair`` data), the true mask and the
+    predicted mask coloured by class over the image. ``images``: (n, C or 2C, H, W) uint8;
+    ``truths``/``predictions``: (n, h, w) class indices (ignored pixels in grey)."""
+    plt = pyplot()
+    colors = label_colors(len(classes))
+    n = len(images)
+    heads = ["first date", "second date"] if pair else ["image"]
+    heads += ["truth", "prediction"]
+    fig, axes = plt.subplots(
+        max(n, 1), len(heads), figsize=(2.1 * len(heads), 2.1 * max(n, 1) + 0.6), squeeze=False
+    )
+
+    def rgb(img: np.ndarray) -> np.ndarray:
+        x = img.astype(np.float32) / 255.0
+        return np.repeat(x, 3, 0).transpose(1, 2, 0) if x.shape[0] == 1 else x[:3].transpose(1, 2, 0)
+
+    def paint(base: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        h, w = mask.shape
+        if base.shape[:2] != (h, w):  # nearest resample of the image to the mask's grid
+            ys = (np.arange(h) * base.shape[0] / h).astype(int)
+            xs = (np.arange(w) * base.shape[1] / w).astype(int)
+            base = base[ys][:, xs]
+        col = colors[np.clip(mask, 0, len(colors) - 1)]
+        col[mask == ignore_index] = 0.5
+        fg = (mask != 0)[..., None]
+        return np.where(fg, 0.35 * base + 0.65 * col, base)
+
+    for i in range(n):
+        c = images[i].shape[0] // 2 if pair else images[i].shape[0]
+        dates = [rgb(images[i][:c]), rgb(images[i][c:])] if pair else [rgb(images[i])]
+        panels = [*dates, paint(dates[-1], truths[i]), paint(dates[-1], predictions[i])]
+        for j, panel in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(np.clip(panel, 0, 1), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(heads[j], fontsize=9)
+    shown = sorted(set(np.unique(truths).tolist()) | set(np.unique(predictions).tolist()))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[k]) for k in shown if 0 < k < len(classes)]
+    labels = [str(classes[k])[:14] for k in shown if 0 < k < len(classes)]
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.05 if handles else 0, 1, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -106,6 +106,8 @@ def _train_into(
     if model is None:
         seed_everything(cfg.seed)
         model = build_model_for(cfg, task.num_outputs(data))
+        if task.dense:  # the backbone's classifier becomes the task's dense head
+            model = task.build_head(model, task.num_outputs(data))
     callbacks = list(callbacks)
     for t in transforms:
         model = t.apply(model)

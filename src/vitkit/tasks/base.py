@@ -93,6 +93,8 @@ class Task:
     #: keys of :meth:`metrics` that :meth:`validate` reports each epoch (as ``val_<key>``)
     val_metrics: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type[BaseModel]] = NoOptions
+    #: targets are per-pixel masks and the model a dense head (segmentation, change detection)
+    dense: ClassVar[bool] = False
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else self.Options()
@@ -126,6 +128,13 @@ class Task:
 
     def check_config(self, cfg: TrainConfig) -> None:
         """Refuse training options that mean nothing (or something wrong) for this task."""
+
+    def batch_transforms(
+        self, cfg: TrainConfig, model: nn.Module, data: DataSplits
+    ) -> tuple[Any, Any] | None:
+        """The loop's (training, evaluation) batch transforms, or None for the image-label ones
+        (:class:`vitkit.data.BatchTransform`). Dense tasks move images and masks together."""
+        return None
 
     # -- model ---------------------------------------------------------------------------------
     def num_outputs(self, data: DataSplits) -> int:

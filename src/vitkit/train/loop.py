@@ -93,6 +93,8 @@ def task_for_config(cfg: TrainConfig, data: DataSplits) -> Task:
     from vitkit.tasks import resolve_task
 
     task = resolve_task(cfg.task, data)
+    if cfg.head is not None and not task.dense:
+        raise VitkitError(f"--head {cfg.head} is for dense tasks (segmentation, change), not '{task.name}'")
     task.check_data(data)
     task.check_config(cfg)
     return task
@@ -315,20 +317,24 @@ def _set_up(
     task = task or task_for_config(cfg, data)
     objective = objective or task.loss(cfg)
 
-    c, h, w = model_input_size(model)
-    mean, std = model_normalization(model)
-    train_tf = BatchTransform(
-        cfg.img_size or (h, w),
-        c,
-        mean,
-        std,
-        train=True,
-        augment=augment_config(cfg),
-        num_classes=data.train.num_classes,
-        label_smoothing=cfg.label_smoothing,
-        multilabel=data.multilabel,
-    )
-    eval_tf = BatchTransform(cfg.img_size or (h, w), c, mean, std, train=False)
+    transforms = task.batch_transforms(cfg, model, data)
+    if transforms is None:
+        c, h, w = model_input_size(model)
+        mean, std = model_normalization(model)
+        train_tf = BatchTransform(
+            cfg.img_size or (h, w),
+            c,
+            mean,
+            std,
+            train=True,
+            augment=augment_config(cfg),
+            num_classes=data.train.num_classes,
+            label_smoothing=cfg.label_smoothing,
+            multilabel=data.multilabel,
+        )
+        eval_tf = BatchTransform(cfg.img_size or (h, w), c, mean, std, train=False)
+    else:
+        train_tf, eval_tf = transforms
     img_hw = (cfg.img_size, cfg.img_size) if cfg.img_size else None
     precision = resolve_precision(cfg.precision, device, model, img_hw)
 
@@ -651,7 +657,7 @@ class _Bookkeeping:
         if self.s.dist.is_main and not quiet:
             done = (ctx.epoch + 1) * self.s.steps_per_epoch
             left = bars.run_left(done) if ctx.epoch + 1 < self.cfg.epochs else None
-            console.print(_format_row(row, self.cfg.epochs, left))
+            console.print(_format_row(row, self.cfg.epochs, left, self.s.task.headline))
         self.save(ctx, ctx.epoch + 1, 0)
 
 
@@ -775,9 +781,10 @@ def _run_info(elapsed: float, left: float | None) -> str:
     return f"elapsed {format_seconds(elapsed)}  run left {format_seconds(left)}"
 
 
-def _format_row(row: dict, epochs: int, left: float | None = None) -> str:
+def _format_row(row: dict, epochs: int, left: float | None = None, headline: str = "") -> str:
     parts = [f"epoch {row['epoch']:>3}/{epochs}", f"loss {row['train_loss']:.4f}"]
-    for k in ("val_top1", "val_mean_auroc", "val_map_at_r", "val_loss"):
+    # the task's headline metric first; the others for objectives that validate on their own
+    for k in (headline, "val_top1", "val_mean_auroc", "val_map_at_r", "val_loss"):
         if k in row and row[k] is not None and not (isinstance(row[k], float) and math.isnan(row[k])):
             parts.append(f"{k} {row[k]:.4f}")
             break

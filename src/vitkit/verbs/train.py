@@ -173,6 +173,19 @@ def train(o: TrainOptions) -> None:
         print_summary(run.path, run.metrics)
 
 
+def _task_summary_keys(metrics: dict) -> tuple[str, ...]:
+    """The summary keys of the task the metrics name (dense tasks: mIoU, F1, ...)."""
+    spec = metrics.get("task")
+    if not isinstance(spec, str):
+        return ()
+    from vitkit.tasks import get_task
+
+    try:
+        return get_task(spec).summary_keys
+    except VitkitError:  # an unknown task in an old metrics.json: the generic keys still show
+        return ()
+
+
 def print_summary(path: Path, metrics: dict, written: list[str] | None = None) -> None:
     """The metrics table and the files this command wrote: ``written`` (those of them that exist),
     or, for a new run directory, what is in it (which files depend on the task and the options)."""
@@ -184,25 +197,28 @@ def print_summary(path: Path, metrics: dict, written: list[str] | None = None) -
     t = Table(title=f"run {path}", show_header=True)
     t.add_column("metric")
     t.add_column("value", justify="right")
-    for key in (
-        "top1",
-        "top5",
-        "balanced_accuracy",
-        "macro_f1",
-        "ece",
-        "many_shot_accuracy",
-        "medium_shot_accuracy",
-        "few_shot_accuracy",
-        "mean_auroc",
-        "mAP",
-        "map_at_r",
-        "r_precision",
-        "recall_at_1",
-        "recall_at_5",
-        "recall_at_10",
-        "parameters",
-        "train_seconds",
-        "precision",
+    for key in dict.fromkeys(
+        (  # the task's keys first, each once
+            *_task_summary_keys(metrics),
+            "top1",
+            "top5",
+            "balanced_accuracy",
+            "macro_f1",
+            "ece",
+            "many_shot_accuracy",
+            "medium_shot_accuracy",
+            "few_shot_accuracy",
+            "mean_auroc",
+            "mAP",
+            "map_at_r",
+            "r_precision",
+            "recall_at_1",
+            "recall_at_5",
+            "recall_at_10",
+            "parameters",
+            "train_seconds",
+            "precision",
+        )
     ):
         v = metrics.get(key)
         if v is None or (key.endswith("shot_accuracy") and not show_shots):

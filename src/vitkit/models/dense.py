@@ -1,0 +1,334 @@
+"""Dense-prediction models over any plain timm ViT: a feature pyramid from ``forward_intermediates``
+and a head that turns it into per-pixel class logits at the input's size.
+
+- ``linear`` head: the per-patch linear classifier of Strudel et al., "Segmenter: Transformer for
+  Semantic Segmentation" (ICCV 2021) — a 1x1 convolution on the last block's normalised patch
+  tokens, upsampled bilinearly. The baseline.
+- ``upernet`` head: the UperNet decoder of Xiao et al., "Unified Perceptual Parsing for Scene
+  Understanding" (ECCV 2018), as MMSegmentation's ``UPerHead`` builds it (pyramid pooling on the
+  coarsest level, a top-down FPN, all levels fused at the finest), over a four-level pyramid:
+  - ``pyramid=sfp``: the simple feature pyramid of Li et al., "Exploring Plain Vision Transformer
+    Backbones for Object Detection" (ViTDet, ECCV 2022): only the last block's map, rescaled by
+    4, 2, 1 and 1/2 (two stride-2 deconvolutions, one, none, a max-pool), each followed by a 1x1
+    and a 3x3 convolution with LayerNorm;
+  - ``pyramid=multilevel``: four evenly spaced blocks, the first rescaled by 4, the next by 2, 1
+    and 1/2 (MMSegmentation's ``MultiLevelNeck`` for ViT + UperNet), with the same convolutions.
+  Simplifications: ``channels`` defaults to the backbone width clamped to 32-256 (MMSegmentation
+  uses 512 for ViT-B); the pyramid-pooling scales are those of (1, 2, 3, 6) that divide the
+  coarsest map's side, so the pooling is exact and exports to ONNX.
+- Change detection (:class:`ChangeModel`): the same encoder runs on both images of a pair (stacked
+  on the channel axis, shared weights) and the head sees the absolute difference of the two
+  pyramids, level by level: the siamese "difference" baseline of change detection.
+
+The head is part of the model's manifest (``head`` in model.json, validated by
+:class:`DenseHeadConfig`), rebuilt on load before the recorded transforms are replayed: a run is the
+base ViT, its head, then its transforms.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
+
+from vitkit.errors import VitkitError
+from vitkit.models.manifest import MANIFEST_ATTR, Manifest, get_manifest, set_manifest
+
+HEADS = ("linear", "upernet")
+PYRAMIDS = ("sfp", "multilevel")
+_PPM_SCALES = (1, 2, 3, 6)
+STRIDES = (4, 8, 16, 32)  # the pyramid's levels in input pixels, as ViTDet / UperNet use them
+
+
+class DenseHeadConfig(BaseModel):
+    """The head of a dense model, as model.json records it (validated on load)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: Literal["segmentation", "change"] = "segmentation"
+    head: Literal["linear", "upernet"] = "upernet"
+    pyramid: Literal["sfp", "multilevel"] = "sfp"
+    num_classes: int = Field(gt=1, le=255)
+    channels: int = Field(gt=0, le=4096)
+    indices: list[int] = Field(min_length=1, max_length=4)  # backbone blocks feeding the head
+    in_chans: int = Field(gt=0, le=64)  # channels of one image (a change pair has twice as many)
+    ppm_scales: list[int] = Field(default_factory=list, max_length=8)
+    scales: list[float] = Field(default_factory=list, max_length=4)  # pyramid levels / patch grid
+
+    @model_validator(mode="after")
+    def _scales(self) -> DenseHeadConfig:
+        bad = [s for s in self.scales if s not in (4.0, 2.0, 1.0, 0.5, 0.25, 0.125)]
+        if bad:
+            raise ValueError(f"pyramid scale {bad[0]} is not one of 4, 2, 1, 1/2, 1/4, 1/8")
+        if self.head == "upernet" and (
+            len(self.scales) < 2 or (self.pyramid == "multilevel" and len(self.scales) != 4)
+        ):
+            raise ValueError(
+                f"head upernet with pyramid {self.pyramid} takes 2-4 pyramid scales (4 for multilevel)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _levels(self) -> DenseHeadConfig:
+        want = 1 if self.head == "linear" or self.pyramid == "sfp" else 4
+        if len(self.indices) != want:
+            raise ValueError(f"head {self.head} with pyramid {self.pyramid} takes {want} block indices")
+        return self
+
+
+def _vit_parts(model: nn.Module) -> tuple[int, tuple[int, int], int]:
+    """(width, patch grid, depth) of a plain ViT, or a one-line error."""
+    blocks = getattr(model, "blocks", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    width = getattr(model, "embed_dim", None) or getattr(model, "num_features", None)
+    if not hasattr(model, "forward_intermediates") or blocks is None or grid is None or not width:
+        raise VitkitError(
+            f"dense heads need a plain timm ViT (blocks, patch_embed.grid_size, forward_intermediates); "
+            f"{type(model).__name__} has no patch grid"
+        )
+    return int(width), (int(grid[0]), int(grid[1])), len(blocks)
+
+
+def default_head_config(
+    model: nn.Module,
+    num_classes: int,
+    *,
+    task: str = "segmentation",
+    head: str = "upernet",
+    pyramid: str = "sfp",
+    channels: int | None = None,
+) -> DenseHeadConfig:
+    """The head config for ``model``: block indices (last block; or four evenly spaced ones for the
+    multi-level pyramid), channels, pooling scales."""
+    from vitkit.models.factory import model_input_size
+
+    width, grid, depth = _vit_parts(model)
+    patch = model_input_size(model)[1] // grid[0]
+    scales = [patch / s for s in STRIDES if min(grid) * patch / s >= 1 and patch / s in _RESCALE]
+    if head == "linear" or pyramid == "sfp":
+        indices = [depth - 1]
+    else:
+        if depth < 4 or len(scales) < 4:
+            raise VitkitError(
+                f"pyramid 'multilevel' takes four blocks at four strides; the model has {depth} blocks and a "
+                f"{grid[0]}x{grid[1]} patch grid (use pyramid=sfp)"
+            )
+        indices = [round((i + 1) * depth / 4) - 1 for i in range(4)]
+    coarsest = int(min(grid) * min(scales)) if scales else 0
+    if head == "upernet" and len(scales) < 2:
+        raise VitkitError(
+            f"head 'upernet' needs a pyramid of at least two levels; a {grid[0]}x{grid[1]} patch grid of "
+            f"{patch} px patches has {len(scales)} (use head=linear or a larger input)"
+        )
+    return _validated(
+        dict(
+            task=task,
+            head=head,
+            pyramid=pyramid,
+            num_classes=num_classes,
+            channels=channels or min(256, max(32, width)),
+            indices=indices,
+            in_chans=model_input_size(model)[0],
+            ppm_scales=[s for s in _PPM_SCALES if coarsest % s == 0] if head == "upernet" else [],
+            scales=scales if head == "upernet" else [],
+        ),
+        "head",
+    )
+
+
+def _validated(config: dict[str, Any] | DenseHeadConfig, where: str) -> DenseHeadConfig:
+    if isinstance(config, DenseHeadConfig):
+        return config
+    try:
+        return DenseHeadConfig(**config)
+    except (ValidationError, TypeError) as e:
+        from vitkit.registry import format_validation_error
+
+        reason = format_validation_error(e, where) if isinstance(e, ValidationError) else f"{where}: {e}"
+        raise VitkitError(reason) from e
+
+
+# -- building blocks -----------------------------------------------------------------------------
+def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+_RESCALE = (4.0, 2.0, 1.0, 0.5, 0.25, 0.125)
+
+
+def _rescale(width: int, scale: float) -> tuple[nn.Module, int]:
+    """ViTDet's rescaling branch: (module, its output width); coarser than 1/2 pools further."""
+    from timm.layers import LayerNorm2d
+
+    if scale == 4.0:
+        return (
+            nn.Sequential(
+                nn.ConvTranspose2d(width, width // 2, 2, stride=2),
+                LayerNorm2d(width // 2),
+                nn.GELU(),
+                nn.ConvTranspose2d(width // 2, width // 4, 2, stride=2),
+            ),
+            width // 4,
+        )
+    if scale == 2.0:
+        return nn.ConvTranspose2d(width, width // 2, 2, stride=2), width // 2
+    if scale == 1.0:
+        return nn.Identity(), width
+    return nn.MaxPool2d(round(1 / scale)), width
+
+
+class FeaturePyramid(nn.Module):
+    """Levels at strides 4-32 px from one map (``sfp``) or one map per level (``multilevel``)."""
+
+    def __init__(self, width: int, channels: int, levels_in: int, scales: list[float]):
+        super().__init__()
+        from timm.layers import LayerNorm2d
+
+        self.levels_in = levels_in
+        self.rescale = nn.ModuleList()
+        self.out = nn.ModuleList()
+        for scale in scales:
+            branch, w = _rescale(width, scale)
+            self.rescale.append(branch)
+            self.out.append(
+                nn.Sequential(
+                    nn.Conv2d(w, channels, 1, bias=False),
+                    LayerNorm2d(channels),
+                    nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                    LayerNorm2d(channels),
+                )
+            )
+
+    def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        src = maps * len(self.rescale) if self.levels_in == 1 else maps
+        return [out(branch(x)) for x, branch, out in zip(src, self.rescale, self.out)]
+
+
+class UperHead(nn.Module):
+    """UperNet (Xiao et al. 2018) as MMSegmentation's UPerHead: PPM + FPN + fusion + 1x1 classifier."""
+
+    def __init__(self, channels: int, num_classes: int, ppm_scales: list[int], levels: int = 4):
+        super().__init__()
+        self.ppm = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), _conv_bn_relu(channels, channels, 1)) for s in ppm_scales
+        )
+        self.bottleneck = _conv_bn_relu(channels * (1 + len(ppm_scales)), channels, 3)
+        self.lateral = nn.ModuleList(_conv_bn_relu(channels, channels, 1) for _ in range(levels - 1))
+        self.fpn = nn.ModuleList(_conv_bn_relu(channels, channels, 3) for _ in range(levels - 1))
+        self.fuse = _conv_bn_relu(channels * levels, channels, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        top = feats[-1]
+        pooled = [_resize(p(top), top.shape[-2:]) for p in self.ppm]
+        laterals = [lat(f) for lat, f in zip(self.lateral, feats[:-1])]
+        laterals.append(self.bottleneck(torch.cat([top, *pooled], 1)))
+        for i in range(len(laterals) - 1, 0, -1):  # top-down
+            laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[-2:])
+        outs = [conv(x) for conv, x in zip(self.fpn, laterals[:-1])] + [laterals[-1]]
+        size = outs[0].shape[-2:]
+        fused = self.fuse(torch.cat([outs[0], *(_resize(o, size) for o in outs[1:])], 1))
+        return self.classifier(self.dropout(fused))
+
+
+class LinearHead(nn.Module):
+    """Segmenter's linear decoder: one 1x1 convolution on the patch grid."""
+
+    def __init__(self, width: int, num_classes: int):
+        super().__init__()
+        self.classifier = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return self.classifier(feats[-1])
+
+
+def _resize(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+# -- the models ----------------------------------------------------------------------------------
+class DenseModel(nn.Module):
+    """(B, C, H, W) images -> (B, K, H, W) per-pixel class logits: ViT backbone, pyramid, head."""
+
+    def __init__(self, backbone: nn.Module, config: DenseHeadConfig):
+        super().__init__()
+        width, _, _ = _vit_parts(backbone)
+        self.config = config
+        self.backbone = backbone
+        self.num_classes = config.num_classes
+        self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
+        if config.head == "linear":
+            self.neck: nn.Module = nn.Identity()
+            self.decode_head: nn.Module = LinearHead(width, config.num_classes)
+        else:
+            self.neck = FeaturePyramid(width, config.channels, len(config.indices), config.scales)
+            self.decode_head = UperHead(
+                config.channels, config.num_classes, config.ppm_scales, len(config.scales)
+            )
+        from vitkit.models.factory import model_input_size
+
+        # what model_input_size / model_normalization read: the backbone's input, as it is built
+        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
+        self.pretrained_cfg["input_size"] = model_input_size(backbone)
+
+    def backbone_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The chosen blocks' outputs as (B, D, h, w) maps (normalised by the final norm, as timm's
+        ``forward_intermediates(norm=True)`` gives them)."""
+        return self.backbone.forward_intermediates(
+            x, indices=list(self.config.indices), norm=True, output_fmt="NCHW", intermediates_only=True
+        )
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The pyramid the head reads (one map for the linear head)."""
+        maps = self.backbone_features(x)
+        return maps if isinstance(self.neck, nn.Identity) else self.neck(maps)
+
+    def decode(self, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        return _resize(self.decode_head(feats), size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.features(x), tuple(x.shape[-2:]))
+
+
+class ChangeModel(DenseModel):
+    """(B, 2C, H, W) image pairs -> (B, 2, H, W) change logits: a siamese encoder (shared weights)
+    and the head on the absolute difference of the two pyramids."""
+
+    def __init__(self, backbone: nn.Module, config: DenseHeadConfig):
+        super().__init__(backbone, config)
+        _, h, w = self.pretrained_cfg.get("input_size", (config.in_chans, 224, 224))
+        self.pretrained_cfg["input_size"] = (2 * config.in_chans, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config.in_chans
+        if x.shape[1] != 2 * c:
+            raise ValueError(f"expected image pairs with {2 * c} channels (2 x {c}), got {x.shape[1]}")
+        both = self.features(torch.cat([x[:, :c], x[:, c:]], 0))
+        n = len(x)
+        diff = [(f[:n] - f[n:]).abs() for f in both]
+        return self.decode(diff, tuple(x.shape[-2:]))
+
+
+def attach_dense_head(model: nn.Module, config: DenseHeadConfig | dict[str, Any]) -> DenseModel:
+    """Wrap a plain ViT (no classifier) into a dense model; the manifest moves to the wrapper and
+    records the head, so ``vitkit.load`` rebuilds it."""
+    config = _validated(config, "model.json 'head'")
+    manifest = get_manifest(model)
+    if getattr(model, "num_classes", 0):
+        model.reset_classifier(0)
+        if manifest is not None:
+            manifest.kwargs["num_classes"] = 0
+    cls = ChangeModel if config.task == "change" else DenseModel
+    dense = cls(model, config)
+    if manifest is not None:
+        model.__dict__.pop(MANIFEST_ATTR, None)  # one manifest, on the outermost model
+        set_manifest(
+            dense, Manifest(manifest.name, manifest.kwargs, manifest.transforms, head=config.model_dump())
+        )
+    return dense
