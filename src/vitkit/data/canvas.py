@@ -49,6 +49,7 @@ class CanvasOptions(BaseModel):
     min_scale: float = Field(0.25, gt=0, le=1, description="smallest item side, as a fraction of the canvas")
     max_scale: float = Field(0.5, gt=0, le=1, description="largest item side, as a fraction of the canvas")
     source: str = Field("digits", pattern="^(digits|fashion-mnist)$", description="item images")
+    classes: int = Field(10, ge=1, le=10, description="use the source's first N classes only")
     seed: int = Field(0, description="generator seed")
 
     @model_validator(mode="after")
@@ -114,15 +115,17 @@ class ChangePairs:
     semantic_after: torch.Tensor
 
 
-def item_pool(source: str, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(images (M, h, w) float in [0, 1], labels (M,), class names) of one half of the source."""
+def item_pool(source: str, split: str, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(images (M, h, w) float in [0, 1], labels (M,), class names) of one half of the source, its
+    first ``classes`` classes."""
     if source == "digits":
         d = load_digits()
-        half = torch.arange(len(d)) % 2 == (0 if split == "train" else 1)
-        return d.images[half, 0].float() / 255.0, d.targets[half], list(d.classes)
-    sets = load_fashion_mnist()
-    d = sets["train" if split == "train" else "test"]
-    return d.images[:, 0].float() / 255.0, d.targets, list(d.classes)
+        keep = torch.arange(len(d)) % 2 == (0 if split == "train" else 1)
+    else:
+        d = load_fashion_mnist()["train" if split == "train" else "test"]
+        keep = torch.ones(len(d), dtype=torch.bool)
+    keep &= d.targets < classes
+    return d.images[keep, 0].float() / 255.0, d.targets[keep], list(d.classes[:classes])
 
 
 def _draw_item(pool: tuple[torch.Tensor, torch.Tensor], o: CanvasOptions, rng: np.random.Generator) -> Item:
@@ -169,7 +172,7 @@ def _scene(pool, o: CanvasOptions, rng: np.random.Generator) -> list[Item]:
 
 def make_canvases(n: int, options: CanvasOptions, split: str = "train") -> Canvases:
     """``n`` canvases with semantic and instance masks, boxes and labels (deterministic)."""
-    images, labels, names = item_pool(options.source, split)
+    images, labels, names = item_pool(options.source, split, options.classes)
     rng = np.random.default_rng([options.seed, 0 if split == "train" else 1])
     out = Canvases(
         torch.zeros(n, 1, options.size, options.size, dtype=torch.uint8),
@@ -213,7 +216,7 @@ def _change_scene(before: list[Item], pool, o: CanvasOptions, rng: np.random.Gen
 
 def make_change_pairs(n: int, options: CanvasOptions, split: str = "train") -> ChangePairs:
     """``n`` before/after pairs and their change masks (deterministic)."""
-    images, labels, _ = item_pool(options.source, split)
+    images, labels, _ = item_pool(options.source, split, options.classes)
     rng = np.random.default_rng([options.seed, 2 if split == "train" else 3])
     s = options.size
     before = torch.zeros(n, 1, s, s, dtype=torch.uint8)

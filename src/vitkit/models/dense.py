@@ -117,7 +117,7 @@ def default_head_config(
                 f"{grid[0]}x{grid[1]} patch grid (use pyramid=sfp)"
             )
         indices = [round((i + 1) * depth / 4) - 1 for i in range(4)]
-    coarsest = int(min(grid) * min(scales)) if scales else 0
+    coarsest = [int(g * min(scales)) for g in grid] if scales else [0, 0]
     if head == "upernet" and len(scales) < 2:
         raise VitkitError(
             f"head 'upernet' needs a pyramid of at least two levels; a {grid[0]}x{grid[1]} patch grid of "
@@ -132,7 +132,9 @@ def default_head_config(
             channels=channels or min(256, max(32, width)),
             indices=indices,
             in_chans=model_input_size(model)[0],
-            ppm_scales=[s for s in _PPM_SCALES if coarsest % s == 0] if head == "upernet" else [],
+            ppm_scales=[s for s in _PPM_SCALES if all(c % s == 0 for c in coarsest)]
+            if head == "upernet"
+            else [],
             scales=scales if head == "upernet" else [],
         ),
         "head",
@@ -210,10 +212,22 @@ class FeaturePyramid(nn.Module):
 class UperHead(nn.Module):
     """UperNet (Xiao et al. 2018) as MMSegmentation's UPerHead: PPM + FPN + fusion + 1x1 classifier."""
 
-    def __init__(self, channels: int, num_classes: int, ppm_scales: list[int], levels: int = 4):
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        ppm_scales: list[int],
+        coarsest: tuple[int, int],
+        levels: int = 4,
+    ):
         super().__init__()
+        # Adaptive pooling to s x s written as a fixed average pool: the scales divide the coarsest map
+        # (default_head_config), where the two are the same, and only the fixed one exports to ONNX.
         self.ppm = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), _conv_bn_relu(channels, channels, 1)) for s in ppm_scales
+            nn.Sequential(
+                nn.AvgPool2d((coarsest[0] // s, coarsest[1] // s)), _conv_bn_relu(channels, channels, 1)
+            )
+            for s in ppm_scales
         )
         self.bottleneck = _conv_bn_relu(channels * (1 + len(ppm_scales)), channels, 3)
         self.lateral = nn.ModuleList(_conv_bn_relu(channels, channels, 1) for _ in range(levels - 1))
@@ -258,7 +272,7 @@ class DenseModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, config: DenseHeadConfig):
         super().__init__()
-        width, _, _ = _vit_parts(backbone)
+        width, grid, _ = _vit_parts(backbone)
         self.config = config
         self.backbone = backbone
         self.num_classes = config.num_classes
@@ -268,8 +282,13 @@ class DenseModel(nn.Module):
             self.decode_head: nn.Module = LinearHead(width, config.num_classes)
         else:
             self.neck = FeaturePyramid(width, config.channels, len(config.indices), config.scales)
+            coarsest = (int(grid[0] * min(config.scales)), int(grid[1] * min(config.scales)))
+            if any(c % k for c in coarsest for k in config.ppm_scales):
+                raise VitkitError(
+                    f"head ppm_scales {config.ppm_scales} must divide the coarsest map {coarsest[0]}x{coarsest[1]}"
+                )
             self.decode_head = UperHead(
-                config.channels, config.num_classes, config.ppm_scales, len(config.scales)
+                config.channels, config.num_classes, config.ppm_scales, coarsest, len(config.scales)
             )
         from vitkit.models.factory import model_input_size
 
@@ -309,9 +328,10 @@ class ChangeModel(DenseModel):
         c = self.config.in_chans
         if x.shape[1] != 2 * c:
             raise ValueError(f"expected image pairs with {2 * c} channels (2 x {c}), got {x.shape[1]}")
-        both = self.features(torch.cat([x[:, :c], x[:, c:]], 0))
-        n = len(x)
-        diff = [(f[:n] - f[n:]).abs() for f in both]
+        # two passes rather than one over the concatenated batch: slicing that batch in half would trace
+        # its size as a constant and the ONNX graph could not take another batch size
+        before, after = self.features(x[:, :c]), self.features(x[:, c:])
+        diff = [(f - g).abs() for f, g in zip(before, after)]
         return self.decode(diff, tuple(x.shape[-2:]))
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from vitkit.data import BatchTransform, ImageDataset
+from vitkit.data import BatchTransform, DenseBatchTransform, ImageDataset
 from vitkit.models.factory import model_input_size, model_normalization
 
 
@@ -19,9 +19,15 @@ def autocast_context(device: torch.device | str, precision: str):
     return contextlib.nullcontext()
 
 
-def eval_transform(model: nn.Module, img_size: int | None = None) -> BatchTransform:
+def eval_transform(
+    model: nn.Module, img_size: int | None = None, pair: bool = False
+) -> BatchTransform | DenseBatchTransform:
+    """Resize, channels, normalization; ``pair``: image pairs stacked on channels (change detection),
+    each image of a pair adapted and normalized on its own."""
     c, h, w = model_input_size(model)
     mean, std = model_normalization(model)
+    if pair:
+        return DenseBatchTransform(img_size or (h, w), c // 2, mean, std, pair=True)
     return BatchTransform(img_size or (h, w), c, mean, std, train=False)
 
 
@@ -33,12 +39,12 @@ def predict(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
-    transform: BatchTransform | None = None,
+    transform: BatchTransform | DenseBatchTransform | None = None,
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Logits (float32, on the CPU) for every image of ``data``, in order. The model is put in eval mode
     for the call and restored afterwards."""
-    transform = transform or eval_transform(model)
+    transform = transform or eval_transform(model, pair=data.pair)
     was_training = model.training
     model.eval()
     outs = []

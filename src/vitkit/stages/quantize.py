@@ -28,7 +28,7 @@ from vitkit.errors import VitkitError
 from vitkit.io import check_output
 from vitkit.models import get_manifest, model_input_size
 from vitkit.runs import CONFIG, Run
-from vitkit.train import evaluate
+from vitkit.stages.common import run_task
 from vitkit.train.evaluate import eval_transform, predict
 from vitkit.train.precision import bf16_is_fast
 
@@ -123,22 +123,31 @@ def quantize_run(
         )
     if run.config is None:
         raise VitkitError(f"run '{run.path}' has no {CONFIG}: cannot find its training data for calibration")
+    task = run_task(run.info)
+    if task.dense and deploy is not None:
+        raise VitkitError(
+            f"--deploy {deploy} is for image-level tasks for now; quantize the {task.name} run without it "
+            "and export the result with `vitkit export`"
+        )
     model = run.model(device)
     splits = run.splits()
+    # How good the model is for its task (top1, mIoU, change F1, ...), before and after.
+    key = task.quality_key
     # training measured it in fp32 on this validation split (metrics.json says so); else measure it
-    fp_top1 = run.fp32_val_metric("top1")
-    if fp_top1 is None:
-        fp_top1 = evaluate(model, splits.val, device=device)["top1"]
+    fp_value = run.fp32_val_metric(key)
+    if fp_value is None:
+        fp_value = task.evaluate(model, splits.val, device=device)[key]
     qmodel = quantize(copy.deepcopy(model), splits.train, cfg)
     report = getattr(qmodel, REPORT_ATTR)
-    metrics = evaluate(qmodel, splits.val, device=device)
+    metrics = task.evaluate(qmodel, splits.val, device=device)
     summary = {
         "method": cfg.method,
         "w_bits": cfg.w_bits,
         "a_bits": cfg.a_bits,
-        "fp32_top1": fp_top1,
-        "quant_top1": metrics["top1"],
-        "drop_points": 100 * (fp_top1 - metrics["top1"]),
+        "metric": key,
+        f"fp32_{key}": fp_value,
+        f"quant_{key}": metrics[key],
+        "drop_points": 100 * (fp_value - metrics[key]),
         "calibration_seconds": report.seconds,
         "reconstruction_seconds": report.reconstruction_seconds,
         "calibration_images": report.images,

@@ -99,6 +99,12 @@ class Task:
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else self.Options()
 
+    @property
+    def quality_key(self) -> str:
+        """The metrics.json key that says how good a model is for this task (the headline without
+        ``val_``): what compression stages compare before and after."""
+        return self.headline.removeprefix("val_")
+
     # -- identity ------------------------------------------------------------------------------
     @property
     def spec(self) -> str:

@@ -192,13 +192,9 @@ class DenseTask(Task):
         return train, self.eval_transform(model, cfg.img_size)
 
     def eval_transform(self, model: nn.Module, img_size: int | None = None):
-        from vitkit.data import DenseBatchTransform
-        from vitkit.models import model_input_size, model_normalization
+        from vitkit.models.inference import eval_transform
 
-        c, h, w = model_input_size(model)
-        mean, std = model_normalization(model)
-        c = c // 2 if self.pair_data else c
-        return DenseBatchTransform(img_size or (h, w), c, mean, std, pair=self.pair_data)
+        return eval_transform(model, img_size, pair=self.pair_data)
 
     # -- evaluation ----------------------------------------------------------------------------
     def predict(

@@ -116,9 +116,11 @@ def quantize(o: QuantizeOptions) -> None:
         avg_bits=o.avg_bits,
         bit_choices=o.choices,
     )
+    key = summary["metric"]
+    name = {"top1": "top-1", "miou": "mIoU", "change_f1": "change F1"}.get(key, key)
     console.print(
-        f"{summary['method']} W{summary['w_bits']}A{summary['a_bits']} (simulated): top-1 "
-        f"{summary['quant_top1']:.4f} vs fp32 {summary['fp32_top1']:.4f} ({summary['drop_points']:+.2f} pt drop), "
+        f"{summary['method']} W{summary['w_bits']}A{summary['a_bits']} (simulated): {name} "
+        f"{summary[f'quant_{key}']:.4f} vs fp32 {summary[f'fp32_{key}']:.4f} ({summary['drop_points']:+.2f} pt drop), "
         f"calibration {summary['calibration_seconds']:.1f} s"
     )
     if "onnx_int8_top1" in summary:

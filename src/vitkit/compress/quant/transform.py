@@ -65,7 +65,7 @@ def calibration_images(model: nn.Module, data: ImageDataset | torch.Tensor, cfg:
         return data[idx].float()
     from vitkit.train.evaluate import eval_transform
 
-    return eval_transform(model).images(data.images[idx])
+    return eval_transform(model, pair=data.pair).images(data.images[idx])
 
 
 def apply_quantization(model: nn.Module, config: QuantConfig | dict[str, Any]) -> nn.Module:
