@@ -152,6 +152,16 @@ SUITES: tuple[Suite, ...] = (
     ),
     Suite("analysis-s2", "S2 multi-scale linear probe", "bench.analysis:s2"),
     Suite("analysis-mil", "attention MIL on synthetic bags", "bench.analysis:mil"),
+    Suite(
+        "dense-seg",
+        "canvas segmentation: linear vs UperNet head; W8A8 mIoU drop; ONNX parity",
+        "bench.dense:seg",
+    ),
+    Suite(
+        "dense-change",
+        "canvas change detection: siamese ViT baseline vs change heads (F1)",
+        "bench.dense:change",
+    ),
 )
 
 
