@@ -5,7 +5,8 @@ with the same data, model, epochs and seed:
                 simple feature pyramid, on the same plain ViT; then W8A8 of the UperNet run (mIoU before
                 and after) and its ONNX export parity.
   dense-change: change detection on ``canvas-change`` — the siamese plain-ViT difference baseline
-                (UperNet over |pyramid(A) - pyramid(B)|) and the other change heads.
+                (UperNet over |pyramid(A) - pyramid(B)|, cross-entropy) vs ChangeViT (detail CNN,
+                feature injector, difference decoder, BCE + Dice) on the same ViT.
 
     python -m bench dense-seg             # the recorded run
     python -m bench dense-seg --quick     # smoke: one seed, 1 epoch, small sets
@@ -31,7 +32,11 @@ from bench.harness import OUT_DIR, Output, Table, log
 MODEL = "vitkit_micro_p4_16"
 QUICK = {"seeds": [0], "epochs": 1, "train": 64, "val": 32}
 SEG_ARMS = {"linear": {"head": "linear"}, "upernet": {"head": "upernet"}}
-CHANGE_ARMS = {"siamese-upernet": {"task": "change"}}
+# ChangeViT's detail CNN at a quarter of the official widths (16/32/64 for 64/128/256): CPU scale
+CHANGE_ARMS = {
+    "siamese-upernet": {"task": "change"},
+    "changevit": {"task": "change:head=changevit,detail_width=16"},
+}
 
 
 def add_arguments(p) -> None:

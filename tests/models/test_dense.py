@@ -86,3 +86,71 @@ def test_heads_refuse_what_they_cannot_decode():
     cnn = create_model("resnet10t", num_classes=0)
     with pytest.raises(VitkitError, match="dense heads need a plain timm ViT"):
         default_head_config(cnn, 3)
+
+
+# -- ChangeViT against a re-implementation of the official code (tests/models/changevit_reference.py) --
+def _reference():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "changevit_reference", Path(__file__).parent / "changevit_reference.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_changevit_decoder_and_detail_capture_match_the_official_logic():
+    ref = _reference()
+
+    from vitkit.models.changevit import ChangeDecoder, DetailCapture, bce_dice_loss
+
+    torch.manual_seed(0)
+    dims = (8, 16, 32, 32)  # CNN widths, ViT width; 8x8 tokens of a 128 px image at patch 16
+    theirs, ours = ref.Decoder(in_dim=dims, num_heads=8), ChangeDecoder(dims, num_heads=8)
+    ours.load_state_dict(theirs.state_dict())  # the official names: their weights load as they are
+    cnn_ref, cnn = ref.DetailCapture(stem=8, widths=dims[:3]), DetailCapture(3, dims[:3])
+    cnn.load_state_dict(cnn_ref.state_dict())
+    for m in (theirs, ours, cnn_ref, cnn):
+        m.eval()
+    a, b = torch.randn(2, 3, 128, 128), torch.randn(2, 3, 128, 128)
+    va, vb = torch.randn(2, 32, 8, 8), torch.randn(2, 32, 8, 8)  # the ViT maps
+    with torch.no_grad():
+        fa, fb = [*cnn(a), va], [*cnn(b), vb]
+        for got, want in zip(fa, [*cnn_ref(a), va]):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        z = ours(fa, fb)
+        prob = theirs(fa, fb)
+    assert z.shape == prob.shape == (2, 1, 128, 128)
+    torch.testing.assert_close(torch.sigmoid(z), prob, rtol=0, atol=1e-6)
+    # the loss: BCE + 1 - batch Dice, as the official one on probabilities
+    t = (torch.rand(2, 128, 128) < 0.2).long()
+    want = ref.bce_dice_loss(prob, t[:, None].float())
+    torch.testing.assert_close(bce_dice_loss(z[:, 0], t), want, rtol=0, atol=1e-5)
+    # ignored pixels leave both terms
+    t_ign = t.clone()
+    t_ign[:, :64] = 255
+    want = ref.bce_dice_loss(prob[..., 64:, :], t[:, None, 64:].float())
+    torch.testing.assert_close(bce_dice_loss(z[:, 0], t_ign), want, rtol=0, atol=1e-5)
+
+
+def test_changevit_model_saves_loads_and_thresholds_like_the_paper(tmp_path):
+    from vitkit.models.dense import ChangeViTModel
+
+    torch.manual_seed(0)
+    m = create_model("vitkit_micro_p4_16", num_classes=2, img_size=32)
+    m = attach_dense_head(m, default_head_config(m, 2, task="change", head="changevit", detail_width=8))
+    assert isinstance(m, ChangeViTModel)
+    m.eval()
+    x = torch.randn(2, 6, 32, 32)
+    with torch.no_grad():
+        y = m(x)
+    assert y.shape == (2, 2, 32, 32) and torch.equal(y[:, 0], torch.zeros_like(y[:, 0]))
+    # argmax is the official sigmoid(z) > 0.5
+    assert torch.equal(y.argmax(1), (torch.sigmoid(y[:, 1]) > 0.5).long())
+    vitkit.save_model(tmp_path / "run", m, classes=["unchanged", "changed"], task="change:head=changevit")
+    loaded = vitkit.load(tmp_path / "run")
+    torch.testing.assert_close(loaded(x), y, rtol=0, atol=1e-6)
+    with pytest.raises(VitkitError, match="change task"):
+        default_head_config(m.backbone, 3, task="segmentation", head="changevit")

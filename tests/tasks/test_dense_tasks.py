@@ -194,3 +194,14 @@ def test_dense_tasks_are_registered_with_their_contract():
     assert seg.quality_key == "miou" and change.quality_key == "change_f1"
     with pytest.raises(VitkitError, match="head"):
         get_task("segmentation:head=maskformer")
+
+
+@pytest.mark.slow
+def test_changevit_learns_change_masks(tmp_path):
+    """ChangeViT (small detail CNN) with its BCE + Dice loss, on the same pairs as the baseline."""
+    out = _train(tmp_path / "cvit", "change:head=changevit,detail_width=8", CHANGE_DATA)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "change:detail_width=8,head=changevit"
+    assert m["change_f1"] > 0.4, m["change_f1"]
+    doc = json.loads((out / "model.json").read_text())
+    assert doc["head"]["head"] == "changevit" and doc["head"]["detail_channels"] == [8, 16, 32]

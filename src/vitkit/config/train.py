@@ -36,10 +36,10 @@ class TrainConfig(BaseModel):
         description="what to learn: classification, multilabel, retrieval, segmentation, change; options as "
         "NAME:key=value,... (e.g. retrieval:bits=32); multi-label data makes classification multilabel",
     )
-    head: Literal["linear", "upernet"] | None = Field(
+    head: Literal["linear", "upernet", "changevit"] | None = Field(
         None,
-        description="dense tasks (segmentation, change): the decoder head, linear (per patch) or upernet "
-        "(default); more as --task segmentation:pyramid=multilevel,channels=128",
+        description="dense tasks (segmentation, change): the decoder head, linear (per patch), upernet "
+        "(default) or changevit (change only); more as --task segmentation:pyramid=multilevel,channels=128",
     )
 
     # data

@@ -37,7 +37,7 @@ from torch import nn
 from vitkit.errors import VitkitError
 from vitkit.models.manifest import MANIFEST_ATTR, Manifest, get_manifest, set_manifest
 
-HEADS = ("linear", "upernet")
+HEADS = ("linear", "upernet", "changevit")
 PYRAMIDS = ("sfp", "multilevel")
 _PPM_SCALES = (1, 2, 3, 6)
 STRIDES = (4, 8, 16, 32)  # the pyramid's levels in input pixels, as ViTDet / UperNet use them
@@ -49,7 +49,7 @@ class DenseHeadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: Literal["segmentation", "change"] = "segmentation"
-    head: Literal["linear", "upernet"] = "upernet"
+    head: Literal["linear", "upernet", "changevit"] = "upernet"
     pyramid: Literal["sfp", "multilevel"] = "sfp"
     num_classes: int = Field(gt=1, le=255)
     channels: int = Field(gt=0, le=4096)
@@ -57,6 +57,16 @@ class DenseHeadConfig(BaseModel):
     in_chans: int = Field(gt=0, le=64)  # channels of one image (a change pair has twice as many)
     ppm_scales: list[int] = Field(default_factory=list, max_length=8)
     scales: list[float] = Field(default_factory=list, max_length=4)  # pyramid levels / patch grid
+    detail_channels: list[int] = Field(default_factory=list, max_length=3)  # changevit's CNN widths
+
+    @model_validator(mode="after")
+    def _changevit(self) -> DenseHeadConfig:
+        if self.head == "changevit":
+            if self.task != "change":
+                raise ValueError("head changevit is a change-detection head (task change)")
+            if len(self.detail_channels) != 3 or any(c % 4 or c > 2048 for c in self.detail_channels):
+                raise ValueError("head changevit takes three detail_channels, each a multiple of 4")
+        return self
 
     @model_validator(mode="after")
     def _scales(self) -> DenseHeadConfig:
@@ -100,6 +110,7 @@ def default_head_config(
     head: str = "upernet",
     pyramid: str = "sfp",
     channels: int | None = None,
+    detail_width: int = 64,
 ) -> DenseHeadConfig:
     """The head config for ``model``: block indices (last block; or four evenly spaced ones for the
     multi-level pyramid), channels, pooling scales."""
@@ -108,7 +119,12 @@ def default_head_config(
     width, grid, depth = _vit_parts(model)
     patch = model_input_size(model)[1] // grid[0]
     scales = [patch / s for s in STRIDES if min(grid) * patch / s >= 1 and patch / s in _RESCALE]
-    if head == "linear" or pyramid == "sfp":
+    if head == "changevit":
+        if task != "change":
+            raise VitkitError("head 'changevit' is for the change task (--task change)")
+        if width % 8:
+            raise VitkitError(f"head 'changevit' needs a ViT width divisible by 8 (8 heads); {width} is not")
+    if head in ("linear", "changevit") or pyramid == "sfp":
         indices = [depth - 1]
     else:
         if depth < 4 or len(scales) < 4:
@@ -118,7 +134,7 @@ def default_head_config(
             )
         indices = [round((i + 1) * depth / 4) - 1 for i in range(4)]
     coarsest = [int(g * min(scales)) for g in grid] if scales else [0, 0]
-    if head == "upernet" and len(scales) < 2:
+    if head == "upernet" and len(scales) < 2:  # changevit and linear need no pyramid
         raise VitkitError(
             f"head 'upernet' needs a pyramid of at least two levels; a {grid[0]}x{grid[1]} patch grid of "
             f"{patch} px patches has {len(scales)} (use head=linear or a larger input)"
@@ -136,6 +152,7 @@ def default_head_config(
             if head == "upernet"
             else [],
             scales=scales if head == "upernet" else [],
+            detail_channels=[detail_width, 2 * detail_width, 4 * detail_width] if head == "changevit" else [],
         ),
         "head",
     )
@@ -277,9 +294,16 @@ class DenseModel(nn.Module):
         self.backbone = backbone
         self.num_classes = config.num_classes
         self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
-        if config.head == "linear":
+        if config.head == "changevit":
+            from vitkit.models.changevit import ChangeDecoder, DetailCapture
+
+            c2, c3, c4 = config.detail_channels
             self.neck: nn.Module = nn.Identity()
-            self.decode_head: nn.Module = LinearHead(width, config.num_classes)
+            self.detail = DetailCapture(config.in_chans, (c2, c3, c4))
+            self.decode_head: nn.Module = ChangeDecoder((c2, c3, c4, width))
+        elif config.head == "linear":
+            self.neck = nn.Identity()
+            self.decode_head = LinearHead(width, config.num_classes)
         else:
             self.neck = FeaturePyramid(width, config.channels, len(config.indices), config.scales)
             coarsest = (int(grid[0] * min(config.scales)), int(grid[1] * min(config.scales)))
@@ -335,6 +359,22 @@ class ChangeModel(DenseModel):
         return self.decode(diff, tuple(x.shape[-2:]))
 
 
+class ChangeViTModel(ChangeModel):
+    """ChangeViT (Zhu et al. 2024; ``vitkit.models.changevit``): ViT + detail-capture CNN per date,
+    feature injector, difference decoder. Outputs ``[0, z]`` per pixel (z: the change score before
+    the sigmoid), so argmax is the official threshold sigmoid(z) > 0.5."""
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [*self.detail(x), self.backbone_features(x)[-1]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config.in_chans
+        if x.shape[1] != 2 * c:
+            raise ValueError(f"expected image pairs with {2 * c} channels (2 x {c}), got {x.shape[1]}")
+        z = _resize(self.decode_head(self.encode(x[:, :c]), self.encode(x[:, c:])), tuple(x.shape[-2:]))
+        return torch.cat([torch.zeros_like(z), z], 1)
+
+
 def attach_dense_head(model: nn.Module, config: DenseHeadConfig | dict[str, Any]) -> DenseModel:
     """Wrap a plain ViT (no classifier) into a dense model; the manifest moves to the wrapper and
     records the head, so ``vitkit.load`` rebuilds it."""
@@ -344,7 +384,13 @@ def attach_dense_head(model: nn.Module, config: DenseHeadConfig | dict[str, Any]
         model.reset_classifier(0)
         if manifest is not None:
             manifest.kwargs["num_classes"] = 0
-    cls = ChangeModel if config.task == "change" else DenseModel
+    cls = (
+        ChangeViTModel
+        if config.head == "changevit"
+        else ChangeModel
+        if config.task == "change"
+        else DenseModel
+    )
     dense = cls(model, config)
     if manifest is not None:
         model.__dict__.pop(MANIFEST_ATTR, None)  # one manifest, on the outermost model

@@ -1,5 +1,9 @@
 """Change detection: two images of one place in, a change mask out (class 1: changed).
 
+Heads: the siamese difference baseline (``upernet`` / ``linear`` over |pyramid(A) - pyramid(B)|) and
+ChangeViT (``--head changevit``: Zhu et al., "ChangeViT: Unleashing Plain Vision Transformers for Change
+Detection", 2024; ``vitkit.models.changevit``), trained with its BCE + Dice loss by default.
+
 Samples are image pairs stacked on the channel axis (``(N, 2C, H, W)``: the first date's channels,
 then the second's; ``pairs:PATH`` in the LEVIR-CD layout or the generated ``canvas-change``). The
 model (``vitkit.models.dense.ChangeModel``) runs one ViT on both dates with shared weights and
@@ -11,13 +15,26 @@ prediction.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from vitkit.tasks.base import ExportSignature, TensorSpec, register_task
-from vitkit.tasks.segmentation import IGNORE_INDEX, DenseTask
+from vitkit.tasks.segmentation import IGNORE_INDEX, DenseOptions, DenseTask
+
+
+class ChangeOptions(DenseOptions):
+    """``--task change:key=value,...``: the segmentation options, ChangeViT's head and the loss."""
+
+    head: Literal["linear", "upernet", "changevit"] = Field(
+        "upernet", description="decoder head (also --head); changevit: Zhu et al. 2024"
+    )
+    detail_width: int = Field(64, ge=4, le=512, multiple_of=4, description="changevit: CNN widths w, 2w, 4w")
+    loss: Literal["auto", "ce", "bce_dice"] = Field(
+        "auto", description="per-pixel loss: auto = bce_dice for changevit (its paper), ce otherwise"
+    )
 
 
 def change_metrics(preds: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
@@ -52,6 +69,14 @@ class ChangeTask(DenseTask):
     summary_keys = ("change_f1", "change_precision", "change_recall", "change_iou", "pixel_accuracy")
     headline = "val_change_f1"
     val_metrics = ("change_f1", "change_iou")
+    Options = ChangeOptions
+
+    @property
+    def pixel_loss(self) -> str:
+        o = self.options
+        if o.loss == "auto":
+            return "bce_dice" if o.head == "changevit" else "ce"
+        return o.loss
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor, **_: Any) -> dict[str, Any]:
         out = change_metrics(outputs, targets)

@@ -51,15 +51,29 @@ class DenseOptions(BaseModel):
 
 
 class DenseObjective(Objective):
-    """Per-pixel cross-entropy; pixels labelled ``ignore_index`` carry no loss."""
+    """Per-pixel cross-entropy (``loss="ce"``); pixels labelled ``ignore_index`` carry no loss.
+    ``loss="bce_dice"`` (two classes): ChangeViT's BCE + batch Dice on the binary score
+    ``logits[:, 1] - logits[:, 0]`` (``vitkit.models.changevit.bce_dice_loss``)."""
 
-    def __init__(self, task: str, ignore_index: int = IGNORE_INDEX, class_weights: list[float] | None = None):
+    def __init__(
+        self,
+        task: str,
+        ignore_index: int = IGNORE_INDEX,
+        class_weights: list[float] | None = None,
+        loss: str = "ce",
+    ):
         self.task = task
         self.ignore_index = ignore_index
         self.class_weights = class_weights
+        self.loss = loss
 
     def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> ObjectiveOutput:
         logits = model(images)
+        if self.loss == "bce_dice":
+            from vitkit.models.changevit import bce_dice_loss
+
+            z = logits[:, 1].float() - logits[:, 0].float()
+            return ObjectiveOutput(bce_dice_loss(z, targets, self.ignore_index))
         weight = None
         if self.class_weights is not None:
             weight = torch.tensor(self.class_weights, device=logits.device, dtype=torch.float32)
@@ -154,15 +168,23 @@ class DenseTask(Task):
                 "ViT's full token grid, which token reduction or a changed block would break"
             )
         if cfg.head is not None and cfg.head != self.options.head:
-            self.options = self.options.model_copy(update={"head": cfg.head})
+            from pydantic import ValidationError
+
+            try:  # validated: --head changevit is not a segmentation head
+                self.options = type(self.options)(**{**self.options.model_dump(), "head": cfg.head})
+            except ValidationError as e:
+                from vitkit.registry import format_validation_error
+
+                raise VitkitError(format_validation_error(e, f"--head for task '{self.name}'")) from e
 
     # -- model ---------------------------------------------------------------------------------
     def build_head(self, model: nn.Module, num_outputs: int) -> nn.Module:
         from vitkit.models.dense import attach_dense_head, default_head_config
 
         o = self.options
+        extra = {"detail_width": o.detail_width} if hasattr(o, "detail_width") else {}
         cfg = default_head_config(
-            model, num_outputs, task=self.name, head=o.head, pyramid=o.pyramid, channels=o.channels
+            model, num_outputs, task=self.name, head=o.head, pyramid=o.pyramid, channels=o.channels, **extra
         )
         return attach_dense_head(model, cfg)
 
@@ -177,7 +199,11 @@ class DenseTask(Task):
     # -- training ------------------------------------------------------------------------------
     def loss(self, cfg: TrainConfig) -> Objective:
         self.check_config(cfg)
-        return DenseObjective(self.name)
+        return DenseObjective(self.name, loss=self.pixel_loss)
+
+    @property
+    def pixel_loss(self) -> str:
+        return "ce"
 
     def batch_transforms(self, cfg: TrainConfig, model: nn.Module, data: DataSplits):
         from vitkit.data import AugmentConfig, DenseBatchTransform
