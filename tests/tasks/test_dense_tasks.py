@@ -205,3 +205,14 @@ def test_changevit_learns_change_masks(tmp_path):
     assert m["change_f1"] > 0.4, m["change_f1"]
     doc = json.loads((out / "model.json").read_text())
     assert doc["head"]["head"] == "changevit" and doc["head"]["detail_channels"] == [8, 16, 32]
+
+
+def test_report_shows_the_dense_run(seg_run, tmp_path):
+    from vitkit.stages.report import build_report
+
+    text, _ = build_report([seg_run])
+    m = json.loads((seg_run / "metrics.json").read_text())
+    assert "<th>miou</th>" in text  # the summary column is the task's quality metric
+    assert f"miou {m['miou']:.4f}" in text
+    assert "segmentation head</td><td>upernet" in text  # the lineage shows the head
+    assert "overlays: image, truth, prediction" in text and text.count("data:image/png;base64") >= 3

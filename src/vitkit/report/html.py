@@ -37,6 +37,12 @@ class RunData:
     export: dict[str, Any] | None = None
     bench: dict[str, Any] | None = None
     analyses: dict[str, list[tuple[Path, dict[str, Any]]]] = field(default_factory=dict)
+    #: the run's task: its quality metric (summary column, curves) and the metrics its table leads with
+    quality_key: str = "top1"
+    metric_keys: tuple[str, ...] = ()
+    #: figures the task wrote into the run (title, PNG), e.g. segmentation overlays
+    figures: list[tuple[str, Path]] = field(default_factory=list)
+    head: dict[str, Any] | None = None  # a dense model's head (model.json "head")
 
 
 # -- figures ----------------------------------------------------------------------------------------
@@ -62,7 +68,7 @@ def _plt():
     return plt
 
 
-def curves_png(history: list[dict[str, str]]) -> str | None:
+def curves_png(history: list[dict[str, str]], quality_key: str = "top1") -> str | None:
     def col(name: str) -> list[float]:
         return [float(r[name]) for r in history if r.get(name) not in (None, "")]
 
@@ -77,7 +83,7 @@ def curves_png(history: list[dict[str, str]]) -> str | None:
             axes[0].plot(ep, v, label=key)
     axes[0].set_xlabel("epoch")
     axes[0].legend()
-    for key in ("val_top1", "val_balanced_accuracy"):
+    for key in dict.fromkeys((f"val_{quality_key}", "val_top1", "val_balanced_accuracy")):
         v = col(key) if key in history[0] else []
         if len(v) == len(ep):
             axes[1].plot(ep, v, label=key)
@@ -197,18 +203,24 @@ def _section(sid: str, title: str, body: str) -> str:
 
 def _run_sections(r: RunData) -> str:
     out = []
-    lineage = [[0, "base", r.model, ""]] + [
-        [i + 1, "transform", t["name"], ", ".join(f"{k}={v}" for k, v in t["config"].items())]
+    lineage = [[0, "base", r.model, ""]]
+    if r.head:
+        cfg = {k: v for k, v in r.head.items() if k not in ("head", "task")}
+        lineage.append([1, f"{r.head.get('task', '')} head", r.head.get("head", ""),
+                        ", ".join(f"{k}={v}" for k, v in cfg.items())])  # fmt: skip
+    lineage += [
+        [len(lineage) + i, "transform", t["name"], ", ".join(f"{k}={v}" for k, v in t["config"].items())]
         for i, t in enumerate(r.transforms)
     ]
     out.append(_section(f"lineage-{r.label}", "lineage", _table(["#", "step", "name", "config"], lineage)))
-    curves = curves_png(r.history)
+    curves = curves_png(r.history, r.quality_key)
     if curves:
         out.append(_section(f"curves-{r.label}", "training curves", _img(curves, "training curves")))
     m = r.metrics
     if m:
-        keys = ("top1", "top5", "balanced_accuracy", "macro_f1", "ece", "many_shot_accuracy",
-                "medium_shot_accuracy", "few_shot_accuracy", "mean_auroc", "mAP", "parameters", "n")  # fmt: skip
+        keys = dict.fromkeys((*r.metric_keys, "top1", "top5", "balanced_accuracy", "macro_f1", "ece",
+                              "many_shot_accuracy", "medium_shot_accuracy", "few_shot_accuracy", "mean_auroc",
+                              "mAP", "parameters", "n"))  # fmt: skip
         body = _table(["metric", "value"], [[k, m[k]] for k in keys if m.get(k) is not None])
         if m.get("per_class_accuracy"):
             body += _img(per_class_png(m["per_class_accuracy"], m.get("classes", [])), "per-class accuracy")
@@ -216,6 +228,10 @@ def _run_sections(r: RunData) -> str:
         if m.get("confusion_matrix"):
             png = confusion_png(m["confusion_matrix"], m.get("classes", []))
             out.append(_section(f"confusion-{r.label}", "confusion matrix", _img(png, "confusion matrix")))
+    for title, png_path in r.figures:
+        if png_path.is_file():
+            png = base64.b64encode(png_path.read_bytes()).decode()
+            out.append(_section(f"{png_path.stem}-{r.label}", title, _img(png, title)))
     if r.export:
         rows = _scalars(r.export) + [[f"int8 {k}", v] for k, v in (r.export.get("int8") or {}).items()]
         out.append(_section(f"export-{r.label}", "export (ONNX)", _table(["field", "value"], rows)))
@@ -254,6 +270,11 @@ margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-al
 td:first-child,th:first-child{text-align:left}.flag{color:#b00;font-weight:bold}img{max-width:100%}"""
 
 
+def _quality(d: RunData) -> Any:
+    v = d.metrics.get(d.quality_key)
+    return v if v is None or d.quality_key == "top1" else f"{d.quality_key} {v:.4f}"
+
+
 def render_report(data: list[RunData], title: str = "vitkit report") -> tuple[str, list[str]]:
     """The HTML text and the warnings (e.g. runs on different datasets) for these runs' data."""
     if not data:
@@ -276,12 +297,14 @@ def render_report(data: list[RunData], title: str = "vitkit report") -> tuple[st
             best = min(d.bench["results"].items(), key=lambda kv: kv[1]["latency_ms_p50"])
         rows.append([
             d.label, d.model, " → ".join(t["name"] for t in d.transforms) or "—",
-            d.data + (" ⚠ differs" if d.data != ref else ""), d.metrics.get("top1"),
+            d.data + (" ⚠ differs" if d.data != ref else ""), _quality(d),
             d.metrics.get("parameters"),
             (d.export or {}).get("size_bytes"), ((d.export or {}).get("int8") or {}).get("size_bytes"),
             f"{best[0]}: {best[1]['latency_ms_p50']:.3g}" if best else "",
         ])  # fmt: skip
-    header = ["run", "model", "transforms", "data", "top-1", "params", "onnx bytes", "int8 bytes",
+    same = len({d.quality_key for d in data}) == 1
+    quality = ("top-1" if data[0].quality_key == "top1" else data[0].quality_key) if same else "quality"
+    header = ["run", "model", "transforms", "data", quality, "params", "onnx bytes", "int8 bytes",
               "fastest runtime: ms"]  # fmt: skip
     summary = _table(header, rows, cls="summary")
     if warnings:

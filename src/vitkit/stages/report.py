@@ -7,9 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vitkit.errors import VitkitError
 from vitkit.io import check_output, read_json, write_text
 from vitkit.report.html import RunData, render_report
 from vitkit.runs import read_metrics, read_run
+from vitkit.tasks import get_task
 
 
 def collect(run_dir: str | os.PathLike) -> RunData:
@@ -23,6 +25,14 @@ def collect(run_dir: str | os.PathLike) -> RunData:
     for kind in ("attack", "similarity", "attention", "tokens"):
         for j in sorted(p.glob(f"*/{kind}.json")):
             analyses.setdefault(kind, []).append((j, read_json(j)))
+    try:
+        task = get_task(info.task)
+        quality_key, metric_keys = task.quality_key, task.summary_keys
+    except VitkitError:  # a task this vitkit does not know: the generic table still shows
+        quality_key, metric_keys = "top1", ()
+    figures = (
+        [("overlays: image, truth, prediction", p / "overlays.png")] if (p / "overlays.png").is_file() else []
+    )
     return RunData(
         path=p,
         label=p.name,
@@ -34,6 +44,10 @@ def collect(run_dir: str | os.PathLike) -> RunData:
         export=read_json(p / "export.json") if (p / "export.json").is_file() else None,
         bench=read_json(p / "bench.json") if (p / "bench.json").is_file() else None,
         analyses=analyses,
+        quality_key=quality_key,
+        metric_keys=tuple(metric_keys),
+        figures=figures,
+        head=info.manifest.head,
     )
 
 
