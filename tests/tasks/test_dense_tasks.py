@@ -216,3 +216,32 @@ def test_report_shows_the_dense_run(seg_run, tmp_path):
     assert f"miou {m['miou']:.4f}" in text
     assert "segmentation head</td><td>upernet" in text  # the lineage shows the head
     assert "overlays: image, truth, prediction" in text and text.count("data:image/png;base64") >= 3
+
+
+def test_finetune_puts_a_pretrained_encoder_under_the_dense_head(mae_run, tmp_path):
+    """MAE encoder (digits, 16 px) -> segmentation on 32 px canvases: the blocks start from the MAE
+    weights (the position embedding resampled), the head is new; the recipe's mixup/RandAugment are
+    dropped for masks."""
+    import vitkit
+    from vitkit.stages.finetune import finetune
+
+    run = finetune(
+        mae_run,
+        tmp_path / "ft",
+        {
+            "task": "segmentation",
+            "data": "canvas:size=32,classes=3,train=64,val=16",
+            "img_size": 32,
+            "epochs": 1,
+            "lr": 1e-12,
+            "warmup_epochs": 0,
+            "tensorboard": False,
+        },
+        quiet=True,
+    )
+    model, mae = vitkit.load(run.path), vitkit.load(mae_run)
+    assert json.loads((run.path / "model.json").read_text())["head"]["task"] == "segmentation"
+    got, want = model.backbone.blocks[0].attn.qkv.weight, mae.blocks[0].attn.qkv.weight
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # lr 1e-12: still the MAE weights
+    cfg = (run.path / "config.yaml").read_text()
+    assert "mixup: 0.0" in cfg and "randaug: null" in cfg

@@ -320,6 +320,23 @@ class DenseModel(nn.Module):
         self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
         self.pretrained_cfg["input_size"] = model_input_size(backbone)
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups (layer-wise LR decay) of the backbone, under ``backbone.``; the
+        head's parameters match no group, so timm puts them in the last one (no decay), as
+        MMSegmentation's layer decay treats the decoder."""
+        inner = self.backbone.group_matcher(coarse)
+
+        def prefixed(pattern: str) -> str:
+            return r"^backbone\.(?:" + pattern.removeprefix("^") + ")"
+
+        out: dict[str, Any] = {}
+        for key, value in inner.items():
+            if isinstance(value, str):
+                out[key] = prefixed(value)
+            else:
+                out[key] = [(prefixed(pat), layer) for pat, layer in value]
+        return out
+
     def backbone_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The chosen blocks' outputs as (B, D, h, w) maps (normalised by the final norm, as timm's
         ``forward_intermediates(norm=True)`` gives them)."""

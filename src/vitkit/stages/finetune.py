@@ -1,5 +1,6 @@
 """Fine-tune a pretrained run (MAE, ExPLoRA, a supervised run) on labelled data, fully or with a
-parameter-efficient method, into a new classifier run.
+parameter-efficient method, into a new classifier run, or into a dense run (``task`` segmentation or
+change: the pretrained ViT under the task's new head; full fine-tuning only).
 
 The new model is the source's timm architecture (its kwargs: e.g. ``global_pool='avg'`` +
 ``fc_norm`` for MAE encoders) with a fresh head (MAE's ``trunc_normal(std=2e-5)``), loaded with the
@@ -28,12 +29,21 @@ from vitkit.adapt.peft import (
 from vitkit.data import DataSplits
 from vitkit.errors import VitkitError
 from vitkit.io import write_yaml
-from vitkit.models import create_model, model_input_size
+from vitkit.models import create_model, get_manifest, model_input_size
 from vitkit.pretrain.presets import get_recipe, with_recipe
 from vitkit.progress import console
 from vitkit.runs import Run, write_metrics
 from vitkit.stages.train import data_splits_for, train_model
+from vitkit.tasks import resolve_task
 from vitkit.train import build_config
+
+_IMAGE_LABEL_AUGMENTATIONS = ("randaug", "mixup", "cutmix", "reprob", "label_smoothing", "mixup_off_epoch")
+
+
+def _dense_task(spec: str | None) -> bool:
+    from vitkit.tasks import get_task
+
+    return spec is not None and get_task(spec).dense
 
 
 def finetune_config(
@@ -54,6 +64,12 @@ def finetune_config(
     }
     recipe_name = recipe if recipe is not None else ("mae" if peft is None else "none")
     fields = with_recipe(get_recipe(recipe_name).finetune, overrides)
+    if _dense_task(fields.get("task")):
+        # the recipe's image-label augmentations (mixup, RandAugment, ...) mean nothing for masks;
+        # what the user asked for stays (and the task refuses it in one line)
+        for key in _IMAGE_LABEL_AUGMENTATIONS:
+            if key not in overrides:
+                fields.pop(key, None)
     fields.setdefault("model", info.manifest.name)
     if fields["model"] != info.manifest.name:
         raise VitkitError(
@@ -106,6 +122,14 @@ def finetune(
         cfg.model, num_classes=data.train.num_classes, img_size=cfg.img_size, in_chans=c, **kwargs
     )
     notes = load_pretrained_weights(model, src)
+    task = resolve_task(cfg.task, data)
+    if task.dense:  # the pretrained ViT under the task's dense head (segmentation, change)
+        if peft is not None:
+            raise VitkitError(
+                f"--peft {peft}: parameter-efficient fine-tuning of {task.name} heads is not supported yet"
+            )
+        model = task.build_head(model, task.num_outputs(data))
+        notes.append(f"{task.name} head: {get_manifest(model).head['head']} (new, randomly initialised)")
     if peft is not None:
         apply_peft(model, peft, peft_config)
     count = parameter_count(model)

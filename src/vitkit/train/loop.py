@@ -314,6 +314,11 @@ def _set_up(
     dist = init_distributed(device)
     # Not torch's default of one thread per core: that is far slower for small models on a busy machine.
     set_threads_for(model, cfg.threads, quiet=quiet or not dist.is_main)
+    if task is None and getattr(objective, "task", None) == "none":
+        # a label-free objective (MAE): any images will do, whatever their targets are
+        from vitkit.tasks import resolve_task
+
+        task = resolve_task(cfg.task, data)
     task = task or task_for_config(cfg, data)
     objective = objective or task.loss(cfg)
 

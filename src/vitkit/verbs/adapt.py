@@ -185,7 +185,7 @@ def pretrain(o: PretrainOptions) -> None:
 
 
 # -- finetune ------------------------------------------------------------------------------------
-FINETUNE_TRAIN_FIELDS = ("data", "img_size", "epochs", "batch_size", "lr", "weight_decay", "layer_decay",
+FINETUNE_TRAIN_FIELDS = ("data", "task", "head", "hflip", "img_size", "epochs", "batch_size", "lr", "weight_decay", "layer_decay",
                          "drop_path", "randaug", "mixup", "cutmix", "label_smoothing", "warmup_epochs",
                          "scale_min", "translate", "train_size", "val_size", "seed", "threads",
                          "device")  # fmt: skip
@@ -204,6 +204,10 @@ class FinetuneOptions(VerbOptions):
     recipe: str | None = option(None, help="mae | medical-mae | none [default: mae; none with --peft]")
     config: Path | None = option(None, help="YAML of TrainConfig fields")
     data: str | None = _train("data", "dataset URI [default: digits]")
+    task: str | None = _train(
+        "task", "what to learn [default: classification]; segmentation / change fine-tune under a dense head"
+    )
+    head: str | None = _train("head")
     img_size: int | None = _train("img_size", "a new size resamples the position embedding")
     rank: int | None = option(None, help="lora/lora-qv: rank [8]")
     alpha: float | None = option(None, help="lora/lora-qv: alpha [8]")
@@ -224,6 +228,7 @@ class FinetuneOptions(VerbOptions):
     warmup_epochs: float | None = _train("warmup_epochs")
     scale_min: float | None = _train("scale_min")
     translate: float | None = _train("translate")
+    hflip: float | None = _train("hflip")
     train_size: int | None = _train("train_size")
     val_size: int | None = _train("val_size")
     seed: int | None = _train("seed")
