@@ -162,6 +162,11 @@ SUITES: tuple[Suite, ...] = (
         "canvas change detection: siamese ViT baseline vs change heads (F1)",
         "bench.dense:change",
     ),
+    Suite(
+        "dense-comer",
+        "canvas segmentation: ViT-CoMer vs the plain ViT under the same UperNet head",
+        "bench.dense_comer:comer",
+    ),
 )
 
 

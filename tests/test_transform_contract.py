@@ -19,6 +19,7 @@ from torch import nn
 
 import vitkit
 from vitkit.errors import VitkitError
+from vitkit.models.dense import DenseModel
 from vitkit.registry import known_transforms
 
 CLASSES = [str(i) for i in range(10)]
@@ -125,6 +126,15 @@ def _linear_attention(m, data):
     return apply_linear_attention(m)
 
 
+def _vit_comer(m, data):
+    """A dense transform: the trained ViT under a segmentation head first (issue 19)."""
+    from vitkit.architecture.comer import apply_vit_comer
+    from vitkit.models.dense import attach_dense_head, default_head_config
+
+    dense = attach_dense_head(m, default_head_config(m, 10))
+    return apply_vit_comer(dense, {"conv_inplane": 8})
+
+
 def _quantize(m, data):
     return vitkit.quantize(m, data.train, method="minmax", w_bits=8, a_bits=8, calib_size=32)
 
@@ -151,6 +161,7 @@ RECIPES: dict[str, Callable[[nn.Module, object], nn.Module]] = {
     "dimap": _dimap,
     "linear_attention": _linear_attention,
     "quantize": _quantize,
+    "vit-comer": _vit_comer,
 }
 
 # What "quantize, then export" gives where it is not the INT8 graph: (stage, the reason it names).
@@ -161,6 +172,7 @@ QUANTIZE_THEN_EXPORT_REFUSED = {
         "quantize",
         "cannot quantize a model with transform 'linear_attention': its attention",
     ),
+    "vit-comer": ("quantize", "cannot quantize a model with transform 'vit-comer': its deformable"),
     # their export step merges weights: on a quantized model it would rewrite calibrated weights
     "lora": ("export", "transform 'lora' " + _AFTER_QUANTIZATION),
     "lora-qv": ("export", "transform 'lora-qv' " + _AFTER_QUANTIZATION),
@@ -255,10 +267,12 @@ def test_transform_contract(name, trained_nano, digits, tmp_path):
     torch.testing.assert_close(_outputs(loaded), ref, rtol=0, atol=1e-6)
 
     # timm's feature contract: the final features of forward_intermediates are forward_features
+    # (a dense model's backbone keeps it; the model itself maps images to per-pixel logits)
+    backbone = loaded.backbone if isinstance(loaded, DenseModel) else loaded
     with torch.no_grad():
-        final, inter = loaded.forward_intermediates(X, output_fmt="NLC")
-        feats = loaded.forward_features(X)
-    assert len(inter) == len(loaded.blocks)
+        final, inter = backbone.forward_intermediates(X, output_fmt="NLC")
+        feats = backbone.forward_features(X)
+    assert len(inter) == len(backbone.blocks)
     torch.testing.assert_close(final, feats, rtol=0, atol=1e-6)
 
     # deep copies (timm's EMA, export preparation) compute the same function

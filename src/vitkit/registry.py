@@ -145,6 +145,9 @@ class Technique:
     train: str | TrainTransformFactory | None = None
     family: str = ""  # the package kind: adapt, architecture, compress, distill, analyze, ...
     verb: str = ""  # the command that applies it (docs)
+    # where it applies: "image" (a timm classifier, the default), "dense" (a dense model: a ViT under
+    # a segmentation/change head, vitkit.models.dense), or "any"; dense tasks refuse the others
+    applies_to: str = "image"
     module: str = ""  # filled by register(): where the registration lives
 
     def replay_fn(self) -> ReplayFn:

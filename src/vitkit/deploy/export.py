@@ -105,8 +105,8 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
 
 
 def top1(logits: torch.Tensor, targets: torch.Tensor) -> float | None:
-    """Top-1 accuracy of ``logits``, or None for multi-hot targets."""
-    if targets.ndim != 1:
+    """Top-1 accuracy of ``logits``, or None for multi-hot targets or per-pixel outputs."""
+    if targets.ndim != 1 or logits.ndim != 2:
         return None
     return float((logits.argmax(1) == targets).float().mean())
 

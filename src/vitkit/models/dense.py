@@ -294,6 +294,7 @@ class DenseModel(nn.Module):
         self.backbone = backbone
         self.num_classes = config.num_classes
         self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
+        self.pyramid_encoder: nn.Module | None = None  # set by transforms that build the pyramid
         if config.head == "changevit":
             from vitkit.models.changevit import ChangeDecoder, DetailCapture
 
@@ -345,9 +346,20 @@ class DenseModel(nn.Module):
         )
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The pyramid the head reads (one map for the linear head)."""
+        """The pyramid the head reads (one map for the linear head). A transform may replace how it
+        is made (``pyramid_encoder``: e.g. ViT-CoMer, which runs the backbone's blocks between its
+        own interactions): then ``pyramid_encoder(self.backbone, x)`` gives it."""
+        if self.pyramid_encoder is not None:
+            return self.pyramid_encoder(self.backbone, x)
         maps = self.backbone_features(x)
         return maps if isinstance(self.neck, nn.Identity) else self.neck(maps)
+
+    def pyramid_sizes(self) -> list[tuple[int, int]]:
+        """(h, w) of each level the head reads, at the model's input size."""
+        grid = self.backbone.patch_embed.grid_size
+        if not self.config.scales:
+            return [(int(grid[0]), int(grid[1]))]
+        return [(int(grid[0] * s), int(grid[1] * s)) for s in self.config.scales]
 
     def decode(self, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         return _resize(self.decode_head(feats), size)

@@ -162,11 +162,15 @@ class DenseTask(Task):
             raise VitkitError(
                 f"task '{self.name}' trains with per-pixel cross-entropy; drop --loss {cfg.loss}"
             )
-        if cfg.transforms:
-            raise VitkitError(
-                f"task '{self.name}' takes no --transform yet ({cfg.transforms[0]}): dense heads read the "
-                "ViT's full token grid, which token reduction or a changed block would break"
-            )
+        from vitkit.registry import parse_transform_spec, technique
+
+        for spec in cfg.transforms:  # only those registered for dense models (Technique.applies_to)
+            name = parse_transform_spec(spec)[0]
+            if technique(name).applies_to not in ("dense", "any"):
+                raise VitkitError(
+                    f"task '{self.name}' takes no --transform {name}: dense heads read the ViT's full "
+                    "token grid, which token reduction or an image-classifier transform would break"
+                )
         if cfg.head is not None and cfg.head != self.options.head:
             from pydantic import ValidationError
 
