@@ -245,3 +245,13 @@ def test_finetune_puts_a_pretrained_encoder_under_the_dense_head(mae_run, tmp_pa
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # lr 1e-12: still the MAE weights
     cfg = (run.path / "config.yaml").read_text()
     assert "mixup: 0.0" in cfg and "randaug: null" in cfg
+
+
+def test_dense_models_run_at_the_data_size_unless_told(tmp_path):
+    """No --img-size: the micro preset (16 px) is built at the canvases' 32 px, and config.yaml says so."""
+    out = _train(
+        tmp_path / "s", "segmentation", "canvas:size=32,classes=2,train=16,val=8", epochs=1, img_size=None
+    )
+    doc = json.loads((out / "model.json").read_text())
+    assert doc["base"]["kwargs"]["img_size"] == 32
+    assert "img_size: 32" in (out / "config.yaml").read_text()

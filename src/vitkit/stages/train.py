@@ -101,6 +101,12 @@ def _train_into(
             cfg, model_img_size(cfg) if cfg.data.startswith(("folder:", "csv:")) else cfg.img_size
         )
     task = task_for_config(cfg, data)  # before the model: the task decides the head's width
+    if task.dense and cfg.img_size is None and model is None:
+        # masks are scored at their own size: a dense model runs at the data's (square) size unless told
+        # otherwise, not at its preset's (the 16 px micro preset would shrink 64 px canvases to 16 px)
+        h, w = data.train.images.shape[-2:]
+        if h == w:
+            cfg = cfg.model_copy(update={"img_size": int(h)})
     if resume:
         _check_resume_classes(out, data)
     if model is None:
