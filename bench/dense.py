@@ -80,13 +80,69 @@ def _partial(name: str) -> Path:
     return OUT_DIR / "partial" / f"{name}.json"
 
 
-def _load_partial(name: str, args) -> dict:
+def _load_partial(name: str, options: dict) -> dict:
     p = _partial(name)
     if p.is_file():
         doc = json.loads(p.read_text())
-        if doc.get("options") == _options(args):
+        if doc.get("options") == options:
             return doc
-    return {"options": _options(args), "seeds": {}}
+    return {"options": options, "seeds": {}}
+
+
+def run_arms(
+    name: str,
+    args,
+    arms: dict[str, dict],
+    data: str,
+    keep: tuple[str, ...],
+    *,
+    options: dict | None = None,
+    after=None,
+) -> tuple[dict, list[dict]]:
+    """Train every arm (TrainConfig fields; ``task`` defaults to segmentation) for every seed into a
+    temporary run, keeping the ``keep`` metrics; resumes from and saves to bench/out/partial/NAME.json
+    after every arm. ``after(arm, run_dir, tmp, seed, row)`` adds measurements of a trained run.
+    Returns the result and the seeds every arm completed."""
+    res = _load_partial(name, options or _options(args))
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            got = res["seeds"].setdefault(str(seed), {})
+            for arm, kw in arms.items():
+                if arm in got:
+                    continue
+                log(f"{name} seed {seed}: {arm}")
+                kw = dict(kw)
+                task = kw.pop("task", "segmentation")
+                out = Path(tmp) / f"{arm}-{seed}"
+                m = _train(args, seed, task, data, out, **kw)
+                got[arm] = {k: m[k] for k in keep}
+                if after is not None:
+                    after(arm, out, Path(tmp), seed, got[arm])
+                _save_partial(name, res)
+    res["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    return res, [s for s in res["seeds"].values() if all(a in s for a in arms)]
+
+
+def complete_seeds(res: dict, arms: dict) -> list[str]:
+    return [k for k, s in res["seeds"].items() if all(a in s for a in arms)]
+
+
+def arm_records(table: str, arms: dict, seeds: list[dict], metrics: tuple[str, ...]) -> list[dict]:
+    """Per arm: one row per metric (mean ± sd over seeds) in ``table``, and its cost row."""
+    rec: list[dict] = []
+    for arm in arms:
+        for key in metrics:
+            rec.append({"table": table, "arm": arm, "metric": key, **_ms([s[arm][key] for s in seeds])})
+        rec.append({"table": "cost", "arm": arm, "parameters": seeds[0][arm]["parameters"],
+                    **_ms([s[arm]["train_seconds"] for s in seeds])})  # fmt: skip
+    return rec
+
+
+COST_TABLE = Table(
+    name="cost",
+    columns=[("arm", "{arm}"), ("parameters", "{parameters:,}"), ("train seconds", "{mean:.0f} ± {sd:.0f}")],
+)
 
 
 def _options(args) -> dict:
@@ -116,27 +172,15 @@ def seg(args) -> Output:
     from vitkit.stages.export import export_run
     from vitkit.stages.quantize import quantize_run
 
+    def quantize_and_export(arm: str, out: Path, tmp: Path, seed: int, row: dict) -> None:
+        if arm == "upernet":
+            summary, _ = quantize_run(out, tmp / f"q-{seed}", w_bits=8, a_bits=8)
+            row["w8a8_miou"] = summary["quant_miou"]
+            row["onnx_max_abs_logit_diff"] = export_run(out, images=64).doc["max_abs_logit_diff"]
+
     data = f"canvas:size={args.size},train={args.train},val={args.val}"
-    res = _load_partial("dense-seg", args)
-    t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            got = res["seeds"].setdefault(str(seed), {})
-            for arm, kw in SEG_ARMS.items():
-                if arm in got:
-                    continue
-                log(f"dense-seg seed {seed}: {arm}")
-                out = Path(tmp) / f"{arm}-{seed}"
-                m = _train(args, seed, "segmentation", data, out, **kw)
-                got[arm] = {k: m[k] for k in KEEP_SEG}
-                if arm == "upernet":
-                    summary, _ = quantize_run(out, Path(tmp) / f"q-{seed}", w_bits=8, a_bits=8)
-                    got[arm]["w8a8_miou"] = summary["quant_miou"]
-                    doc = export_run(out, images=64).doc
-                    got[arm]["onnx_max_abs_logit_diff"] = doc["max_abs_logit_diff"]
-                _save_partial("dense-seg", res)
-    res["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-    return _seg_report(res, data)
+    res, seeds = run_arms("dense-seg", args, SEG_ARMS, data, KEEP_SEG, after=quantize_and_export)
+    return _seg_report(res, seeds, data)
 
 
 def _ms(xs: list[float]) -> dict:
@@ -146,14 +190,8 @@ def _ms(xs: list[float]) -> dict:
 MEAN_SD = "{mean:.4f} ± {sd:.4f} (n={n})"
 
 
-def _seg_report(res: dict, data: str) -> Output:
-    seeds = [s for s in res["seeds"].values() if all(a in s for a in SEG_ARMS)]
-    rec: list[dict] = []
-    for arm in SEG_ARMS:
-        for key in ("miou", "pixel_accuracy", "mean_accuracy"):
-            rec.append({"table": "seg", "arm": arm, "metric": key, **_ms([s[arm][key] for s in seeds])})
-        rec.append({"table": "cost", "arm": arm, "parameters": seeds[0][arm]["parameters"],
-                    **_ms([s[arm]["train_seconds"] for s in seeds])})  # fmt: skip
+def _seg_report(res: dict, seeds: list[dict], data: str) -> Output:
+    rec = arm_records("seg", SEG_ARMS, seeds, ("miou", "pixel_accuracy", "mean_accuracy"))
     diff = [s["upernet"]["miou"] - s["linear"]["miou"] for s in seeds]
     rec.append({"table": "seg", "arm": "upernet - linear (per seed)", "metric": "miou", **_ms(diff)})
     drop = [100 * (s["upernet"]["miou"] - s["upernet"]["w8a8_miou"]) for s in seeds]
@@ -163,19 +201,12 @@ def _seg_report(res: dict, data: str) -> Output:
     o = res["options"]
     notes = [
         f"{data}, {o['model']} at {o['size']} px, {o['epochs']} epochs, lr {o['lr']}, {o['threads']} threads; "
-        f"seeds {[k for k, s in res['seeds'].items() if all(a in s for a in SEG_ARMS)]} (mean ± sd); wall "
+        f"seeds {complete_seeds(res, SEG_ARMS)} (mean ± sd); wall "
         f"{res.get('wall_seconds', '?')} s. Every arm: the same ViT, data, seed and epochs; only the head differs.",
     ]
     tables = [
         Table(name="seg", columns=[("arm", "{arm}"), ("val metric", "{metric}"), ("value", MEAN_SD)]),
-        Table(
-            name="cost",
-            columns=[
-                ("arm", "{arm}"),
-                ("parameters", "{parameters:,}"),
-                ("train seconds", "{mean:.0f} ± {sd:.0f}"),
-            ],
-        ),
+        COST_TABLE,
         Table(name="quant", columns=[("UperNet run", "{what}"), ("value", "{mean:.4g} ± {sd:.2g} (n={n})")]),
     ]
     return Output(records=rec, tables=tables, notes=notes, extra=res)
@@ -183,28 +214,10 @@ def _seg_report(res: dict, data: str) -> Output:
 
 def change(args) -> Output:
     data = f"canvas-change:size={args.size},train={args.train},val={args.val}"
-    res = _load_partial("dense-change", args)
-    t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            got = res["seeds"].setdefault(str(seed), {})
-            for arm, kw in CHANGE_ARMS.items():
-                if arm in got:
-                    continue
-                log(f"dense-change seed {seed}: {arm}")
-                kw = dict(kw)
-                task = kw.pop("task")
-                m = _train(args, seed, task, data, Path(tmp) / f"{arm}-{seed}", **kw)
-                got[arm] = {k: m[k] for k in KEEP_CHANGE}
-                _save_partial("dense-change", res)
-    res["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-    seeds = [s for s in res["seeds"].values() if all(a in s for a in CHANGE_ARMS)]
-    rec = []
-    for arm in CHANGE_ARMS:
-        for key in ("change_f1", "change_iou", "change_precision", "change_recall"):
-            rec.append({"table": "change", "arm": arm, "metric": key, **_ms([s[arm][key] for s in seeds])})
-        rec.append({"table": "cost", "arm": arm, "parameters": seeds[0][arm]["parameters"],
-                    **_ms([s[arm]["train_seconds"] for s in seeds])})  # fmt: skip
+    res, seeds = run_arms("dense-change", args, CHANGE_ARMS, data, KEEP_CHANGE)
+    rec = arm_records(
+        "change", CHANGE_ARMS, seeds, ("change_f1", "change_iou", "change_precision", "change_recall")
+    )
     arms = list(CHANGE_ARMS)
     for other in arms[1:]:
         diff = [s[other]["change_f1"] - s[arms[0]]["change_f1"] for s in seeds]
@@ -214,18 +227,11 @@ def change(args) -> Output:
     o = res["options"]
     notes = [
         f"{data}, {o['model']} at {o['size']} px, {o['epochs']} epochs, lr {o['lr']}, {o['threads']} threads; "
-        f"seeds {[k for k, s in res['seeds'].items() if all(a in s for a in CHANGE_ARMS)]} (mean ± sd); wall "
+        f"seeds {complete_seeds(res, CHANGE_ARMS)} (mean ± sd); wall "
         f"{res.get('wall_seconds', '?')} s.",
     ]
     tables = [
         Table(name="change", columns=[("arm", "{arm}"), ("val metric", "{metric}"), ("value", MEAN_SD)]),
-        Table(
-            name="cost",
-            columns=[
-                ("arm", "{arm}"),
-                ("parameters", "{parameters:,}"),
-                ("train seconds", "{mean:.0f} ± {sd:.0f}"),
-            ],
-        ),
+        COST_TABLE,
     ]
     return Output(records=rec, tables=tables, notes=notes, extra=res)

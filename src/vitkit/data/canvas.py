@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vitkit.data.dataset import ImageDataset
+from vitkit.data.dense import CHANGE_CLASSES
 from vitkit.data.sources import load_digits, load_fashion_mnist
 from vitkit.errors import VitkitError
 
 BACKGROUND = "background"
-CHANGE_CLASSES = ["unchanged", "changed"]
 
 
 class CanvasOptions(BaseModel):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitkit.data.dense import IGNORE_INDEX
 from vitkit.errors import VitkitError
 
 _RANDAUG = re.compile(r"rand(-(m|mstd|mmax|p)\d+(\.\d+)?|-(n|w)\d+|-inc[01])*")
@@ -215,7 +216,7 @@ class DenseBatchTransform:
         std: tuple[float, ...],
         train: bool = False,
         augment: AugmentConfig | None = None,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         pair: bool = False,
     ):
         self.size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)

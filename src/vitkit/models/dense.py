@@ -37,8 +37,6 @@ from torch import nn
 from vitkit.errors import VitkitError
 from vitkit.models.manifest import MANIFEST_ATTR, Manifest, get_manifest, set_manifest
 
-HEADS = ("linear", "upernet", "changevit")
-PYRAMIDS = ("sfp", "multilevel")
 _PPM_SCALES = (1, 2, 3, 6)
 STRIDES = (4, 8, 16, 32)  # the pyramid's levels in input pixels, as ViTDet / UperNet use them
 
@@ -377,13 +375,18 @@ class ChangeModel(DenseModel):
         _, h, w = self.pretrained_cfg.get("input_size", (config.in_chans, 224, 224))
         self.pretrained_cfg["input_size"] = (2 * config.in_chans, h, w)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def dates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two images of a pair stacked on channels (the first date's channels, then the second's)."""
         c = self.config.in_chans
         if x.shape[1] != 2 * c:
             raise ValueError(f"expected image pairs with {2 * c} channels (2 x {c}), got {x.shape[1]}")
+        return x[:, :c], x[:, c:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.dates(x)
         # two passes rather than one over the concatenated batch: slicing that batch in half would trace
         # its size as a constant and the ONNX graph could not take another batch size
-        before, after = self.features(x[:, :c]), self.features(x[:, c:])
+        before, after = self.features(a), self.features(b)
         diff = [(f - g).abs() for f, g in zip(before, after)]
         return self.decode(diff, tuple(x.shape[-2:]))
 
@@ -397,10 +400,8 @@ class ChangeViTModel(ChangeModel):
         return [*self.detail(x), self.backbone_features(x)[-1]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.config.in_chans
-        if x.shape[1] != 2 * c:
-            raise ValueError(f"expected image pairs with {2 * c} channels (2 x {c}), got {x.shape[1]}")
-        z = _resize(self.decode_head(self.encode(x[:, :c]), self.encode(x[:, c:])), tuple(x.shape[-2:]))
+        a, b = self.dates(x)
+        z = _resize(self.decode_head(self.encode(a), self.encode(b)), tuple(x.shape[-2:]))
         return torch.cat([torch.zeros_like(z), z], 1)
 
 

@@ -190,6 +190,9 @@ class Task:
         )
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor, **context: Any) -> dict[str, Any]:
+        """Metrics of ``outputs`` against ``targets``. ``context`` always holds ``num_classes`` (the
+        dataset's class count, e.g. for per-class tables over classes absent from this set) when
+        ``validate`` / ``evaluate`` call it; tasks take what they need and ignore the rest."""
         raise NotImplementedError
 
     def validate(
@@ -206,7 +209,7 @@ class Task:
         outputs = self.predict(
             model, data, batch_size=batch_size, device=device, precision=precision, transform=transform
         )
-        m = self.metrics(outputs, data.targets)
+        m = self.metrics(outputs, data.targets, num_classes=data.num_classes)
         return {f"val_{k}": m[k] for k in self.val_metrics}
 
     def evaluate(
@@ -229,7 +232,7 @@ class Task:
             outputs = self.predict(
                 model, data, batch_size=batch_size, device=device, precision=precision, transform=transform
             )
-        out = self.metrics(outputs, data.targets, **context)
+        out = self.metrics(outputs, data.targets, **{"num_classes": data.num_classes, **context})
         out["classes"] = list(data.classes)
         out["data"] = data.name
         if out_dir is not None:

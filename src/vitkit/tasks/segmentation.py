@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from vitkit.data.dense import IGNORE_INDEX
 from vitkit.errors import VitkitError
 from vitkit.tasks.base import ExportSignature, Task, TensorSpec, register_task
 from vitkit.train.objectives import Objective, ObjectiveOutput
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from vitkit.config.train import TrainConfig
     from vitkit.data import DataSplits, ImageDataset
 
-IGNORE_INDEX = 255
 OVERLAY_SAMPLES = 6
 
 
@@ -265,15 +265,7 @@ class DenseTask(Task):
             outputs = self.predict(model, data, **kw)
         idx = overlay_indices(data)
         self._overlay = (idx, outputs[idx].clone())  # what write_plots draws
-        kwargs["num_classes"] = data.num_classes
         return super().evaluate(model, data, out_dir, outputs=outputs, **kwargs)
-
-    def validate(self, model, data, transform, device, precision, batch_size):  # type: ignore[override]
-        outputs = self.predict(
-            model, data, batch_size=batch_size, device=device, precision=precision, transform=transform
-        )
-        m = self.metrics(outputs, data.targets, num_classes=data.num_classes)
-        return {f"val_{k}": m[k] for k in self.val_metrics}
 
     def metrics(
         self, outputs: torch.Tensor, targets: torch.Tensor, *, num_classes: int | None = None, **_: Any
