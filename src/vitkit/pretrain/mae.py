@@ -75,6 +75,10 @@ class MAEConfig(BaseModel):
         """Validate ``values`` (None means default); errors become one-line ``VitkitError`` s."""
         return parse_config(cls, values, source)
 
+    def build_model(self, encoder: nn.Module, *, init_encoder: bool = False) -> MaskedAutoencoder:
+        """The autoencoder these settings describe, around ``encoder``."""
+        return MaskedAutoencoder(encoder, self, init_encoder=init_encoder)
+
 
 # -- pure functions -------------------------------------------------------------------------------
 def patchify(imgs: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
@@ -174,6 +178,9 @@ def final_norm(encoder: nn.Module) -> nn.Module:
 class MaskedAutoencoder(nn.Module):
     """A timm ViT encoder plus MAE's light decoder. ``forward(imgs) -> (loss, pred, mask)``."""
 
+    # the decoder's LayerNorm (MAE: PyTorch's default eps 1e-5)
+    norm_layer: Any = nn.LayerNorm
+
     def __init__(self, encoder: nn.Module, cfg: MAEConfig | None = None, *, init_encoder: bool = False):
         super().__init__()
         cfg = cfg or MAEConfig()
@@ -210,14 +217,19 @@ class MaskedAutoencoder(nn.Module):
             persistent=False,  # regenerated for the grid; not a learned value
         )
         self.decoder_blocks = nn.ModuleList(
-            Block(dec_dim, heads, cfg.decoder_mlp_ratio, qkv_bias=True) for _ in range(cfg.decoder_depth)
+            Block(dec_dim, heads, cfg.decoder_mlp_ratio, qkv_bias=True, norm_layer=self.norm_layer)
+            for _ in range(cfg.decoder_depth)
         )
-        self.decoder_norm = nn.LayerNorm(dec_dim)
+        self._build_decoder_extras(embed_dim, dec_dim, heads)
+        self.decoder_norm = self.norm_layer(dec_dim)
         ph, pw = self.patch_size
         self.decoder_pred = nn.Linear(dec_dim, ph * pw * self.in_chans)
         self._init_decoder()
         if init_encoder:
             mae_init_encoder(encoder, fixed_pos_embed=cfg.fixed_pos_embed)
+
+    def _build_decoder_extras(self, embed_dim: int, dec_dim: int, heads: int) -> None:
+        """Decoder modules a variant adds (Hi-End-MAE's cross-attention blocks); MAE has none."""
 
     @property
     def patch_embed(self) -> nn.Module:
@@ -227,15 +239,26 @@ class MaskedAutoencoder(nn.Module):
         """Everything but the encoder (to continue pretraining later, e.g. ExPLoRA)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
 
+    def decoder_modules(self) -> list[nn.Module]:
+        """Every decoder module (initialised by MAE's rule)."""
+        return [self.decoder_embed, self.decoder_pred, *self.decoder_blocks, self.decoder_norm]
+
     def _init_decoder(self) -> None:
-        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks, self.decoder_norm]:
+        for m in self.decoder_modules():
             m.apply(_mae_init_module)
         nn.init.normal_(self.mask_token, std=0.02)
 
     # -- forward pieces (MAE's forward_encoder / forward_decoder / forward_loss) -------------------
     def forward_encoder(
-        self, imgs: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float,
+        generator: torch.Generator | None = None,
+        hidden: dict[int, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode the visible patches: (latent incl. prefix tokens, mask, ids_restore). ``hidden``,
+        when given, is filled with ``{i: output of block i}`` (0-based, before the final norm) for
+        the indices it already holds as keys."""
         enc = self.encoder
         x = enc.patch_embed(imgs)
         x = enc._pos_embed(x)  # timm's own rule for cls/register tokens and their position embedding
@@ -244,8 +267,10 @@ class MaskedAutoencoder(nn.Module):
         patches, mask, ids_restore = random_masking(patches, mask_ratio, generator)
         x = torch.cat([prefix, patches], dim=1)
         x = enc.norm_pre(x)
-        for blk in enc.blocks:
+        for i, blk in enumerate(enc.blocks):
             x = blk(x)
+            if hidden is not None and i in hidden:
+                hidden[i] = x
         x = final_norm(enc)(x)
         return x, mask, ids_restore
 
@@ -263,8 +288,13 @@ class MaskedAutoencoder(nn.Module):
         x = self.decoder_norm(x)
         return self.decoder_pred(x)[:, n:]  # drop the prefix tokens
 
+    def target_patches(self, imgs: torch.Tensor) -> torch.Tensor:
+        """What the decoder predicts: the patches, each normalised when ``norm_pix_loss``."""
+        target = patchify(imgs, self.patch_size)
+        return normalize_patches(target) if self.cfg.norm_pix_loss else target
+
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_patch_loss(pred, patchify(imgs, self.patch_size), mask, self.cfg.norm_pix_loss)
+        return masked_patch_loss(pred, self.target_patches(imgs), mask, norm_pix_loss=False)
 
     def forward(
         self,
@@ -373,8 +403,7 @@ def evaluate_reconstruction(
             x = transform.images(data.images[i : i + batch_size]).to(device)
             with autocast_context(device, precision):
                 loss, _, mask = model(x, generator=g)
-            t = patchify(x, model.patch_size).float()
-            targets.append(normalize_patches(t) if model.cfg.norm_pix_loss else t)
+            targets.append(model.target_patches(x).float())
             masks.append(mask.float())
             losses.append(float(loss) * float(mask.sum()))
             weights.append(float(mask.sum()))

@@ -57,6 +57,14 @@ RECIPES: dict[str, Recipe] = {
             "min_lr": 1e-5,
         },
     ),
+    # Hi-End-MAE (FengheTan9/Hi-End-MAE ``main.py``): mask 0.75, the LayerNorm patch target, weight
+    # decay 0.05, 2 self-attention decoder blocks; its 3-D crops become MAE's 2-D crop and flip
+    "hi-end-mae": Recipe(
+        name="hi-end-mae",
+        mae={"mask_ratio": 0.75, "norm_pix_loss": True, "decoder_depth": 2},
+        pretrain={"scale_min": 0.2, "hflip": 0.5, "weight_decay": 0.05, "mixup": 0.0, "cutmix": 0.0},
+        finetune={"layer_decay": 0.75, "drop_path": 0.1, "weight_decay": 0.05},
+    ),
     "none": Recipe(name="none"),
 }
 

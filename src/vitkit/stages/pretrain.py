@@ -28,6 +28,7 @@ from vitkit.data import DataSplits, seed_everything
 from vitkit.errors import VitkitError
 from vitkit.io import atomic_path, write_atomic, write_yaml
 from vitkit.models import create_model, get_manifest, model_input_size
+from vitkit.pretrain import METHOD_CONFIGS
 from vitkit.pretrain.mae import MAEConfig, MAEObjective, MaskedAutoencoder
 from vitkit.progress import console
 from vitkit.registry import parse_config
@@ -106,7 +107,9 @@ def pretrain_mae(
 
     Args:
         train: loop settings (``model`` names the encoder when there is no ``source``).
-        mae: :class:`MAEConfig` (mask ratio, decoder, ``norm_pix_loss``).
+        mae: :class:`MAEConfig` (mask ratio, decoder, ``norm_pix_loss``); for ``method``
+            ``hi-end-mae`` a :class:`~vitkit.pretrain.hiend.HiEndMAEConfig` (its decoder reads
+            intermediate encoder layers too).
         source: a plain run to continue from (its encoder, and its MAE decoder when it has one and
             the decoder settings match); otherwise a fresh encoder with MAE's initialisation.
         encoder_transform: applied to the encoder before training (e.g. ExPLoRA's freezing + LoRA).
@@ -114,7 +117,8 @@ def pretrain_mae(
         data: splits to use instead of ``train.data`` (labels are ignored).
     """
     cfg = train if isinstance(train, TrainConfig) else build_config(**train)
-    mae_cfg = mae if isinstance(mae, MAEConfig) else MAEConfig.build(**(mae or {}))
+    config_cls = METHOD_CONFIGS.get(method, MAEConfig)
+    mae_cfg = mae if isinstance(mae, MAEConfig) else config_cls.build(**(mae or {}))
     if cfg.mixup or cfg.cutmix:
         raise VitkitError("mixup/cutmix mix labels; MAE pretraining uses none (set them to 0)")
     # Undone if the command fails before the run has a checkpoint (see new_run_dir).
@@ -138,7 +142,7 @@ def pretrain_mae(
         if data is None:
             data = data_splits_for(cfg, model_input_size(encoder)[1])
         seed_everything(cfg.seed)
-        model = MaskedAutoencoder(encoder, mae_cfg, init_encoder=source is None)
+        model = mae_cfg.build_model(encoder, init_encoder=source is None)
         reused_decoder = _maybe_load_decoder(model, decoder, mae_cfg)
         if encoder_transform is not None:
             encoder_transform(encoder)
@@ -161,7 +165,7 @@ def pretrain_mae(
         enc = export_encoder(enc)
         pretrain_info = {
             "method": method,
-            "mae": mae_cfg.model_dump(),
+            "mae": _resolved_settings(trained, mae_cfg),
             "source": str(source) if source is not None else None,
             "decoder_reused": reused_decoder,
             **(extra or {}),
@@ -192,13 +196,24 @@ def _maybe_load_decoder(model: MaskedAutoencoder, decoder: dict[str, Any], cfg: 
     if not decoder:
         return False
     saved = decoder.get("mae") or {}
-    same = all(saved.get(k) == getattr(cfg, k) for k in ("decoder_dim", "decoder_depth", "decoder_heads"))
+    own_settings = _resolved_settings(model, cfg)
+    keys = ("decoder_dim", "decoder_depth", "decoder_heads", "levels")
+    same = all(saved.get(k) == own_settings.get(k) for k in keys)
     state = decoder["state"]
     own = model.decoder_state_dict()
     if not same or set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
         return False
     model.load_state_dict({**model.state_dict(), **state})
     return True
+
+
+def _resolved_settings(model: MaskedAutoencoder, cfg: MAEConfig) -> dict[str, Any]:
+    """The settings as recorded: Hi-End-MAE's ``levels`` as the blocks actually tapped."""
+    settings = cfg.model_dump()
+    levels = getattr(model, "levels", None)
+    if levels is not None:
+        settings["levels"] = list(levels)
+    return settings
 
 
 def _save_decoder(path: Path, model: MaskedAutoencoder) -> None:

@@ -23,14 +23,16 @@ def _train(name: str, help: str | None = None) -> Any:
     return option(None, help=help or TrainConfig.model_fields[name].description)
 
 
-def _block_indices(text: str | None) -> list[int] | None:
+def _block_indices(
+    text: str | None, flag: str = "--unfreeze-blocks", example: str = "-1 or 0,3"
+) -> list[int] | None:
     if text is None:
         return None
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
         raise ValueError(
-            f"--unfreeze-blocks: expected comma-separated block indices such as -1 or 0,3; got '{text}'"
+            f"{flag}: expected comma-separated block indices such as {example}; got '{text}'"
         ) from None
 
 
@@ -74,9 +76,14 @@ class PretrainOptions(VerbOptions):
     short: ClassVar[dict[str, str]] = {"config": "-c", "quiet": "-q"}
 
     output: Path = option(..., "-o", "--output", help="new run directory (the encoder, timm-loadable)")
-    method: Literal["mae", "explora"] = option("mae", help="mae | explora (ExPLoRA stage 1: needs --from)")
+    method: Literal["mae", "hi-end-mae", "explora"] = option(
+        "mae", help="mae | hi-end-mae (decoder driven by intermediate layers) | explora (needs --from)"
+    )
     source: Path | None = option(None, "--from", help="continue from this run's encoder (and MAE decoder)")
-    recipe: str = option("mae", help="mae | medical-mae | none: MAE and crop settings; flags override")
+    recipe: str | None = option(
+        None,
+        help="mae | hi-end-mae | medical-mae | none: MAE and crop settings; flags override [the method's]",
+    )
     config: Path | None = option(None, help="YAML of TrainConfig fields")
     model: str | None = _train("model", "encoder: timm or vitkit ViT name [default: vitkit_micro_p4_16]")
     data: str | None = _train("data", "dataset URI; labels are ignored")
@@ -88,6 +95,10 @@ class PretrainOptions(VerbOptions):
     decoder_heads: int | None = option(None, help="decoder heads [default: width // 32]")
     norm_pix_loss: bool | None = option(
         None, "--norm-pix-loss/--no-norm-pix-loss", help="normalise each target patch (mean 0, var 1)"
+    )
+    levels: str | None = option(
+        None,
+        help="hi-end-mae: encoder blocks (0-based) feeding the cross-attention blocks, deepest first, e.g. 9,6,3",
     )
     unfreeze_blocks: str | None = option(None, help="explora: blocks trained in full, e.g. -1 or 0,-1")
     rank: int | None = option(None, help="explora: LoRA rank [8]")
@@ -125,6 +136,15 @@ class PretrainOptions(VerbOptions):
             _block_indices(v)
         return v
 
+    @field_validator("levels")
+    @classmethod
+    def _hi_end_only(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            if info.data.get("method") != "hi-end-mae":
+                raise ValueError("--levels is a Hi-End-MAE option (--method hi-end-mae)")
+            _block_indices(v, "--levels", "9,6,3")
+        return v
+
     @property
     def blocks(self) -> list[int] | None:
         """``--unfreeze-blocks`` as block indices."""
@@ -138,7 +158,7 @@ def pretrain(o: PretrainOptions) -> None:
     from vitkit.pretrain.presets import get_recipe, with_recipe
     from vitkit.train import build_config
 
-    rec = get_recipe(o.recipe)
+    rec = get_recipe(o.recipe or ("hi-end-mae" if o.method == "hi-end-mae" else "mae"))
     fields = with_recipe(rec.pretrain, _loop_fields(o, PRETRAIN_TRAIN_FIELDS))
     cfg = build_config(**fields)
     mae = with_recipe(
@@ -151,10 +171,14 @@ def pretrain(o: PretrainOptions) -> None:
             norm_pix_loss=o.norm_pix_loss,
         ),
     )
-    if o.method == "mae":
+    if o.levels is not None:
+        mae["levels"] = _block_indices(o.levels, "--levels")
+    if o.method != "explora":
         from vitkit.stages.pretrain import pretrain_mae
 
-        run = pretrain_mae(cfg, o.output, mae=mae, source=o.source, force=o.force, quiet=o.quiet)
+        run = pretrain_mae(
+            cfg, o.output, mae=mae, source=o.source, method=o.method, force=o.force, quiet=o.quiet
+        )
     else:
         from vitkit.stages.pretrain import explora_pretrain
 
