@@ -167,6 +167,11 @@ SUITES: tuple[Suite, ...] = (
         "canvas segmentation: ViT-CoMer vs the plain ViT under the same UperNet head",
         "bench.dense_comer:comer",
     ),
+    Suite(
+        "dense-hiend",
+        "canvas segmentation from a tenth of the labels: Hi-End-MAE vs MAE vs scratch pretraining",
+        "bench.dense_hiend:run",
+    ),
 )
 
 
