@@ -118,6 +118,15 @@ def test_the_method_table_builds_each_autoencoder():
     assert issubclass(METHOD_CONFIGS["hi-end-mae"], MAEConfig)
 
 
+def test_the_cli_offers_every_autoencoder_method():
+    from typing import get_args
+
+    from vitkit.verbs.adapt import PretrainOptions
+
+    choices = set(get_args(PretrainOptions.model_fields["method"].annotation))
+    assert choices == {*METHOD_CONFIGS, "explora"}  # the torch-free verb repeats the names
+
+
 CANVAS = "canvas:size=32,classes=3,train=96,val=32"
 
 
