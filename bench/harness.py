@@ -172,6 +172,11 @@ SUITES: tuple[Suite, ...] = (
         "canvas segmentation from a tenth of the labels: Hi-End-MAE vs MAE vs scratch pretraining",
         "bench.dense_hiend:run",
     ),
+    Suite(
+        "dense-vitp",
+        "canvas segmentation: ViT-P two-stage point classification (alpha sweep) vs the one-stage head",
+        "bench.dense_vitp:run",
+    ),
 )
 
 
