@@ -177,6 +177,26 @@ def test_finetune_a_hiend_encoder_for_segmentation_on_a_tenth_of_the_labels(hien
     assert read_json(out / "model.json")["head"]["task"] == "segmentation"
 
 
+def test_pretraining_says_when_it_shrinks_the_images(capsys, tmp_path):
+    from vitkit.cli import main
+
+    argv = [
+        "pretrain",
+        "--data",
+        "canvas:size=64,classes=2,train=8,val=4",
+        "--epochs",
+        "1",
+        "-o",
+        str(tmp_path / "p"),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert (
+        "the 64x64 training images are resized to the encoder's 16x16 input; --img-size 64"
+        in out.out + out.err
+    )
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

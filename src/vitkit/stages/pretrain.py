@@ -141,6 +141,7 @@ def pretrain_mae(
             encoder = new_encoder(cfg)
         if data is None:
             data = data_splits_for(cfg, model_input_size(encoder)[1])
+        _note_downscaling(data, model_input_size(encoder)[1:], quiet)
         seed_everything(cfg.seed)
         model = mae_cfg.build_model(encoder, init_encoder=source is None)
         reused_decoder = _maybe_load_decoder(model, decoder, mae_cfg)
@@ -190,6 +191,17 @@ def pretrain_mae(
         write_metrics(out, metrics)
         _save_reconstructions(out / "reconstructions.png", trained, data, quiet)
         return PretrainedRun(out, enc, metrics, result.history)
+
+
+def _note_downscaling(data: DataSplits, size: tuple[int, int], quiet: bool) -> None:
+    """Say so when the images are shrunk to at most half their side to fit the encoder (a 16 px preset
+    on 64 px canvases keeps little of them); --img-size builds the encoder at their size instead."""
+    h, w = data.train.images.shape[-2:]
+    if not quiet and (h >= 2 * size[0] or w >= 2 * size[1]):
+        console.print(
+            f"pretrain: the {h}x{w} training images are resized to the encoder's {size[0]}x{size[1]} input; "
+            f"--img-size {max(h, w)} builds the encoder at their size"
+        )
 
 
 def _maybe_load_decoder(model: MaskedAutoencoder, decoder: dict[str, Any], cfg: MAEConfig) -> bool:
