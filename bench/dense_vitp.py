@@ -97,7 +97,8 @@ def _seed(args, seed: int, data: str, tmp: Path) -> dict:
     seed_everything(seed)
     vit = create_model(args.model, num_classes=k, img_size=args.size)
     state = {n: v for n, v in backbone.state_dict().items() if not n.startswith("head.")}
-    vit.load_state_dict(state, strict=False)
+    missing, unexpected = vit.load_state_dict(state, strict=False)
+    assert set(missing) == {"head.weight", "head.bias"} and not unexpected, (missing, unexpected)
     point_model = PointViT(vit)
     pcfg = _cfg(args, seed, data, args.point_epochs)
     res = fit(point_model, splits, pcfg, objective=PointObjective(args.points, val_seed=seed), quiet=True)

@@ -114,6 +114,21 @@ def test_fusion_and_semantic_inference_match_the_official_lines():
     )
 
 
+def test_fusion_stays_finite_where_the_official_product_underflows():
+    in_logits, out_logits = torch.tensor([[300.0, 0.0, 0.0, -300.0]]), torch.tensor([[0.0, 300.0, 0.0]])
+    assert torch.isnan(
+        reference.official_fusion(in_logits, out_logits, 0.4).exp()
+    ).any()  # 0 * 0, log, softmax
+    probs = fuse_class_logits(in_logits, out_logits, 0.4).exp()
+    assert torch.isfinite(probs).all() and abs(float(probs.sum()) - 1) < 1e-5
+
+
+def test_the_replaced_class_token_is_frozen_and_decay_exemptions_follow_the_vit():
+    model = _point_vit()
+    assert not model.vit.cls_token.requires_grad  # unused: DDP refuses parameters without gradients
+    assert {"vit.pos_embed", "vit.cls_token"} <= model.no_weight_decay()
+
+
 def test_regions_are_eight_connected_components_per_class():
     m = torch.zeros(8, 8, dtype=torch.long)
     m[1:3, 1:3] = 1

@@ -106,9 +106,30 @@ def test_levels_must_be_blocks_of_the_encoder():
 
 @pytest.mark.parametrize("levels", [[], [-1], [2, 2]])
 def test_bad_levels_are_one_line_errors(levels):
-    with pytest.raises(VitkitError, match="levels") as e:
+    with pytest.raises(VitkitError, match=r"levels.*must be distinct block indices ≥ 0") as e:
         HiEndMAEConfig.build(levels=levels)
     assert "\n" not in str(e.value)
+
+
+def test_the_mae_decoder_norms_use_the_official_eps():
+    enc = create_model("vitkit_micro_p4_16", num_classes=0)
+    for cfg in (MAEConfig(), HiEndMAEConfig()):
+        model = cfg.build_model(enc)
+        norms = [
+            m for m in model.modules() if isinstance(m, torch.nn.LayerNorm) and m not in set(enc.modules())
+        ]
+        assert norms and all(m.eps == 1e-6 for m in norms)  # facebookresearch/mae, Hi-End-MAE: eps 1e-6
+
+
+def test_a_method_and_settings_of_another_method_are_refused(tmp_path):
+    from vitkit.stages.pretrain import pretrain_mae
+
+    cfg = {"model": "vitkit_nano_p4_16", "data": "digits", "epochs": 1}
+    with pytest.raises(VitkitError, match="hi-end-mae: its settings are a HiEndMAEConfig, got a MAEConfig"):
+        pretrain_mae(cfg, tmp_path / "a", mae=MAEConfig(), method="hi-end-mae", quiet=True)
+    with pytest.raises(VitkitError, match="unknown pretraining method 'hiend'"):
+        pretrain_mae(cfg, tmp_path / "b", method="hiend", quiet=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_the_method_table_builds_each_autoencoder():
@@ -203,7 +224,7 @@ def test_pretraining_says_when_it_shrinks_the_images(capsys, tmp_path):
         (["--levels", "1"], r"--levels is a Hi-End-MAE option"),
         (["--method", "hi-end-mae", "--levels", "2,x"], r"--levels: expected comma-separated block indices"),
         (["--method", "hi-end-mae", "--levels", "7"], r"levels \[7\] are not blocks of a 4-block encoder"),
-        (["--method", "hi-end-mae", "--levels", "-1"], r"levels"),
+        (["--method", "hi-end-mae", "--levels", "-1"], r"levels.*must be distinct block indices ≥ 0"),
     ],
 )
 def test_bad_levels_on_the_command_line(bad_input, tmp_path, extra, message):

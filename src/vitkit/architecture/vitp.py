@@ -80,6 +80,7 @@ class PointViT(nn.Module):
         if not isinstance(vit.head, nn.Linear):
             raise VitkitError("vitp: the ViT needs a linear classification head (num_classes > 0)")
         self.vit = vit
+        vit.cls_token.requires_grad_(False)  # replaced by the points: unused (DDP would refuse it)
         # the loop and the eval transform read the input size and normalisation from here
         self.pretrained_cfg = dict(getattr(vit, "pretrained_cfg", {}) or {})
         dim = int(vit.embed_dim)
@@ -88,12 +89,19 @@ class PointViT(nn.Module):
         nn.init.trunc_normal_(self.point_embed.weight, std=0.02)
         self.num_classes = int(vit.head.out_features)
 
+    def no_weight_decay(self) -> set[str]:
+        """The ViT's own exemptions (position embedding, tokens), under this wrapper's names."""
+        inner = self.vit.no_weight_decay() if hasattr(self.vit, "no_weight_decay") else set()
+        return {f"vit.{name}" for name in inner}
+
     def forward(self, images: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         vit = self.vit
         pos = vit.pos_embed
         h, w = images.shape[-2:]
         ph, pw = vit.patch_embed.patch_size
-        if (h // ph) * (w // pw) != pos.shape[1] - 1:
+        want = tuple(getattr(vit.patch_embed, "img_size", None) or ())
+        strict = getattr(vit.patch_embed, "strict_img_size", False)
+        if (h // ph) * (w // pw) != pos.shape[1] - 1 or (strict and want and (h, w) != want):
             raise VitkitError(
                 f"vitp: a {h}x{w} image gives {(h // ph) * (w // pw)} patches; the ViT's position embedding "
                 f"holds {pos.shape[1] - 1} (build the ViT at the data's size)"
@@ -225,9 +233,11 @@ def classify_points(
 def fuse_class_logits(in_logits: torch.Tensor, out_logits: torch.Tensor, alpha: float) -> torch.Tensor:
     """Official fusion: stage 1's (Q, C+1) logits (last = void) and ViT-P's (Q, C) -> (Q, C+1)
     log-probabilities ``log(normalise(softmax(in[:C])^(1-α) softmax(out)^α) (1 - p_void) ; p_void)``."""
-    p_in = in_logits[..., :-1].softmax(-1)
-    p_out = out_logits.softmax(-1)
-    fused = (p_in ** (1 - alpha) * p_out**alpha).log().softmax(-1)
+    # (1-α) log p_in + α log p_out, then softmax: the official value, without its underflow to
+    # log(0) = -inf (and a NaN softmax) when the two disagree by ~100 logits
+    fused = ((1 - alpha) * in_logits[..., :-1].log_softmax(-1) + alpha * out_logits.log_softmax(-1)).softmax(
+        -1
+    )
     void = in_logits.softmax(-1)[..., -1:]
     return torch.log(torch.cat([fused * (1.0 - void), void], dim=-1) + 1e-8)
 
@@ -276,14 +286,16 @@ def connected_regions(
     return torch.stack(masks), torch.tensor(labels, dtype=torch.long)
 
 
-def signed_depth(masks: torch.Tensor, steps: int = 16) -> torch.Tensor:
+def signed_depth(masks: torch.Tensor, steps: int | None = None) -> torch.Tensor:
     """Chessboard signed distance of (Q, H, W) bool masks: inside k ≥ 1 = erosions survived (the image
     border counts as outside), outside -k = dilations needed (capped at ``steps``); its argmax is a
     region's innermost pixel, never one on the region's or the image's edge unless the region is thin."""
     inside = torch.zeros(masks.shape)
     outside = torch.zeros(masks.shape)
     m, o = masks.clone(), ~masks
-    for _ in range(steps):
+    for _ in range(steps if steps is not None else max(masks.shape[-2:])):
+        if not (m.any() or o.any()):
+            break
         if m.any():
             inside += m
             m = _erode(m, border_outside=True)

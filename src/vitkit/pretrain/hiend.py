@@ -36,7 +36,6 @@ the paper), 32-dim heads.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
@@ -130,8 +129,7 @@ class HiEndMAE(MaskedAutoencoder):
     """A timm ViT encoder plus Hi-End-MAE's encoder-driven decoder. ``forward(imgs) -> (loss, pred,
     mask)`` as :class:`MaskedAutoencoder`; ``level_embed[i]`` projects ``levels[i]``'s features."""
 
-    norm_layer = partial(nn.LayerNorm, eps=1e-6)
-    cfg: HiEndMAEConfig
+    cfg: HiEndMAEConfig  # the decoder norm: MAE's LayerNorm(eps=1e-6), as the official decoder's
 
     def __init__(self, encoder: nn.Module, cfg: HiEndMAEConfig | None = None, *, init_encoder: bool = False):
         cfg = cfg or HiEndMAEConfig()

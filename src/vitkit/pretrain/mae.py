@@ -33,6 +33,7 @@ Our choices (say so where they differ):
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -178,8 +179,8 @@ def final_norm(encoder: nn.Module) -> nn.Module:
 class MaskedAutoencoder(nn.Module):
     """A timm ViT encoder plus MAE's light decoder. ``forward(imgs) -> (loss, pred, mask)``."""
 
-    # the decoder's LayerNorm (MAE: PyTorch's default eps 1e-5)
-    norm_layer: Any = nn.LayerNorm
+    # the decoder's LayerNorm: eps 1e-6 as facebookresearch/mae's builders (and timm's Block default)
+    norm_layer: Any = partial(nn.LayerNorm, eps=1e-6)
 
     def __init__(self, encoder: nn.Module, cfg: MAEConfig | None = None, *, init_encoder: bool = False):
         super().__init__()

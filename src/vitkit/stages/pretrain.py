@@ -117,8 +117,17 @@ def pretrain_mae(
         data: splits to use instead of ``train.data`` (labels are ignored).
     """
     cfg = train if isinstance(train, TrainConfig) else build_config(**train)
+    if method not in METHOD_CONFIGS and method != "explora":
+        raise VitkitError(
+            f"unknown pretraining method '{method}' (expected one of: {', '.join(METHOD_CONFIGS)})"
+        )
     config_cls = METHOD_CONFIGS.get(method, MAEConfig)
     mae_cfg = mae if isinstance(mae, MAEConfig) else config_cls.build(**(mae or {}))
+    if type(mae_cfg) is not config_cls:
+        raise VitkitError(
+            f"{method}: its settings are a {config_cls.__name__}, got a {type(mae_cfg).__name__} (pass a dict "
+            "or the method's own settings class)"
+        )
     if cfg.mixup or cfg.cutmix:
         raise VitkitError("mixup/cutmix mix labels; MAE pretraining uses none (set them to 0)")
     # Undone if the command fails before the run has a checkpoint (see new_run_dir).
@@ -141,10 +150,15 @@ def pretrain_mae(
             encoder = new_encoder(cfg)
         if data is None:
             data = data_splits_for(cfg, model_input_size(encoder)[1])
-        _note_downscaling(data, model_input_size(encoder)[1:], quiet)
+        if source is None:  # a source run fixes the input size: no --img-size to suggest
+            _note_downscaling(data, model_input_size(encoder)[1:], quiet)
         seed_everything(cfg.seed)
         model = mae_cfg.build_model(encoder, init_encoder=source is None)
         reused_decoder = _maybe_load_decoder(model, decoder, mae_cfg)
+        if decoder and not reused_decoder and not quiet:
+            console.print(
+                f"{method}: {source} has a decoder of other settings or another method; a fresh one is trained"
+            )
         if encoder_transform is not None:
             encoder_transform(encoder)
         total = sum(p.numel() for p in model.parameters())
