@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.errors import VitkitError
+from vitkit.models import final_norm
 from vitkit.train.objectives import Objective, ObjectiveOutput
 
 IGNORE_INDEX = 255
@@ -114,16 +115,8 @@ class PointViT(nn.Module):
         x = vit.norm_pre(x)
         for blk in vit.blocks:
             x = blk(x)
-        x = self.final_norm(x)
+        x = final_norm(vit)(x)  # norm, or fc_norm in timm's average-pool layout, per token
         return vit.head(x[:, : points.shape[1]])
-
-    @property
-    def final_norm(self) -> nn.Module:
-        """The ViT's last norm, per token: ``norm``, or ``fc_norm`` in timm's average-pool layout."""
-        norm = getattr(self.vit, "norm", None)
-        if norm is not None and not isinstance(norm, nn.Identity):
-            return norm
-        return getattr(self.vit, "fc_norm", None) or nn.Identity()
 
 
 def sample_points(

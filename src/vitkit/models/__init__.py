@@ -14,6 +14,7 @@ from vitkit.models.attention import (
 from vitkit.models.factory import (
     count_parameters,
     create_model,
+    final_norm,
     model_input_size,
     model_normalization,
     num_prefix_tokens,
@@ -42,6 +43,7 @@ __all__ = [
     "attention_modules",
     "count_parameters",
     "create_model",
+    "final_norm",
     "get_manifest",
     "logit_hook",
     "model_input_size",

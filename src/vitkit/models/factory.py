@@ -186,3 +186,13 @@ def _checkpoint_num_classes(name: str, path: str) -> int | None:
     first = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
     weight = state.get(f"{first}.weight")
     return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
+
+
+def final_norm(encoder: nn.Module) -> nn.Module:
+    """The encoder's last LayerNorm, wherever its layout keeps it (``norm``, or ``fc_norm`` for the
+    global-average-pool layout, applied per token here)."""
+    norm = getattr(encoder, "norm", None)
+    if norm is not None and not isinstance(norm, nn.Identity):
+        return norm
+    fc_norm = getattr(encoder, "fc_norm", None)
+    return fc_norm if fc_norm is not None else nn.Identity()

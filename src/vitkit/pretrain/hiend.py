@@ -46,7 +46,7 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from vitkit.errors import VitkitError
-from vitkit.pretrain.mae import MAEConfig, MaskedAutoencoder, patchify, unpatchify
+from vitkit.pretrain.mae import MAEConfig, MaskedAutoencoder
 
 
 class HiEndMAEConfig(MAEConfig):
@@ -130,6 +130,8 @@ class HiEndMAE(MaskedAutoencoder):
     mask)`` as :class:`MaskedAutoencoder`; ``level_embed[i]`` projects ``levels[i]``'s features."""
 
     cfg: HiEndMAEConfig  # the decoder norm: MAE's LayerNorm(eps=1e-6), as the official decoder's
+    # the target: official ``LayerNorm(no affine, eps=1e-6)`` of each raw patch, i.e. the biased variance
+    unbiased_target_var = False
 
     def __init__(self, encoder: nn.Module, cfg: HiEndMAEConfig | None = None, *, init_encoder: bool = False):
         cfg = cfg or HiEndMAEConfig()
@@ -158,48 +160,17 @@ class HiEndMAE(MaskedAutoencoder):
     def decoder_modules(self) -> list[nn.Module]:
         return [*super().decoder_modules(), *self.level_embed, *self.cross_blocks]
 
+    def hidden_to_keep(self) -> dict[int, Any]:
+        return dict.fromkeys(self.levels)
+
     def forward_decoder(
         self, x: torch.Tensor, ids_restore: torch.Tensor, hidden: dict[int, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        if hidden is None or any(i not in hidden or hidden[i] is None for i in self.levels):
+        if hidden is None or any(hidden.get(i) is None for i in self.levels):
             raise ValueError("hi-end-mae: forward_decoder needs the encoder's hidden states of every level")
-        x = self.decoder_embed(x)
-        n = self.num_prefix_tokens
-        b, length = ids_restore.shape
-        visible = x[:, n:]
-        masks = self.mask_token.expand(b, length - visible.shape[1], -1).to(x.dtype)
-        patches = torch.cat([visible, masks], dim=1)
-        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x[:, :n], patches], dim=1) + self.decoder_pos_embed.to(x.dtype)
+        x = self.decoder_tokens(x, ids_restore)
         for blk in self.decoder_blocks:
             x = blk(x)
         for level, embed, blk in zip(self.levels, self.level_embed, self.cross_blocks):
             x = blk(x, embed(hidden[level]))
-        x = self.decoder_norm(x)
-        return self.decoder_pred(x)[:, n:]
-
-    def target_patches(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Each raw patch through ``LayerNorm(no affine, eps=1e-6)`` (official ``patch_norm``);
-        without ``norm_pix_loss`` the raw patches."""
-        target = patchify(imgs, self.patch_size)
-        return F.layer_norm(target, target.shape[-1:], eps=1e-6) if self.cfg.norm_pix_loss else target
-
-    def forward(
-        self,
-        imgs: torch.Tensor,
-        mask_ratio: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
-        hidden: dict[int, Any] = dict.fromkeys(self.levels)
-        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator, hidden=hidden)
-        pred = self.forward_decoder(latent, ids_restore, hidden)
-        return self.forward_loss(imgs, pred, mask), pred, mask
-
-    def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        if self.cfg.norm_pix_loss:  # undo the biased-variance LayerNorm target
-            target = patchify(imgs, self.patch_size)
-            mean = target.mean(-1, keepdim=True)
-            std = (target.var(-1, keepdim=True, unbiased=False) + 1.0e-6) ** 0.5
-            pred = pred * std + mean
-        return unpatchify(pred, self.patch_size, self.grid)
+        return self.decoder_head(x)

@@ -44,6 +44,7 @@ from torch import nn
 
 from vitkit.data import BatchTransform, ImageDataset
 from vitkit.errors import VitkitError
+from vitkit.models import final_norm
 from vitkit.registry import parse_config
 from vitkit.train.evaluate import autocast_context
 from vitkit.train.objectives import Objective, ObjectiveOutput
@@ -143,10 +144,11 @@ def masked_patch_loss(
     return (per_patch * mask).sum() / mask.sum()
 
 
-def normalize_patches(target: torch.Tensor) -> torch.Tensor:
-    """Each patch to mean 0 and (unbiased) variance 1, with MAE's epsilon 1e-6."""
+def normalize_patches(target: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Each patch to mean 0 and variance 1, with MAE's epsilon 1e-6 (MAE: the unbiased variance;
+    Hi-End-MAE's ``LayerNorm`` target: the biased one)."""
     mean = target.mean(dim=-1, keepdim=True)
-    var = target.var(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True, unbiased=unbiased)
     return (target - mean) / (var + 1.0e-6) ** 0.5
 
 
@@ -166,21 +168,13 @@ def _require(encoder: nn.Module, name: str, what: str) -> Any:
     return value
 
 
-def final_norm(encoder: nn.Module) -> nn.Module:
-    """The encoder's last LayerNorm, wherever its layout keeps it (``norm``, or ``fc_norm`` for the
-    global-average-pool layout, applied per token here)."""
-    norm = getattr(encoder, "norm", None)
-    if norm is not None and not isinstance(norm, nn.Identity):
-        return norm
-    fc_norm = getattr(encoder, "fc_norm", None)
-    return fc_norm if fc_norm is not None else nn.Identity()
-
-
 class MaskedAutoencoder(nn.Module):
     """A timm ViT encoder plus MAE's light decoder. ``forward(imgs) -> (loss, pred, mask)``."""
 
     # the decoder's LayerNorm: eps 1e-6 as facebookresearch/mae's builders (and timm's Block default)
     norm_layer: Any = partial(nn.LayerNorm, eps=1e-6)
+    # ``norm_pix_loss`` normalises each target patch with the unbiased variance (MAE)
+    unbiased_target_var: bool = True
 
     def __init__(self, encoder: nn.Module, cfg: MAEConfig | None = None, *, init_encoder: bool = False):
         super().__init__()
@@ -275,7 +269,23 @@ class MaskedAutoencoder(nn.Module):
         x = final_norm(enc)(x)
         return x, mask, ids_restore
 
-    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    def hidden_to_keep(self) -> dict[int, Any] | None:
+        """The encoder blocks whose outputs the decoder reads (keys of the dict ``forward_encoder``
+        fills); MAE reads the final output only."""
+        return None
+
+    def forward_decoder(
+        self, x: torch.Tensor, ids_restore: torch.Tensor, hidden: dict[int, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Predicted patches (N, L, p*p*C) in grid order; ``hidden`` is unused by MAE."""
+        x = self.decoder_tokens(x, ids_restore)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_head(x)
+
+    def decoder_tokens(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """The decoder's input: the visible tokens projected, mask tokens in the hidden places, back in
+        grid order, plus the decoder position embedding (prefix tokens first)."""
         x = self.decoder_embed(x)
         n = self.num_prefix_tokens
         b, length = ids_restore.shape
@@ -283,16 +293,16 @@ class MaskedAutoencoder(nn.Module):
         masks = self.mask_token.expand(b, length - visible.shape[1], -1).to(x.dtype)
         patches = torch.cat([visible, masks], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x[:, :n], patches], dim=1) + self.decoder_pos_embed.to(x.dtype)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x = self.decoder_norm(x)
-        return self.decoder_pred(x)[:, n:]  # drop the prefix tokens
+        return torch.cat([x[:, :n], patches], dim=1) + self.decoder_pos_embed.to(x.dtype)
+
+    def decoder_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Norm and per-patch prediction, the prefix tokens dropped."""
+        return self.decoder_pred(self.decoder_norm(x))[:, self.num_prefix_tokens :]
 
     def target_patches(self, imgs: torch.Tensor) -> torch.Tensor:
         """What the decoder predicts: the patches, each normalised when ``norm_pix_loss``."""
         target = patchify(imgs, self.patch_size)
-        return normalize_patches(target) if self.cfg.norm_pix_loss else target
+        return normalize_patches(target, self.unbiased_target_var) if self.cfg.norm_pix_loss else target
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return masked_patch_loss(pred, self.target_patches(imgs), mask, norm_pix_loss=False)
@@ -304,8 +314,9 @@ class MaskedAutoencoder(nn.Module):
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
-        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator)
-        pred = self.forward_decoder(latent, ids_restore)
+        hidden = self.hidden_to_keep()
+        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator, hidden=hidden)
+        pred = self.forward_decoder(latent, ids_restore, hidden)
         return self.forward_loss(imgs, pred, mask), pred, mask
 
     def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
@@ -314,7 +325,7 @@ class MaskedAutoencoder(nn.Module):
         if self.cfg.norm_pix_loss:
             target = patchify(imgs, self.patch_size)
             mean = target.mean(-1, keepdim=True)
-            std = (target.var(-1, keepdim=True) + 1.0e-6) ** 0.5
+            std = (target.var(-1, keepdim=True, unbiased=self.unbiased_target_var) + 1.0e-6) ** 0.5
             pred = pred * std + mean
         return unpatchify(pred, self.patch_size, self.grid)
 
