@@ -173,9 +173,9 @@ def build_from_manifest(manifest: Manifest) -> nn.Module:
         check_order([t.name for t in manifest.transforms])  # also: every name is a known technique
     model = create_model(manifest.name, **manifest.kwargs)
     if manifest.head is not None:
-        from vitkit.models.dense import attach_dense_head
+        from vitkit.models.heads import attach_head
 
-        model = attach_dense_head(model, manifest.head)
+        model = attach_head(model, manifest.head)
     for t in manifest.transforms:
         model = get_transform(t.name)(model, dict(t.config))
     got = get_manifest(model)

@@ -255,3 +255,108 @@ def test_dense_models_run_at_the_data_size_unless_told(tmp_path):
     doc = json.loads((out / "model.json").read_text())
     assert doc["base"]["kwargs"]["img_size"] == 32
     assert "img_size: 32" in (out / "config.yaml").read_text()
+
+
+# -- ViT-P over the segmentation run (issue 19 part 5) ----------------------------------------------------
+@pytest.fixture(scope="session")
+def vitp_run(seg_run, tmp_path_factory) -> Path:
+    """ViT-P fine-tuned over seg_run's frozen segmenter, its ViT from seg_run's backbone (~20 s)."""
+    from vitkit.api import finetune
+
+    out = tmp_path_factory.mktemp("dense") / "vitp"
+    train = dict(task="segmentation", head="vitp", data=SEG_DATA, epochs=8, lr=3e-3, tensorboard=False)
+    finetune(seg_run, out, train, recipe="none", quiet=True)
+    return out
+
+
+def test_vitp_learns_points_over_a_frozen_stage1_and_reloads(vitp_run, seg_run):
+    import csv
+
+    import vitkit
+    from vitkit.api import evaluate_run
+    from vitkit.models.vitp import ViTPSegmenter
+
+    doc = json.loads((vitp_run / "model.json").read_text())
+    seg_doc = json.loads((seg_run / "model.json").read_text())
+    assert doc["head"]["head"] == "vitp" and doc["head"]["alpha"] == 0.4 and doc["head"]["points"] == 32
+    assert doc["head"]["stage1"] == seg_doc["head"]
+    m = json.loads((vitp_run / "metrics.json").read_text())
+    seg_m = json.loads((seg_run / "metrics.json").read_text())
+    assert m["stage1_miou"] == seg_m["miou"]
+    # fusion at the paper's alpha keeps stage 1's quality (the regions are stage 1's; ViT-P votes on classes)
+    assert m["miou"] > seg_m["miou"] - 0.03, (m["miou"], seg_m["miou"])
+    with open(vitp_run / "history.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert float(last["val_point_accuracy"]) > 0.4, last  # 4 classes (background + 3 digits): chance 0.25
+
+    model, stage1 = vitkit.load(vitp_run), vitkit.load(seg_run)
+    assert isinstance(model, ViTPSegmenter)
+    for name, value in stage1.state_dict().items():  # stage 1 is frozen: the source run's weights exactly
+        assert torch.equal(model.stage1.state_dict()[name], value), name
+    metrics, _ = evaluate_run(vitp_run)
+    assert metrics["miou"] == pytest.approx(m["miou"], abs=1e-6)
+
+
+def test_vitp_at_alpha_zero_reproduces_its_stage1(seg_run):
+    """alpha 0 fuses stage 1's classes alone: every region keeps its class (its pixels' argmax is its mean's
+    argmax) and the semantic inference gives back stage 1's label map, whatever ViT-P says."""
+    import vitkit
+    from vitkit.models import create_model
+    from vitkit.models.vitp import attach_vitp_head, vitp_head_config
+
+    stage1 = vitkit.load(seg_run).eval()
+    vit = create_model("vitkit_micro_p4_16", num_classes=stage1.num_classes, img_size=32)
+    model = attach_vitp_head(vit, vitp_head_config(stage1, points=8, alpha=0.0), stage1=stage1).eval()
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        want = stage1(x).argmax(1)
+        got = model(x).argmax(1)
+    assert (got == want).float().mean() > 0.995
+
+
+def test_segmenter_proposals_tile_the_label_map():
+    from vitkit.models.vitp import mask_argmax_points, segmenter_proposals
+
+    logits = torch.randn(4, 12, 12, generator=torch.Generator().manual_seed(0))
+    logits = torch.nn.functional.avg_pool2d(logits[None], 3, 1, 1)[0]  # smoother regions
+    proposals, in_logits = segmenter_proposals(logits)
+    label = logits.argmax(0)
+    assert torch.equal(proposals.masks.sum(0), torch.ones(12, 12, dtype=torch.long))  # disjoint, cover all
+    for mask, lab, cls in zip(proposals.masks, proposals.labels, in_logits):
+        assert (label[mask] == lab).all() and int(cls[:-1].argmax()) == int(lab)
+        mean = logits.softmax(0)[:, mask].mean(1)
+        assert torch.allclose(cls[:-1].exp(), mean, atol=1e-6)
+    assert (in_logits.softmax(-1)[:, -1] < 1e-9).all()  # no void: the regions tile the image
+    rows, cols = ((mask_argmax_points(proposals.mask_logits) + 1) / 2 * 12).round().long().T
+    assert proposals.masks[torch.arange(len(rows)), rows, cols].all()  # each point lies in its region
+
+
+def test_vitp_cannot_export_and_needs_a_segmentation_run(vitp_run, change_run, bad_input, tmp_path):
+    TRAIN = ["train", "--head", "vitp", "--model", "vitkit_micro_p4_16", "--epochs", "1"]
+    bad_input(["export", vitp_run], r"not exportable: ViT-P's two-stage inference")
+    bad_input(
+        [*TRAIN, "--task", "segmentation", "--data", SEG_DATA, "-o", tmp_path / "a"],
+        r"head vitp reclassifies the regions of a trained segmentation run",
+        workdir=tmp_path,
+    )
+    bad_input(
+        [
+            "finetune",
+            change_run,
+            "--task",
+            "segmentation",
+            "--head",
+            "vitp",
+            "--data",
+            SEG_DATA,
+            "-o",
+            tmp_path / "b",
+        ],
+        r"--head vitp fine-tunes from a one-stage segmentation run",
+        workdir=tmp_path,
+    )
+    bad_input(
+        [*TRAIN, "--task", "change", "--data", CHANGE_DATA, "-o", tmp_path / "c"],
+        r"--head",
+        workdir=tmp_path,
+    )

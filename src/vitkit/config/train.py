@@ -36,10 +36,11 @@ class TrainConfig(BaseModel):
         description="what to learn: classification, multilabel, retrieval, segmentation, change; options as "
         "NAME:key=value,... (e.g. retrieval:bits=32); multi-label data makes classification multilabel",
     )
-    head: Literal["linear", "upernet", "changevit"] | None = Field(
+    head: Literal["linear", "upernet", "changevit", "vitp"] | None = Field(
         None,
         description="dense tasks (segmentation, change): the decoder head, linear (per patch), upernet "
-        "(default) or changevit (change only); more as --task segmentation:pyramid=multilevel,channels=128",
+        "(default), changevit (change only) or vitp (vitkit finetune SEG_RUN: ViT-P over that run's "
+        "regions); more as --task segmentation:pyramid=multilevel,channels=128",
     )
 
     # data

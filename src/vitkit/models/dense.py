@@ -47,7 +47,7 @@ class DenseHeadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: Literal["segmentation", "change"] = "segmentation"
-    head: Literal["linear", "upernet", "changevit"] = "upernet"
+    head: Literal["linear", "upernet", "changevit", "vitp"] = "upernet"
     pyramid: Literal["sfp", "multilevel"] = "sfp"
     num_classes: int = Field(gt=1, le=255)
     channels: int = Field(gt=0, le=4096)
@@ -56,6 +56,25 @@ class DenseHeadConfig(BaseModel):
     ppm_scales: list[int] = Field(default_factory=list, max_length=8)
     scales: list[float] = Field(default_factory=list, max_length=4)  # pyramid levels / patch grid
     detail_channels: list[int] = Field(default_factory=list, max_length=3)  # changevit's CNN widths
+    # vitp (models/vitp.py): points per ViT-P chunk, fusion weight, and the stage-1 segmenter's head
+    points: int = Field(0, ge=0, le=4096)
+    alpha: float = Field(0.4, ge=0.0, le=1.0)
+    stage1: DenseHeadConfig | None = None
+
+    @model_validator(mode="after")
+    def _vitp(self) -> DenseHeadConfig:
+        if self.head != "vitp":
+            if self.stage1 is not None:
+                raise ValueError(f"head {self.head} takes no stage1 (only vitp does)")
+            return self
+        if self.task != "segmentation":
+            raise ValueError("head vitp is a segmentation head (task segmentation)")
+        s = self.stage1
+        if s is None or s.head == "vitp" or s.task != "segmentation" or s.num_classes != self.num_classes:
+            raise ValueError("head vitp takes the stage1 head of a one-stage segmenter with the same classes")
+        if self.points < 1:
+            raise ValueError("head vitp takes points >= 1 (points per ViT-P chunk)")
+        return self
 
     @model_validator(mode="after")
     def _changevit(self) -> DenseHeadConfig:
@@ -137,7 +156,7 @@ def default_head_config(
             f"head 'upernet' needs a pyramid of at least two levels; a {grid[0]}x{grid[1]} patch grid of "
             f"{patch} px patches has {len(scales)} (use head=linear or a larger input)"
         )
-    return _validated(
+    return validated_head_config(
         dict(
             task=task,
             head=head,
@@ -156,7 +175,7 @@ def default_head_config(
     )
 
 
-def _validated(config: dict[str, Any] | DenseHeadConfig, where: str) -> DenseHeadConfig:
+def validated_head_config(config: dict[str, Any] | DenseHeadConfig, where: str) -> DenseHeadConfig:
     if isinstance(config, DenseHeadConfig):
         return config
     try:
@@ -408,7 +427,11 @@ class ChangeViTModel(ChangeModel):
 def attach_dense_head(model: nn.Module, config: DenseHeadConfig | dict[str, Any]) -> DenseModel:
     """Wrap a plain ViT (no classifier) into a dense model; the manifest moves to the wrapper and
     records the head, so ``vitkit.load`` rebuilds it."""
-    config = _validated(config, "model.json 'head'")
+    config = validated_head_config(config, "model.json 'head'")
+    if config.head == "vitp":
+        raise VitkitError(
+            "head vitp wraps a stage-1 segmenter: build it with vitkit.models.heads.attach_head"
+        )
     manifest = get_manifest(model)
     if getattr(model, "num_classes", 0):
         model.reset_classifier(0)

@@ -81,14 +81,17 @@ def curves_png(history: list[dict[str, str]], quality_key: str = "top1") -> str 
         v = col(key) if key in history[0] else []
         if len(v) == len(ep):
             axes[0].plot(ep, v, label=key)
-    axes[0].set_xlabel("epoch")
-    axes[0].legend()
-    for key in dict.fromkeys((f"val_{quality_key}", "val_top1", "val_balanced_accuracy")):
+    # objectives that validate on their own (e.g. ViT-P's point accuracy) log their own keys
+    for key in dict.fromkeys(
+        (f"val_{quality_key}", "val_top1", "val_balanced_accuracy", "val_point_accuracy")
+    ):
         v = col(key) if key in history[0] else []
         if len(v) == len(ep):
             axes[1].plot(ep, v, label=key)
-    axes[1].set_xlabel("epoch")
-    axes[1].legend()
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     return _png(fig)
 

@@ -32,6 +32,7 @@ from vitkit.deploy.onnx import OnnxModel, export_onnx
 from vitkit.errors import VitkitError
 from vitkit.io import write_json
 from vitkit.models import model_input_size
+from vitkit.models.heads import export_refusal
 from vitkit.registry import technique
 from vitkit.runs import Run
 from vitkit.train.evaluate import predict
@@ -78,6 +79,9 @@ def export_run(
     info = run.info
     names = run.transforms
     check_exportable(names)
+    refusal = export_refusal(info.manifest.head)
+    if refusal:
+        raise VitkitError(f"{info.path}: not exportable: {refusal}")
     approx = [r.parity for r in (technique(n).export for n in names) if r.parity is not None]
     if int8 and "quantize" in names:
         raise VitkitError(

@@ -30,6 +30,7 @@ from vitkit.data import DataSplits
 from vitkit.errors import VitkitError
 from vitkit.io import write_yaml
 from vitkit.models import create_model, get_manifest, model_input_size
+from vitkit.models.dense import DenseModel
 from vitkit.pretrain.presets import get_recipe, with_recipe
 from vitkit.progress import console
 from vitkit.runs import Run, write_metrics
@@ -79,6 +80,31 @@ def finetune_config(
     return build_config(**fields), recipe_name, info
 
 
+def _check_vitp_source(source_run: Run, src) -> None:
+    if not isinstance(src, DenseModel) or src.config.task != "segmentation" or src.config.head == "vitp":
+        raise VitkitError(
+            f"{source_run.path}: --head vitp fine-tunes from a one-stage segmentation run (its regions are "
+            "ViT-P's proposals); train one with `vitkit train --task segmentation`"
+        )
+
+
+def _vitp_over(source_run: Run, src, vit, options, data: DataSplits, img_size: int):
+    """ViT-P (``vitkit.models.vitp``) with the source run's segmenter as its frozen stage 1."""
+    from vitkit.models.vitp import attach_vitp_head, vitp_head_config
+
+    where = source_run.path
+    _check_vitp_source(source_run, src)
+    if list(source_run.classes) != list(data.train.classes):
+        raise VitkitError(
+            f"{where}: its classes ({', '.join(source_run.classes)}) differ from the data's "
+            f"({', '.join(data.train.classes)}); ViT-P reclassifies stage 1's regions over the same classes"
+        )
+    size = model_input_size(src)[1]
+    if img_size != size:
+        raise VitkitError(f"--img-size {img_size}: ViT-P runs at its stage 1's input size ({size})")
+    return attach_vitp_head(vit, vitp_head_config(src, options.points, options.alpha), stage1=src)
+
+
 def finetune(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -107,6 +133,13 @@ def finetune(
     source_run = Run.open(source)  # model.json read once for the whole stage
     cfg, recipe_name, _ = finetune_config(source_run, dict(train or {}), recipe, peft)
     src = source_run.model()
+    if _dense_task(cfg.task):
+        from vitkit.tasks import get_task
+
+        head_task = get_task(cfg.task)
+        head_task.check_config(cfg)  # --head merged into the task's options, refused in one line if wrong
+        if head_task.options.head == "vitp":
+            _check_vitp_source(source_run, src)
     c, h, _ = model_input_size(src)
     if cfg.in_chans is not None and cfg.in_chans != c:
         raise VitkitError(f"--in-chans {cfg.in_chans}: {source} was pretrained on {c}-channel input")
@@ -121,15 +154,24 @@ def finetune(
     model = create_model(
         cfg.model, num_classes=data.train.num_classes, img_size=cfg.img_size, in_chans=c, **kwargs
     )
-    notes = load_pretrained_weights(model, src)
+    # a dense run (segmentation, change) passes on its ViT backbone; its head stays behind
+    notes = load_pretrained_weights(model, src.backbone if isinstance(src, DenseModel) else src)
     task = resolve_task(cfg.task, data)
     if task.dense:  # the pretrained ViT under the task's dense head (segmentation, change)
         if peft is not None:
             raise VitkitError(
                 f"--peft {peft}: parameter-efficient fine-tuning of {task.name} heads is not supported yet"
             )
-        model = task.build_head(model, task.num_outputs(data))
-        notes.append(f"{task.name} head: {get_manifest(model).head['head']} (new, randomly initialised)")
+        task.check_config(cfg)  # --head merged into the task's options
+        if task.options.head == "vitp":
+            model = _vitp_over(source_run, src, model, task.options, data, cfg.img_size)
+            notes.append(
+                f"ViT-P over {source}'s frozen segmenter (stage 1), the point ViT from its backbone; "
+                f"{task.options.points} points per chunk, fusion alpha {task.options.alpha}"
+            )
+        else:
+            model = task.build_head(model, task.num_outputs(data))
+            notes.append(f"{task.name} head: {get_manifest(model).head['head']} (new, randomly initialised)")
     if peft is not None:
         apply_peft(model, peft, peft_config)
     count = parameter_count(model)
@@ -148,5 +190,8 @@ def finetune(
     }
     write_yaml(Path(output) / "finetune.yaml", finetune_info)
     run.metrics.update({"finetune": finetune_info, "trainable_fraction": count.fraction})
+    if task.dense and task.options.head == "vitp":  # what ViT-P buys over its stage 1 alone
+        key = task.quality_key
+        run.metrics[f"stage1_{key}"] = source_run.metrics.get(key)
     write_metrics(output, run.metrics)
     return run

@@ -50,6 +50,64 @@ class DenseOptions(BaseModel):
     )
 
 
+class SegmentationOptions(DenseOptions):
+    """``--task segmentation:key=value,...``: the dense options and ViT-P's."""
+
+    head: Literal["linear", "upernet", "vitp"] = Field(
+        "upernet",
+        description="decoder head (also --head); vitp: ViT-P over a trained segmenter (vitkit finetune RUN --head vitp)",
+    )
+    points: int = Field(32, ge=1, le=1024, description="vitp: points per image in training and per chunk")
+    alpha: float = Field(0.4, ge=0.0, le=1.0, description="vitp: weight of ViT-P's classes in the fusion")
+
+
+class PointObjective(Objective):
+    """ViT-P's loss (``vitkit.models.vitp``): cross-entropy of the class of ``n_points`` points per
+    image, drawn class-uniformly from the ground truth (official ``nn.CrossEntropyLoss()`` over the
+    points); validation: point accuracy at fixed (seeded) points."""
+
+    task = "none"
+
+    def __init__(self, n_points: int = 16, val_seed: int = 0):
+        self.n_points = n_points
+        self.val_seed = val_seed
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> ObjectiveOutput:
+        from vitkit.models.vitp import sample_points
+
+        points, labels = sample_points(targets, self.n_points)
+        logits = model(images, points)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        return ObjectiveOutput(loss)
+
+    @torch.no_grad()
+    def validate(self, model, val_data, transform, device, precision, batch_size) -> dict[str, float]:
+        """Point accuracy on the validation masks, with fixed points (seeded)."""
+        from vitkit.models.vitp import sample_points
+
+        g = torch.Generator().manual_seed(self.val_seed)
+        was = model.training
+        model.eval()
+        right = total = 0
+        loss_sum = 0.0
+        for i in range(0, len(val_data), batch_size):
+            images = transform.images(val_data.images[i : i + batch_size])
+            # points are fractions of the mask's size, so the mask need not be resized with the image
+            points, labels = sample_points(val_data.targets[i : i + batch_size], self.n_points, g)
+            logits = model(images.to(device), points.to(device)).float()
+            keep = labels.to(device) != IGNORE_INDEX
+            right += int((logits.argmax(-1) == labels.to(device))[keep].sum())
+            total += int(keep.sum())
+            loss_sum += float(F.cross_entropy(logits[keep], labels.to(device)[keep], reduction="sum"))
+        model.train(was)
+        return {"val_point_accuracy": right / max(total, 1), "val_loss": loss_sum / max(total, 1)}
+
+    def describe(self) -> dict:
+        return {"name": "vitp_points", "n_points": self.n_points}
+
+
 class DenseObjective(Objective):
     """Per-pixel cross-entropy (``loss="ce"``); pixels labelled ``ignore_index`` carry no loss.
     ``loss="bce_dice"`` (two classes): ChangeViT's BCE + batch Dice on the binary score
@@ -186,6 +244,11 @@ class DenseTask(Task):
         from vitkit.models.dense import attach_dense_head, default_head_config
 
         o = self.options
+        if o.head == "vitp":
+            raise VitkitError(
+                "head vitp reclassifies the regions of a trained segmentation run: train that run first, then "
+                "`vitkit finetune SEG_RUN --task segmentation --head vitp -o OUT`"
+            )
         extra = {"detail_width": o.detail_width} if hasattr(o, "detail_width") else {}
         cfg = default_head_config(
             model, num_outputs, task=self.name, head=o.head, pyramid=o.pyramid, channels=o.channels, **extra
@@ -194,15 +257,18 @@ class DenseTask(Task):
 
     def check_head(self, model: nn.Module, data: DataSplits, model_name: str) -> None:
         from vitkit.models.dense import DenseModel
+        from vitkit.models.vitp import ViTPSegmenter
 
         cfg = getattr(model, "config", None)
-        if not isinstance(model, DenseModel) or cfg is None or cfg.task != self.name:
+        if not isinstance(model, (DenseModel, ViTPSegmenter)) or cfg is None or cfg.task != self.name:
             raise VitkitError(f"model '{model_name}' has no {self.name} head")
         super().check_head(model, data, model_name)
 
     # -- training ------------------------------------------------------------------------------
     def loss(self, cfg: TrainConfig) -> Objective:
         self.check_config(cfg)
+        if self.options.head == "vitp":
+            return PointObjective(self.options.points, val_seed=cfg.seed)
         return DenseObjective(self.name, loss=self.pixel_loss)
 
     @property
@@ -327,6 +393,7 @@ def overlay_indices(data: ImageDataset, n: int = OVERLAY_SAMPLES) -> torch.Tenso
 @register_task
 class SegmentationTask(DenseTask):
     name = "segmentation"
+    Options = SegmentationOptions
     data_schemes = ("canvas", "segfolder")
     summary_keys = ("miou", "pixel_accuracy", "mean_accuracy")
     headline = "val_miou"

@@ -1,0 +1,34 @@
+"""The dense head a manifest records, whichever module builds it: the one-stage heads of
+``models/dense.py`` (linear, UperNet, change heads) or ViT-P's two stages (``models/vitp.py``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from vitkit.models.dense import DenseHeadConfig, attach_dense_head, validated_head_config
+from vitkit.models.vitp import attach_vitp_head
+
+
+def attach_head(model: nn.Module, config: DenseHeadConfig | dict[str, Any]) -> nn.Module:
+    """Wrap a plain ViT into the dense model ``config`` describes (structure only for ViT-P's stage 1:
+    its weights come with the run's)."""
+    config = validated_head_config(config, "model.json 'head'")
+    if config.head == "vitp":
+        return attach_vitp_head(model, config)
+    return attach_dense_head(model, config)
+
+
+def export_refusal(config: DenseHeadConfig | dict[str, Any] | None) -> str | None:
+    """Why a model with this head has no ONNX graph, or None when it exports."""
+    if config is None:
+        return None
+    head = config.head if isinstance(config, DenseHeadConfig) else config.get("head")
+    if head == "vitp":
+        return (
+            "ViT-P's two-stage inference (connected regions of stage 1's label map, then ViT passes over "
+            "chunks of points, per image) is data-dependent and has no single ONNX graph; export the "
+            "stage-1 segmentation run it was fine-tuned from"
+        )
+    return None
