@@ -148,6 +148,41 @@ def test_w8a8_keeps_the_segmentation_quality(seg_run, tmp_path):
     assert summary["metric"] == "miou"
     assert abs(summary["drop_points"]) < 2.0, summary  # issue 19 asks for 1 pt; 100 canvases are noisy
     assert json.loads((out / "model.json").read_text())["head"]["task"] == "segmentation"
+    # the whole model: the ViT and every convolution of the pyramid and the UperNet decoder
+    import vitkit
+    from vitkit.compress.quant import QuantConv2d
+
+    float_model, q = vitkit.load(seg_run), vitkit.load(out)
+    convs = [n for n, m in float_model.named_modules() if type(m) is torch.nn.Conv2d]
+    assert len(convs) > 10 and all(isinstance(q.get_submodule(n), QuantConv2d) for n in convs)
+
+
+def test_a_run_quantized_before_the_decoder_convs_were_still_loads_them_in_float(seg_run, tmp_path):
+    """Runs quantized before the conv points existed recorded only the ViT's points; their replay
+    builds exactly those and leaves the decoder in float."""
+    import vitkit
+    from vitkit.compress.quant import QuantConv2d
+    from vitkit.compress.quant.calibrate import calibrate_model
+    from vitkit.compress.quant.config import make_config
+    from vitkit.compress.quant.points import build_structure, find_points
+    from vitkit.compress.quant.transform import _record, calibration_images
+    from vitkit.runs import Run
+
+    model = vitkit.load(seg_run)
+    cfg = make_config(None, w_bits=8, a_bits=8, calib_size=32)
+    old = {p.name for p in find_points(model) if not p.name.startswith(("neck.", "decode_head."))}
+    images = calibration_images(model, Run.open(seg_run).splits().train, cfg)
+    resolved = build_structure(model, cfg, only=old)
+    assert set(resolved) == old
+    calibrate_model(model, images, cfg)
+    _record(model, cfg, resolved)
+    vitkit.save_model(tmp_path, model, classes=Run.open(seg_run).classes)
+    back = vitkit.load(tmp_path)
+    assert isinstance(back.backbone.blocks[0].attn.qkv, type(model.backbone.blocks[0].attn.qkv))
+    assert not any(isinstance(m, QuantConv2d) for m in back.decode_head.modules())
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(model(x), back(x))
 
 
 def test_change_run_beats_trivial_predictors_and_exports(change_run, tmp_path):

@@ -31,7 +31,7 @@ from torch import nn
 
 from vitkit.compress.quant.config import QuantConfig
 from vitkit.compress.quant.layers import QuantConv2d, QuantLinear, QuantMatMul, QuantSoftmax
-from vitkit.compress.quant.points import QuantPoint, find_points, set_quantizers_enabled
+from vitkit.compress.quant.points import QuantPoint, built_points, set_quantizers_enabled
 from vitkit.compress.quant.quantizers import (
     AdaLogQuantizer,
     Quantizer,
@@ -266,7 +266,7 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, cfg: QuantConfig) ->
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    points = find_points(model)
+    points = built_points(model)
     set_quantizers_enabled(model, False)
     block_in, _, global_in = _capture_blocks(model, points, images, cfg.calib_batch, outputs=False)
     by_block: dict[int, list[QuantPoint]] = defaultdict(list)
@@ -435,7 +435,7 @@ def reconstruct_blocks(
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    points = find_points(model)
+    points = built_points(model)
     blocks = _blocks(points)
     set_quantizers_enabled(model, False)
     fp_in, fp_out, _ = _capture_blocks(model, points, images, cfg.calib_batch, outputs=True)

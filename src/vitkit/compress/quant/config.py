@@ -182,6 +182,6 @@ def point_bits(cfg: QuantConfig, name: str, role: str) -> dict[str, int]:
         if fnmatch.fnmatchcase(name, pattern):
             w = a = check_bits(bits, f"layer_bits['{pattern}']")
     out = {"a": a}
-    if role in ("patch_embed", "qkv", "proj", "fc1", "fc2", "head", "linear"):
+    if role in ("patch_embed", "qkv", "proj", "fc1", "fc2", "head", "linear", "conv"):
         out["w"] = w
     return out

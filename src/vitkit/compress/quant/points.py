@@ -8,7 +8,8 @@ activation points of the literature plus the weights:
 
 and outside the blocks the patch-embedding convolution and the classifier(s) from timm's
 ``get_classifier()`` (both heads of a distilled model). Every other ``nn.Linear`` (added by other
-transforms, e.g. extra heads) is a generic ``linear`` point. Roles come from the structure: "the
+transforms, e.g. extra heads) is a generic ``linear`` point, every other plain ``nn.Conv2d`` (a dense
+head's decoder, a convolutional stem) a ``conv`` point: weights per output channel, input per tensor. Roles come from the structure: "the
 ``qkv`` Linear of a VitkitAttention", "the ``fc2`` of the block's Mlp"; the LayerNorm feeding qkv /
 fc1 is recorded when the block is timm's pre-norm ``Block`` (needed for RepQ reparameterization).
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -42,7 +44,7 @@ from vitkit.errors import VitkitError
 from vitkit.models.attention import MatMul, Softmax, VitkitAttention
 
 BLOCK_ROLES = ("qkv", "qk", "softmax", "av", "proj", "fc1", "fc2")
-LINEAR_ROLES = ("patch_embed", "qkv", "proj", "fc1", "fc2", "head", "linear")
+LINEAR_ROLES = ("patch_embed", "qkv", "proj", "fc1", "fc2", "head", "linear", "conv")  # the weighted ones
 
 
 @dataclass
@@ -88,10 +90,13 @@ def find_points(model: nn.Module) -> list[QuantPoint]:
         seen.add(id(module))
         points.append(QuantPoint(name, role, parent, attr, **kw))
 
-    pe = getattr(model, "patch_embed", None)
-    proj = getattr(pe, "proj", None)
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
     if isinstance(proj, nn.Conv2d):
         add(proj, "patch_embed")
+    # also by type: a dense model's ViT sits under `backbone`, ViT-P's two ViTs under their stages
+    for pe in (m for m in model.modules() if isinstance(m, PatchEmbed)):
+        if isinstance(pe.proj, nn.Conv2d):
+            add(pe.proj, "patch_embed")
 
     attns = [m for m in model.modules() if isinstance(m, VitkitAttention)]
     for i, attn in enumerate(attns):
@@ -122,7 +127,22 @@ def find_points(model: nn.Module) -> list[QuantPoint]:
     for m in model.modules():
         if isinstance(m, nn.Linear) and not _inside_quant_layer(m, parents):
             add(m, "linear")
+    # decoder convolutions (UperNet, ChangeViT), convolutional stems; exact types: a Conv2d subclass
+    # (timm's StdConv2d standardises its weight in forward) would lose its behaviour in a QuantConv2d
+    for m in model.modules():
+        if type(m) in (nn.Conv2d, QuantConv2d) and not _inside_quant_layer(m, parents):
+            add(m, "conv")
     return points
+
+
+def built_points(model: nn.Module) -> list[QuantPoint]:
+    """The points of an already-quantized structure: a weighted point left in float (one a saved run
+    did not record: :func:`build_structure` ``only``) is not one."""
+    return [
+        p
+        for p in find_points(model)
+        if p.role not in LINEAR_ROLES or isinstance(p.module, (QuantLinear, QuantConv2d))
+    ]
 
 
 def _inside_quant_layer(m: nn.Module, parents) -> bool:
@@ -168,10 +188,12 @@ def _weight_quantizer(bits: int, cfg: QuantConfig, out_channels: int) -> Uniform
     return _uniform(bits, cfg, channels=channels, axis=0)
 
 
-def build_structure(model: nn.Module, cfg: QuantConfig) -> dict[str, dict]:
+def build_structure(model: nn.Module, cfg: QuantConfig, only: set[str] | None = None) -> dict[str, dict]:
     """Swap every point's module for its quantized version (uncalibrated) and return the resolved
-    ``{name: {"role", "w", "a"}}`` map. Integer-only ops (I-ViT) are installed by ``intonly``."""
-    points = find_points(model)
+    ``{name: {"role", "w", "a"}}`` map. Integer-only ops (I-ViT) are installed by ``intonly``.
+    ``only``: the points a saved run recorded (a run quantized before a kind of point existed, e.g. the
+    decoder convolutions, keeps those in float)."""
+    points = [p for p in find_points(model) if only is None or p.name in only]
     if not points:
         raise VitkitError(
             f"{type(model).__name__} has no quantization points (no Linear, attention or patch embedding)"

@@ -82,7 +82,7 @@ def replay_quantization(model: nn.Module, config: dict[str, Any]) -> nn.Module:
     config = dict(config)
     recorded = config.pop("resolved_bits", None)
     cfg = make_config(config)
-    resolved = build_structure(model, cfg)
+    resolved = build_structure(model, cfg, only=set(recorded) if recorded is not None else None)
     if recorded is not None and recorded != resolved:
         missing = sorted(set(recorded) ^ set(resolved))[:3]
         raise VitkitError(
