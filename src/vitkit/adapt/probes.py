@@ -201,10 +201,10 @@ def probe_data_for_run(run_dir: str | os.PathLike, data: str | None, img_size: i
                 seed=tc.split_seed,
                 train_size=tc.train_size,
                 val_size=tc.val_size,
-                img_size=img_size if tc.data.startswith(("folder:", "csv:")) else None,
+                img_size=img_size if tc.data.startswith(("folder:", "csv:", "coco:")) else None,
             )
     assert data is not None
-    return load_splits(data, img_size=img_size if data.startswith(("folder:", "csv:")) else None)
+    return load_splits(data, img_size=img_size if data.startswith(("folder:", "csv:", "coco:")) else None)
 
 
 def probe_run(

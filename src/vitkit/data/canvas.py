@@ -233,8 +233,9 @@ def make_change_pairs(n: int, options: CanvasOptions, split: str = "train") -> C
     return ChangePairs(before, after, (sem_a != sem_b).long(), sem_a, sem_b)
 
 
-def load_canvas(arg: str, uri: str, change: bool = False) -> dict[str, ImageDataset]:
-    """The ``canvas`` (semantic masks) or ``canvas-change`` (image pairs, change masks) dataset:
+def load_canvas(arg: str, uri: str, change: bool = False, boxes: bool = False) -> dict[str, ImageDataset]:
+    """The ``canvas`` (semantic masks), ``canvas-change`` (image pairs, change masks) or
+    ``canvas-boxes`` (boxes of the items' visible parts, classes without the background) dataset:
     its train and validation splits."""
     o = parse_canvas_options(arg, uri)
     out: dict[str, ImageDataset] = {}
@@ -244,6 +245,12 @@ def load_canvas(arg: str, uri: str, change: bool = False) -> dict[str, ImageData
             p = make_change_pairs(n, o, split)
             images = torch.cat([p.before, p.after], dim=1)
             out[split] = ImageDataset(images, p.change, list(CHANGE_CLASSES), uri, {**info, "pair": True})
+        elif boxes:
+            from vitkit.data.boxes import pack_boxes
+
+            c = make_canvases(n, o, split)
+            targets = pack_boxes(c.boxes, [lab - 1 for lab in c.labels])  # labels 1 + class -> class
+            out[split] = ImageDataset(c.images, targets, c.classes[1:], uri, {**info, "boxes": True})
         else:
             c = make_canvases(n, o, split)
             out[split] = ImageDataset(c.images, c.semantic, c.classes, uri, info)

@@ -14,7 +14,8 @@ class ImageDataset:
     Attributes:
         images: (N, C, H, W) uint8, C is 1 (grayscale) or 3 (RGB).
         targets: (N,) int64 class indices, (N, K) float32 multi-hot for multi-label data, or
-            (N, H, W) int64 masks of class indices for dense tasks (255: ignore).
+            (N, H, W) int64 masks of class indices for dense tasks (255: ignore), or (N, M, 5) float32
+            boxes ``[label, x0, y0, x1, y1]`` padded with label -1 for detection (``info["boxes"]``).
         classes: class names, index-aligned with the targets.
         info: source facts; ``info["pair"]`` marks image pairs stacked on the channel axis (change
             detection: ``(N, 2C, H, W)``, the first image's channels, then the second's).
@@ -49,7 +50,12 @@ class ImageDataset:
     @property
     def dense(self) -> bool:
         """Targets are per-pixel class masks (N, H, W)."""
-        return self.targets.ndim == 3
+        return self.targets.ndim == 3 and not self.boxes
+
+    @property
+    def boxes(self) -> bool:
+        """Targets are padded boxes (N, M, 5) ``[label, x0, y0, x1, y1]`` (detection; data/boxes.py)."""
+        return bool(self.info.get("boxes", False))
 
     @property
     def pair(self) -> bool:
@@ -69,6 +75,10 @@ class ImageDataset:
     def class_counts(self) -> list[int]:
         """Samples per class (for multi-label data: positives per class; for masks: pixels per class,
         ignored pixels left out)."""
+        if self.boxes:  # boxes per class
+            labels = self.targets[..., 0].flatten()
+            labels = labels[labels >= 0].long()
+            return [int(c) for c in torch.bincount(labels, minlength=self.num_classes).tolist()]
         if self.multilabel:
             return [int(c) for c in self.targets.sum(0).tolist()]
         if self.dense:
@@ -81,6 +91,8 @@ class ImageDataset:
         """A single label per sample (the first positive for multi-label data; for masks the most
         frequent class other than class 0, the background, or 0 when there is none), for
         stratification."""
+        if self.boxes:  # the class of the first box (0 for an image without any)
+            return self.targets[:, 0, 0].clamp(min=0).long()
         if self.multilabel:
             return self.targets.argmax(1)
         if self.dense:

@@ -10,6 +10,8 @@
 | ``mosaic:URI``   | 2x2 mosaics of URI's images with multi-hot targets (a multi-label builder)       |
 | ``canvas[:k=v]`` | generated canvases of pasted digits with exact semantic masks (data/canvas.py)    |
 | ``canvas-change``| generated before/after canvas pairs with change masks (``canvas-change:k=v``)     |
+| ``canvas-boxes`` | the canvases with the items' boxes, for detection (``canvas-boxes:k=v``)          |
+| ``coco:PATH``    | a COCO annotation file (or a folder with train.json + val.json) and its images    |
 | ``segfolder:PATH``| images/ + masks/ (index or palette PNGs) for segmentation (data/dense.py)        |
 | ``pairs:PATH``   | A/ + B/ + label/ image pairs for change detection, the LEVIR-CD layout            |
 """
@@ -33,11 +35,13 @@ SCHEMES = (
     "mosaic:URI",
     "canvas",
     "canvas-change",
+    "canvas-boxes",
     "segfolder:PATH",
     "pairs:PATH",
+    "coco:PATH",
 )
-_PATH_SCHEMES = ("folder", "csv", "npz", "mosaic", "segfolder", "pairs")
-_GENERATED = ("canvas", "canvas-change")  # options optional: canvas, canvas:size=32
+_PATH_SCHEMES = ("folder", "csv", "npz", "mosaic", "segfolder", "pairs", "coco")
+_GENERATED = ("canvas", "canvas-change", "canvas-boxes")  # options optional: canvas, canvas:size=32
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
@@ -75,7 +79,11 @@ def load_source(uri: str, img_size: int | None = None, strict: bool = False) -> 
     if scheme == "npz":
         return {"all": load_npz(arg)}
     if scheme in _GENERATED:
-        return load_canvas(arg, uri, change=scheme == "canvas-change")
+        return load_canvas(arg, uri, change=scheme == "canvas-change", boxes=scheme == "canvas-boxes")
+    if scheme == "coco":
+        from vitkit.data.boxes import load_coco
+
+        return load_coco(arg, img_size)
     if scheme == "segfolder":
         return load_segfolder(arg, img_size=img_size)
     if scheme == "pairs":

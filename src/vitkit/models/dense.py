@@ -46,8 +46,8 @@ class DenseHeadConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    task: Literal["segmentation", "change"] = "segmentation"
-    head: Literal["linear", "upernet", "changevit", "vitp"] = "upernet"
+    task: Literal["segmentation", "change", "detection"] = "segmentation"
+    head: Literal["linear", "upernet", "changevit", "vitp", "fcos"] = "upernet"
     pyramid: Literal["sfp", "multilevel"] = "sfp"
     num_classes: int = Field(gt=1, le=255)
     channels: int = Field(gt=0, le=4096)
@@ -60,6 +60,14 @@ class DenseHeadConfig(BaseModel):
     points: int = Field(0, ge=0, le=4096)
     alpha: float = Field(0.4, ge=0.0, le=1.0)
     stage1: DenseHeadConfig | None = None
+
+    @model_validator(mode="after")
+    def _detection(self) -> DenseHeadConfig:
+        if (self.head == "fcos") != (self.task == "detection"):
+            raise ValueError("head fcos is the detection head, and detection takes head fcos")
+        if self.head == "fcos" and self.channels % 32:
+            raise ValueError(f"head fcos takes channels divisible by 32 (its GroupNorm), got {self.channels}")
+        return self
 
     @model_validator(mode="after")
     def _vitp(self) -> DenseHeadConfig:
@@ -90,11 +98,11 @@ class DenseHeadConfig(BaseModel):
         bad = [s for s in self.scales if s not in (4.0, 2.0, 1.0, 0.5, 0.25, 0.125)]
         if bad:
             raise ValueError(f"pyramid scale {bad[0]} is not one of 4, 2, 1, 1/2, 1/4, 1/8")
-        if self.head == "upernet" and (
+        if self.head in ("upernet", "fcos") and (
             len(self.scales) < 2 or (self.pyramid == "multilevel" and len(self.scales) != 4)
         ):
             raise ValueError(
-                f"head upernet with pyramid {self.pyramid} takes 2-4 pyramid scales (4 for multilevel)"
+                f"head {self.head} with pyramid {self.pyramid} takes 2-4 pyramid scales (4 for multilevel)"
             )
         return self
 
@@ -151,9 +159,10 @@ def default_head_config(
             )
         indices = [round((i + 1) * depth / 4) - 1 for i in range(4)]
     coarsest = [int(g * min(scales)) for g in grid] if scales else [0, 0]
-    if head == "upernet" and len(scales) < 2:  # changevit and linear need no pyramid
+    pyramid_head = head in ("upernet", "fcos")
+    if pyramid_head and len(scales) < 2:  # changevit and linear need no pyramid
         raise VitkitError(
-            f"head 'upernet' needs a pyramid of at least two levels; a {grid[0]}x{grid[1]} patch grid of "
+            f"head '{head}' needs a pyramid of at least two levels; a {grid[0]}x{grid[1]} patch grid of "
             f"{patch} px patches has {len(scales)} (use head=linear or a larger input)"
         )
     return validated_head_config(
@@ -162,13 +171,15 @@ def default_head_config(
             head=head,
             pyramid=pyramid,
             num_classes=num_classes,
-            channels=channels or min(256, max(32, width)),
+            # fcos: its GroupNorm(32) needs a multiple of 32
+            channels=channels
+            or (min(256, max(32, width)) // (32 if head == "fcos" else 1) * (32 if head == "fcos" else 1)),
             indices=indices,
             in_chans=model_input_size(model)[0],
             ppm_scales=[s for s in _PPM_SCALES if all(c % s == 0 for c in coarsest)]
             if head == "upernet"
             else [],
-            scales=scales if head == "upernet" else [],
+            scales=scales if pyramid_head else [],
             detail_channels=[detail_width, 2 * detail_width, 4 * detail_width] if head == "changevit" else [],
         ),
         "head",

@@ -1,5 +1,6 @@
-"""The dense head a manifest records, whichever module builds it: the one-stage heads of
-``models/dense.py`` (linear, UperNet, change heads) or ViT-P's two stages (``models/vitp.py``)."""
+"""The task head a manifest records, whichever module builds it: the one-stage heads of
+``models/dense.py`` (linear, UperNet, change heads), ViT-P's two stages (``models/vitp.py``) or the
+FCOS detector (``models/detection.py``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from vitkit.models.dense import DenseHeadConfig, attach_dense_head, validated_head_config
+from vitkit.models.detection import attach_detection_head
 from vitkit.models.vitp import attach_vitp_head
 
 
@@ -17,6 +19,8 @@ def attach_head(model: nn.Module, config: DenseHeadConfig | dict[str, Any]) -> n
     config = validated_head_config(config, "model.json 'head'")
     if config.head == "vitp":
         return attach_vitp_head(model, config)
+    if config.head == "fcos":
+        return attach_detection_head(model, config)
     return attach_dense_head(model, config)
 
 
@@ -25,6 +29,8 @@ def export_refusal(config: DenseHeadConfig | dict[str, Any] | None) -> str | Non
     if config is None:
         return None
     head = config.head if isinstance(config, DenseHeadConfig) else config.get("head")
+    if head == "fcos":
+        return "ONNX export of the FCOS detector (its box decoding and NMS) is not done yet"
     if head == "vitp":
         return (
             "ViT-P's two-stage inference (connected regions of stage 1's label map, then ViT passes over "

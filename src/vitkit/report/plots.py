@@ -123,3 +123,51 @@ def save_mask_overlays(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def save_box_overlays(
+    images: np.ndarray,
+    truths: list[tuple[np.ndarray, np.ndarray]],
+    predictions: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    classes: list[str],
+    path: str | os.PathLike,
+    *,
+    min_score: float = 0.3,
+    title: str = "",
+) -> None:
+    """One row per sample: the image with its true boxes, and with the predicted boxes scoring at
+    least ``min_score`` (class and score written on each). ``images``: (n, C, H, W) uint8;
+    ``truths``: per sample (boxes (k, 4) xyxy pixels, labels (k,)); ``predictions``: per sample
+    (boxes, labels, scores)."""
+    plt = pyplot()
+    colors = label_colors(len(classes) + 1)[1:]  # label_colors' 0 is the background grey
+    n = len(images)
+    fig, axes = plt.subplots(max(n, 1), 2, figsize=(4.6, 2.3 * max(n, 1) + 0.4), squeeze=False)
+    for i in range(n):
+        x = images[i].astype(np.float32) / 255.0
+        img = np.repeat(x, 3, 0).transpose(1, 2, 0) if x.shape[0] == 1 else x[:3].transpose(1, 2, 0)
+        sets = [(truths[i][0], truths[i][1], None), predictions[i]]
+        for j, (boxes, labels, scores) in enumerate(sets):
+            ax = axes[i, j]
+            ax.imshow(np.clip(img, 0, 1), interpolation="nearest")
+            for k, (b, lab) in enumerate(zip(boxes, labels)):
+                if scores is not None and scores[k] < min_score:
+                    continue
+                c = colors[int(lab) % len(colors)]
+                ax.add_patch(
+                    plt.Rectangle(
+                        (b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, color=c, lw=1.2
+                    )
+                )
+                text = str(classes[int(lab)])[:10] + ("" if scores is None else f" {scores[k]:.2f}")
+                ax.text(b[0] - 0.5, b[1] - 1, text, color=c, fontsize=6, va="bottom")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title("truth" if j == 0 else f"prediction (score >= {min_score:g})", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -308,7 +308,7 @@ def train_with_exits(
     ``cfg.transforms`` that only change the model (``repavit``, ``linear_attention``, ...) are
     applied first, as ``vitkit train`` applies them."""
     check_output(output, force)
-    if cfg.data.startswith(("folder:", "csv:")) and not cfg.img_size:
+    if cfg.data.startswith(("folder:", "csv:", "coco:")) and not cfg.img_size:
         raise VitkitError("--exits with folder:/csv: data needs --img-size")
     transforms = [get_train_transform(spec) for spec in cfg.transforms]
     for spec, t in zip(cfg.transforms, transforms, strict=True):

@@ -95,6 +95,9 @@ class Task:
     Options: ClassVar[type[BaseModel]] = NoOptions
     #: targets are per-pixel masks and the model a dense head (segmentation, change detection)
     dense: ClassVar[bool] = False
+    #: the model is a ViT under a task head that model.json records ("head"): the dense tasks and
+    #: detection; training builds it with :meth:`build_head` and sizes the model to the data
+    head_model: ClassVar[bool] = False
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else self.Options()

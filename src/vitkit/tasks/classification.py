@@ -53,6 +53,8 @@ class ClassificationTask(Task):
     val_metrics = ("loss", "top1", "balanced_accuracy")
 
     def check_data(self, data: DataSplits) -> None:
+        if data.train.boxes:
+            raise VitkitError(f"{data.train.name}: boxes; train them with --task detection")
         if data.train.dense:
             raise VitkitError(
                 f"{data.train.name}: per-pixel masks; train them with --task segmentation (or change for image pairs)"

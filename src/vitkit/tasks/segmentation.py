@@ -181,6 +181,7 @@ class DenseTask(Task):
     batch transform, label-map predictions, overlays."""
 
     dense = True
+    head_model = True
     target = "mask"
     pair_data: ClassVar[bool] = False
     Options = DenseOptions

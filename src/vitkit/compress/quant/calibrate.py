@@ -149,8 +149,22 @@ def _capture_blocks(model: nn.Module, points: list[QuantPoint], images: torch.Te
     finally:
         for h in handles:
             h.remove()
-    cat = lambda d: {k: torch.cat(v) for k, v in d.items()}  # noqa: E731
+    cat = lambda d: {k: _cat(v) for k, v in d.items()}  # noqa: E731
     return cat(block_in), cat(block_out), cat(global_in)
+
+
+def _cat(captured: list[torch.Tensor]) -> torch.Tensor:
+    """The inputs one module saw, as one tensor. A module applied at several sizes (a detector head
+    shared over the pyramid's levels) gives rows of channels instead: its input quantizer is per
+    tensor (a conv) or per last axis (a linear), which either layout serves."""
+    if len({t.shape[1:] for t in captured}) == 1:
+        return torch.cat(captured)
+    return torch.cat(
+        [
+            t.movedim(1, -1).reshape(-1, t.shape[1]) if t.ndim == 4 else t.reshape(-1, t.shape[-1])
+            for t in captured
+        ]
+    )
 
 
 def _blocks(points: list[QuantPoint]) -> dict[int, nn.Module]:
