@@ -147,7 +147,7 @@ def test_task_specs_are_canonical_and_validated():
         (["--task", "multilabel", "--data", "digits"], "task 'multilabel' cannot train on 'digits'"),
         (["--task", "retrieval", "--mixup", "0.2"], "mixup/cutmix blend labels"),
         (["--task", "retrieval", "--loss", "ce"], "drop --loss ce"),
-        (["--task", "detection"], "unknown task 'detection'"),
+        (["--task", "video"], "unknown task 'video'"),
     ],
 )
 def test_bad_task_options_fail_in_one_line(bad_input, tmp_path, argv, message):

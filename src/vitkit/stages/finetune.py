@@ -1,6 +1,7 @@
 """Fine-tune a pretrained run (MAE, ExPLoRA, a supervised run) on labelled data, fully or with a
-parameter-efficient method, into a new classifier run, or into a dense run (``task`` segmentation or
-change: the pretrained ViT under the task's new head; full fine-tuning only).
+parameter-efficient method, into a new classifier run, or into a run with a task head (``task``
+segmentation, change or detection: the pretrained ViT under the task's new head; full fine-tuning
+only). A source with a task head passes on its ViT.
 
 The new model is the source's timm architecture (its kwargs: e.g. ``global_pool='avg'`` +
 ``fc_norm`` for MAE encoders) with a fresh head (MAE's ``trunc_normal(std=2e-5)``), loaded with the
@@ -31,6 +32,7 @@ from vitkit.errors import VitkitError
 from vitkit.io import write_yaml
 from vitkit.models import create_model, get_manifest, model_input_size
 from vitkit.models.dense import DenseModel
+from vitkit.models.detection import DetectionModel
 from vitkit.pretrain.presets import get_recipe, with_recipe
 from vitkit.progress import console
 from vitkit.runs import Run, write_metrics
@@ -41,10 +43,11 @@ from vitkit.train import build_config
 _IMAGE_LABEL_AUGMENTATIONS = ("randaug", "mixup", "cutmix", "reprob", "label_smoothing", "mixup_off_epoch")
 
 
-def _dense_task(spec: str | None) -> bool:
+def _head_task(spec: str | None) -> bool:
+    """The task puts the ViT under a head of its own (segmentation, change, detection)."""
     from vitkit.tasks import get_task
 
-    return spec is not None and get_task(spec).dense
+    return spec is not None and get_task(spec).head_model
 
 
 def finetune_config(
@@ -65,7 +68,7 @@ def finetune_config(
     }
     recipe_name = recipe if recipe is not None else ("mae" if peft is None else "none")
     fields = with_recipe(get_recipe(recipe_name).finetune, overrides)
-    if _dense_task(fields.get("task")):
+    if _head_task(fields.get("task")):
         # the recipe's image-label augmentations (mixup, RandAugment, ...) mean nothing for masks;
         # what the user asked for stays (and the task refuses it in one line)
         for key in _IMAGE_LABEL_AUGMENTATIONS:
@@ -133,12 +136,12 @@ def finetune(
     source_run = Run.open(source)  # model.json read once for the whole stage
     cfg, recipe_name, _ = finetune_config(source_run, dict(train or {}), recipe, peft)
     src = source_run.model()
-    if _dense_task(cfg.task):
+    if _head_task(cfg.task):
         from vitkit.tasks import get_task
 
         head_task = get_task(cfg.task)
         head_task.check_config(cfg)  # --head merged into the task's options, refused in one line if wrong
-        if head_task.options.head == "vitp":
+        if getattr(head_task.options, "head", None) == "vitp":
             _check_vitp_source(source_run, src)
     c, h, _ = model_input_size(src)
     if cfg.in_chans is not None and cfg.in_chans != c:
@@ -154,16 +157,18 @@ def finetune(
     model = create_model(
         cfg.model, num_classes=data.train.num_classes, img_size=cfg.img_size, in_chans=c, **kwargs
     )
-    # a dense run (segmentation, change) passes on its ViT backbone; its head stays behind
-    notes = load_pretrained_weights(model, src.backbone if isinstance(src, DenseModel) else src)
+    # a run with a task head (segmentation, change, detection) passes on its ViT; its head stays behind
+    notes = load_pretrained_weights(
+        model, src.backbone if isinstance(src, (DenseModel, DetectionModel)) else src
+    )
     task = resolve_task(cfg.task, data)
-    if task.dense:  # the pretrained ViT under the task's dense head (segmentation, change)
+    if task.head_model:  # the pretrained ViT under the task's head (segmentation, change, detection)
         if peft is not None:
             raise VitkitError(
                 f"--peft {peft}: parameter-efficient fine-tuning of {task.name} heads is not supported yet"
             )
         task.check_config(cfg)  # --head merged into the task's options
-        if task.options.head == "vitp":
+        if getattr(task.options, "head", None) == "vitp":
             model = _vitp_over(source_run, src, model, task.options, data, cfg.img_size)
             notes.append(
                 f"ViT-P over {source}'s frozen segmenter (stage 1), the point ViT from its backbone; "
@@ -190,7 +195,7 @@ def finetune(
     }
     write_yaml(Path(output) / "finetune.yaml", finetune_info)
     run.metrics.update({"finetune": finetune_info, "trainable_fraction": count.fraction})
-    if task.dense and task.options.head == "vitp":  # what ViT-P buys over its stage 1 alone
+    if getattr(task.options, "head", None) == "vitp":  # what ViT-P buys over its stage 1 alone
         key = task.quality_key
         run.metrics[f"stage1_{key}"] = source_run.metrics.get(key)
     write_metrics(output, run.metrics)

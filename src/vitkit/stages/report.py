@@ -27,12 +27,10 @@ def collect(run_dir: str | os.PathLike) -> RunData:
             analyses.setdefault(kind, []).append((j, read_json(j)))
     try:
         task = get_task(info.task)
-        quality_key, metric_keys = task.quality_key, task.summary_keys
+        quality_key, metric_keys, task_figures = task.quality_key, task.summary_keys, task.figures
     except VitkitError:  # a task this vitkit does not know: the generic table still shows
-        quality_key, metric_keys = "top1", ()
-    figures = (
-        [("overlays: image, truth, prediction", p / "overlays.png")] if (p / "overlays.png").is_file() else []
-    )
+        quality_key, metric_keys, task_figures = "top1", (), ()
+    figures = [(title, p / name) for title, name in task_figures if (p / name).is_file()]
     return RunData(
         path=p,
         label=p.name,

@@ -98,6 +98,8 @@ class Task:
     #: the model is a ViT under a task head that model.json records ("head"): the dense tasks and
     #: detection; training builds it with :meth:`build_head` and sizes the model to the data
     head_model: ClassVar[bool] = False
+    #: (title, file name) of the figures evaluation writes into a run, which `vitkit report` shows
+    figures: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else self.Options()

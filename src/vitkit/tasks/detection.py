@@ -105,6 +105,7 @@ class DetectionTask(Task):
     val_metrics = ("map", "map_50")
     Options = DetectionOptions
     head_model = True
+    figures = (("boxes: truth and prediction", "detections.png"),)
 
     def __init__(self, options: BaseModel | None = None):
         super().__init__(options)

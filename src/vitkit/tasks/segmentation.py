@@ -182,6 +182,7 @@ class DenseTask(Task):
 
     dense = True
     head_model = True
+    figures = (("overlays: image, truth, prediction", "overlays.png"),)
     target = "mask"
     pair_data: ClassVar[bool] = False
     Options = DenseOptions
