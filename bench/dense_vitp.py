@@ -118,7 +118,9 @@ def _seed(args, seed: int, data: str, tmp: Path) -> dict:
     for a in ALPHAS:
         model = ViTPSegmenter(stage1, point_model, vitp_head_config(stage1, args.points, a)).eval()
         pred = seg_task.predict(model, splits.val, batch_size=args.batch_size)
-        row["two-stage-regions"][f"miou_alpha_{a}"] = segmentation_metrics(pred, splits.val.targets, k)["miou"]
+        row["two-stage-regions"][f"miou_alpha_{a}"] = segmentation_metrics(pred, splits.val.targets, k)[
+            "miou"
+        ]
 
     # stage 1: perturbed true regions + a mask-pooled linear classifier on the one-stage ViT's features
     from vitkit.models.inference import eval_transform
