@@ -173,6 +173,11 @@ SUITES: tuple[Suite, ...] = (
         "bench.dense_hiend:run",
     ),
     Suite(
+        "detect-canvas",
+        "canvas detection: FCOS over a plain ViT vs the untrained floor; W8A8 mAP50 drop",
+        "bench.detection:detect",
+    ),
+    Suite(
         "dense-vitp",
         "canvas segmentation: ViT-P two-stage point classification (alpha sweep) vs the one-stage head",
         "bench.dense_vitp:run",
