@@ -203,8 +203,12 @@ def test_evaluate_and_reload_reproduce_the_run(det_run, tmp_path):
 def test_w8a8_detector_keeps_its_map(det_run, tmp_path):
     from vitkit.stages.quantize import quantize_run
 
-    summary, _ = quantize_run(det_run, tmp_path / "q", w_bits=8, a_bits=8, calib_size=64)
+    from vitkit.stages.export import export_run
+
+    summary, out = quantize_run(det_run, tmp_path / "q", w_bits=8, a_bits=8, calib_size=64)
     assert summary["metric"] == "map_50" and abs(summary["drop_points"]) < 3.0, summary
+    doc = export_run(out, images=16).doc  # the graph of the quantized detector runs integer kernels
+    assert doc["int8_ops"] and doc["max_abs_logit_diff"] <= doc["bound"], doc
 
 
 def test_detection_bad_inputs_are_one_line(det_run, bad_input, tmp_path):
@@ -227,4 +231,28 @@ def test_detection_bad_inputs_are_one_line(det_run, bad_input, tmp_path):
         r"task 'classification' cannot train on 'canvas-boxes",
         workdir=tmp_path,
     )
-    bad_input(["export", det_run], r"not exportable: ONNX export of the FCOS detector")
+
+
+def test_onnx_graph_holds_the_raw_outputs_and_decodes_to_the_same_detections(det_run, tmp_path):
+    import shutil
+
+    import vitkit
+    from vitkit.deploy.onnx import OnnxModel
+    from vitkit.stages.export import export_run
+
+    run = tmp_path / "det"
+    shutil.copytree(det_run, run)
+    doc = export_run(run, images=32).doc
+    assert doc["max_abs_logit_diff"] < 1e-4, doc
+    model = vitkit.load(run).eval()
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    raw = OnnxModel(run / "model.onnx")(x)
+    with torch.no_grad():
+        want = model(x)
+    got = model.decode(raw)
+    assert len(got) == 3 and sum(len(d["boxes"]) for d in want) > 0
+    for g, w in zip(got, want):
+        assert torch.equal(g["labels"], w["labels"])
+        assert torch.allclose(g["boxes"], w["boxes"], atol=1e-3) and torch.allclose(
+            g["scores"], w["scores"], atol=1e-4
+        )

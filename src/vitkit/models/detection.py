@@ -104,6 +104,59 @@ class DetectionModel(nn.Module):
     def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None):
         return self.detector(list(images), targets)
 
+    def export_module(self) -> nn.Module:
+        """The part of the detector an ONNX graph holds: images -> raw per-anchor outputs
+        (:class:`RawDetectorOutputs`); :meth:`decode` turns them into detections."""
+        return RawDetectorOutputs(self)
+
+    @torch.no_grad()
+    def decode(self, raw: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Detections from raw outputs (B, A, K + 5) of :class:`RawDetectorOutputs` (e.g. onnxruntime's):
+        FCOS's own post-processing (score >= 0.05 from sqrt(sigmoid(class) * sigmoid(centerness)),
+        top-k, box decoding against the anchors, class-wise NMS 0.6)."""
+        from torchvision.models.detection.image_list import ImageList
+
+        det = self.detector
+        k = self.num_classes
+        size = tuple(self.pretrained_cfg["input_size"][1:])
+        b = raw.shape[0]
+        feats = self._level_shapes()
+        dummy = [torch.zeros(b, 1, h, w) for h, w in feats]
+        images = ImageList(torch.zeros(b, 1, *size), [size] * b)
+        anchors = det.anchor_generator(images, dummy)
+        per_level = [h * w for h, w in feats]
+        outputs = {
+            "cls_logits": raw[..., :k],
+            "bbox_regression": raw[..., k : k + 4],
+            "bbox_ctrness": raw[..., k + 4 :],
+        }
+        split = {key: list(v.split(per_level, dim=1)) for key, v in outputs.items()}
+        split_anchors = [list(a.split(per_level)) for a in anchors]
+        return det.postprocess_detections(split, split_anchors, images.image_sizes)
+
+    def _level_shapes(self) -> list[tuple[int, int]]:
+        grid = self.backbone.patch_embed.grid_size
+        return [(int(grid[0] * s), int(grid[1] * s)) for s in self.config.scales]
+
+
+class RawDetectorOutputs(nn.Module):
+    """(B, C, H, W) images -> (B, A, K + 5): per anchor (the pyramid's cells, finest level first, row
+    by row) K class logits, 4 box-regression values (FCOS's linear coder, normalised by the anchor
+    size) and 1 centerness logit. Box decoding and NMS are data-dependent and stay outside the graph
+    (:meth:`DetectionModel.decode`)."""
+
+    def __init__(self, model: DetectionModel):
+        super().__init__()
+        self.detector = model.detector  # the same module names, so recorded transforms (quantize) still apply
+        self.pretrained_cfg = model.pretrained_cfg
+        manifest = get_manifest(model)
+        if manifest is not None:
+            set_manifest(self, manifest)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.detector.head(list(self.detector.backbone(images).values()))
+        return torch.cat([out["cls_logits"], out["bbox_regression"], out["bbox_ctrness"]], dim=-1)
+
 
 def attach_detection_head(model: nn.Module, config: DenseHeadConfig) -> DetectionModel:
     """Wrap a plain ViT (no classifier) into the FCOS detector; the manifest moves to the wrapper."""

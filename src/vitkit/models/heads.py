@@ -29,8 +29,6 @@ def export_refusal(config: DenseHeadConfig | dict[str, Any] | None) -> str | Non
     if config is None:
         return None
     head = config.head if isinstance(config, DenseHeadConfig) else config.get("head")
-    if head == "fcos":
-        return "ONNX export of the FCOS detector (its box decoding and NMS) is not done yet"
     if head == "vitp":
         return (
             "ViT-P's two-stage inference (connected regions of stage 1's label map, then ViT passes over "

@@ -91,6 +91,8 @@ def export_run(
         bound = max((a.max_abs_logit_diff for a in approx), default=DEFAULT_BOUND)
     min_agreement = max((a.min_top1_agreement for a in approx), default=None)
     model = run.model()
+    if hasattr(model, "export_module"):  # the part a graph can hold (a detector's raw outputs, no NMS)
+        model = model.export_module()
     deployable = prepare_for_export(model)
     input_shape = model_input_size(deployable)
     dataset = run.eval_data(data, input_shape[1])

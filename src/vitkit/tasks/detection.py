@@ -288,6 +288,16 @@ class DetectionTask(Task):
         return ["metrics.json", "detections.png"]
 
     def export_signature(self, model: nn.Module) -> ExportSignature:
-        raise VitkitError(
-            "ONNX export of detection runs is not done yet (the FCOS post-processing: issue 20)"
+        from vitkit.tasks.base import TensorSpec
+        from vitkit.tasks.classification import image_input
+
+        k = getattr(model, "num_classes", None) or "K"
+        inp = image_input(model)
+        raw = TensorSpec(
+            "logits", ("B", "A", f"{k}+5"), "float32", "per anchor: class logits, 4 box deltas, centerness"
+        )
+        return ExportSignature(
+            (inp,),
+            (raw,),
+            "DetectionModel.decode: FCOS box decoding against the anchors, scores, class-wise NMS",
         )
