@@ -201,9 +201,8 @@ def test_evaluate_and_reload_reproduce_the_run(det_run, tmp_path):
 
 
 def test_w8a8_detector_keeps_its_map(det_run, tmp_path):
-    from vitkit.stages.quantize import quantize_run
-
     from vitkit.stages.export import export_run
+    from vitkit.stages.quantize import quantize_run
 
     summary, out = quantize_run(det_run, tmp_path / "q", w_bits=8, a_bits=8, calib_size=64)
     assert summary["metric"] == "map_50" and abs(summary["drop_points"]) < 3.0, summary
