@@ -174,7 +174,7 @@ SUITES: tuple[Suite, ...] = (
     ),
     Suite(
         "detect-canvas",
-        "canvas detection: FCOS over a plain ViT vs the untrained floor; W8A8 mAP50 drop",
+        "canvas detection: FCOS vs Deformable DETR over a plain ViT, the untrained floor; W8A8 mAP50 drop",
         "bench.detection:detect",
     ),
     Suite(

@@ -255,3 +255,54 @@ def test_onnx_graph_holds_the_raw_outputs_and_decodes_to_the_same_detections(det
         assert torch.allclose(g["boxes"], w["boxes"], atol=1e-3) and torch.allclose(
             g["scores"], w["scores"], atol=1e-4
         )
+
+
+# -- Deformable DETR (transformers) over the ViT ------------------------------------------------------
+@pytest.fixture(scope="session")
+def detr_run(tmp_path_factory) -> Path:
+    """transformers' Deformable DETR over vitkit_micro_p4_16, 6 epochs on 200 canvases (~25 s)."""
+    from vitkit.api import train_model
+    from vitkit.train import TrainConfig
+
+    out = tmp_path_factory.mktemp("det") / "detr"
+    data = "canvas-boxes:size=32,classes=3,train=200,val=50"
+    cfg = TrainConfig(
+        model="vitkit_micro_p4_16", task="detection:detector=deformable-detr", data=data, epochs=6, lr=2e-3,
+        tensorboard=False,
+    )  # fmt: skip
+    train_model(cfg, out, quiet=True)
+    return out
+
+
+def test_deformable_detr_over_a_vit_trains_reloads_and_exports(detr_run, tmp_path):
+    import shutil
+
+    import vitkit
+    from vitkit.deploy.onnx import OnnxModel
+    from vitkit.models.detr import DetrDetectionModel
+    from vitkit.stages.export import export_run
+
+    with open(detr_run / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    # Hungarian-matched focal + L1 + GIoU (+ auxiliary decoder losses): DETR learns slowly, but the
+    # loss must fall a lot in a few epochs (a detached or mis-scaled target would keep it near its start)
+    assert float(rows[-1]["train_loss"]) < 0.6 * float(rows[0]["train_loss"]), rows
+    doc = json.loads((detr_run / "model.json").read_text())
+    assert doc["head"]["head"] == "deformable-detr" and doc["head"]["queries"] == 50
+    model = vitkit.load(detr_run).eval()
+    assert isinstance(model, DetrDetectionModel) and model.backbone.patch_embed.proj.weight.requires_grad
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        a, b = model(x), vitkit.load(detr_run).eval()(x)
+    assert all(torch.equal(p["boxes"], q["boxes"]) for p, q in zip(a, b))
+    run = tmp_path / "detr"
+    shutil.copytree(detr_run, run)
+    exported = export_run(run, images=16).doc
+    assert exported["max_abs_logit_diff"] < 1e-3, exported
+    got = model.decode(OnnxModel(run / "model.onnx")(x))
+    for g, w in zip(got, a):  # near-equal scores may swap places: compare the ranked scores and the best one
+        n = min(len(g["scores"]), len(w["scores"]))
+        assert n > 0 and torch.allclose(g["scores"][:n], w["scores"][:n], atol=1e-3)
+        assert int(g["labels"][0]) == int(w["labels"][0]) and torch.allclose(
+            g["boxes"][0], w["boxes"][0], atol=1e-2
+        )

@@ -38,6 +38,7 @@ from vitkit.errors import VitkitError
 from vitkit.models.manifest import MANIFEST_ATTR, Manifest, get_manifest, set_manifest
 
 _PPM_SCALES = (1, 2, 3, 6)
+DETECTION_HEADS = ("fcos", "deformable-detr")
 STRIDES = (4, 8, 16, 32)  # the pyramid's levels in input pixels, as ViTDet / UperNet use them
 
 
@@ -47,7 +48,7 @@ class DenseHeadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: Literal["segmentation", "change", "detection"] = "segmentation"
-    head: Literal["linear", "upernet", "changevit", "vitp", "fcos"] = "upernet"
+    head: Literal["linear", "upernet", "changevit", "vitp", "fcos", "deformable-detr"] = "upernet"
     pyramid: Literal["sfp", "multilevel"] = "sfp"
     num_classes: int = Field(gt=1, le=255)
     channels: int = Field(gt=0, le=4096)
@@ -60,13 +61,19 @@ class DenseHeadConfig(BaseModel):
     points: int = Field(0, ge=0, le=4096)
     alpha: float = Field(0.4, ge=0.0, le=1.0)
     stage1: DenseHeadConfig | None = None
+    queries: int = Field(0, ge=0, le=1000)  # deformable-detr's object queries
 
     @model_validator(mode="after")
     def _detection(self) -> DenseHeadConfig:
-        if (self.head == "fcos") != (self.task == "detection"):
-            raise ValueError("head fcos is the detection head, and detection takes head fcos")
-        if self.head == "fcos" and self.channels % 32:
-            raise ValueError(f"head fcos takes channels divisible by 32 (its GroupNorm), got {self.channels}")
+        detector = self.head in DETECTION_HEADS
+        if detector != (self.task == "detection"):
+            raise ValueError(
+                f"detection takes a detector head ({', '.join(DETECTION_HEADS)}) and only detection does"
+            )
+        if detector and self.channels % 32:
+            raise ValueError(f"head {self.head} takes channels divisible by 32, got {self.channels}")
+        if (self.head == "deformable-detr") != (self.queries > 0):
+            raise ValueError("head deformable-detr takes queries >= 1, and only it takes queries")
         return self
 
     @model_validator(mode="after")
@@ -98,7 +105,7 @@ class DenseHeadConfig(BaseModel):
         bad = [s for s in self.scales if s not in (4.0, 2.0, 1.0, 0.5, 0.25, 0.125)]
         if bad:
             raise ValueError(f"pyramid scale {bad[0]} is not one of 4, 2, 1, 1/2, 1/4, 1/8")
-        if self.head in ("upernet", "fcos") and (
+        if self.head in ("upernet", *DETECTION_HEADS) and (
             len(self.scales) < 2 or (self.pyramid == "multilevel" and len(self.scales) != 4)
         ):
             raise ValueError(
@@ -136,6 +143,7 @@ def default_head_config(
     pyramid: str = "sfp",
     channels: int | None = None,
     detail_width: int = 64,
+    queries: int = 50,
 ) -> DenseHeadConfig:
     """The head config for ``model``: block indices (last block; or four evenly spaced ones for the
     multi-level pyramid), channels, pooling scales."""
@@ -159,7 +167,7 @@ def default_head_config(
             )
         indices = [round((i + 1) * depth / 4) - 1 for i in range(4)]
     coarsest = [int(g * min(scales)) for g in grid] if scales else [0, 0]
-    pyramid_head = head in ("upernet", "fcos")
+    pyramid_head = head in ("upernet", *DETECTION_HEADS)
     if pyramid_head and len(scales) < 2:  # changevit and linear need no pyramid
         raise VitkitError(
             f"head '{head}' needs a pyramid of at least two levels; a {grid[0]}x{grid[1]} patch grid of "
@@ -171,9 +179,9 @@ def default_head_config(
             head=head,
             pyramid=pyramid,
             num_classes=num_classes,
-            # fcos: its GroupNorm(32) needs a multiple of 32
+            # detectors: FCOS's GroupNorm(32) and DETR's heads need a multiple of 32
             channels=channels
-            or (min(256, max(32, width)) // (32 if head == "fcos" else 1) * (32 if head == "fcos" else 1)),
+            or (min(256, max(32, width)) // 32 * 32 if head in DETECTION_HEADS else min(256, max(32, width))),
             indices=indices,
             in_chans=model_input_size(model)[0],
             ppm_scales=[s for s in _PPM_SCALES if all(c % s == 0 for c in coarsest)]
@@ -181,6 +189,7 @@ def default_head_config(
             else [],
             scales=scales if pyramid_head else [],
             detail_channels=[detail_width, 2 * detail_width, 4 * detail_width] if head == "changevit" else [],
+            queries=queries if head == "deformable-detr" else 0,
         ),
         "head",
     )

@@ -32,7 +32,7 @@ from vitkit.deploy.onnx import OnnxModel, export_onnx
 from vitkit.errors import VitkitError
 from vitkit.io import write_json
 from vitkit.models import model_input_size
-from vitkit.models.heads import export_refusal
+from vitkit.models.heads import export_parity_bound, export_refusal
 from vitkit.registry import technique
 from vitkit.runs import Run
 from vitkit.train.evaluate import predict
@@ -88,7 +88,8 @@ def export_run(
             "--int8 dynamic: this run is quantized and exports as its own INT8 graph (model.onnx); drop --int8"
         )
     if bound is None:
-        bound = max((a.max_abs_logit_diff for a in approx), default=DEFAULT_BOUND)
+        head_bound = export_parity_bound(info.manifest.head) or DEFAULT_BOUND
+        bound = max((a.max_abs_logit_diff for a in approx), default=head_bound)
     min_agreement = max((a.min_top1_agreement for a in approx), default=None)
     model = run.model()
     if hasattr(model, "export_module"):  # the part a graph can hold (a detector's raw outputs, no NMS)

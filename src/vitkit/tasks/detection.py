@@ -1,7 +1,8 @@
 """Object detection: boxes and their classes per image.
 
-The model is a plain timm ViT under torchvision's FCOS over ViTDet's simple feature pyramid
-(``vitkit.models.detection``; ``--task detection:detector=fcos``). Data: ``canvas-boxes`` (generated,
+The model is a plain timm ViT under ViTDet's simple feature pyramid and a detector: torchvision's
+FCOS (``vitkit.models.detection``; ``--task detection``, the default) or transformers' Deformable
+DETR (``vitkit.models.detr``; ``--task detection:detector=deformable-detr``). Data: ``canvas-boxes`` (generated,
 vitkit.data.canvas: the items' visible boxes) or ``coco:PATH`` (a COCO annotation file; data/boxes.py).
 Augmentation moves images and boxes together (:class:`vitkit.data.boxes.BoxBatchTransform`:
 ``--scale-min`` scale-crop, ``--translate``, ``--hflip``; a box cut to under a quarter of its area is
@@ -35,7 +36,11 @@ class DetectionOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    detector: Literal["fcos"] = Field("fcos", description="detector head: fcos (torchvision's FCOS)")
+    detector: Literal["fcos", "deformable-detr"] = Field(
+        "fcos",
+        description="detector: fcos (torchvision's FCOS) or deformable-detr (transformers' Deformable DETR)",
+    )
+    queries: int = Field(50, ge=1, le=1000, description="deformable-detr: object queries")
     channels: int | None = Field(
         None, gt=0, le=1024, multiple_of=32, description="pyramid and head width (default: the ViT's, 32-256)"
     )
@@ -161,17 +166,19 @@ class DetectionTask(Task):
 
     def build_head(self, model: nn.Module, num_outputs: int) -> nn.Module:
         from vitkit.models.dense import default_head_config
-        from vitkit.models.detection import attach_detection_head
+        from vitkit.models.heads import attach_head
 
+        o = self.options
         cfg = default_head_config(
-            model, num_outputs, task="detection", head="fcos", channels=self.options.channels
+            model, num_outputs, task="detection", head=o.detector, channels=o.channels, queries=o.queries
         )
-        return attach_detection_head(model, cfg)
+        return attach_head(model, cfg)
 
     def check_head(self, model: nn.Module, data: DataSplits, model_name: str) -> None:
         from vitkit.models.detection import DetectionModel
+        from vitkit.models.detr import DetrDetectionModel
 
-        if not isinstance(model, DetectionModel):
+        if not isinstance(model, (DetectionModel, DetrDetectionModel)):
             raise VitkitError(f"model '{model_name}' has no detection head")
         if model.num_classes != data.train.num_classes:
             raise VitkitError(
