@@ -47,7 +47,7 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "token-reduction": ("reduce-tokens", {}),
     "quantise": ("quantize", {}),
 }
-DEFAULT_OUTPUT = {"report": "{workdir}/{name}.html"}
+DEFAULT_OUTPUT = {"report": "{workdir}/{name}.html", "crop": "{workdir}/{name}.npz"}
 RESERVED = {"stage", "name", "input"}
 STATE_DIR = ".pipeline"
 
@@ -151,8 +151,9 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
             if r not in produced:
                 raise VitkitError(f"{where}: '{{{r}}}' names no earlier run-producing stage "
                                   f"(earlier: {', '.join(produced) or 'none'})")  # fmt: skip
+        default_output = DEFAULT_OUTPUT.get(verb_name, "").format(workdir=workdir, name=name) or None
         _validate(verb, where, options, _bind_inputs(verb, [str(workdir / n) for n in inputs]),
-                  str(workdir / name) if verb.produces else None)  # fmt: skip
+                  str(workdir / name) if verb.produces else options.get("output", default_output))  # fmt: skip
         stages.append(Stage(i, name, verb_name, options, inputs, verb.produces, refs))
         if verb.produces:
             produced.append(name)

@@ -306,3 +306,64 @@ def test_deformable_detr_over_a_vit_trains_reloads_and_exports(detr_run, tmp_pat
         assert int(g["labels"][0]) == int(w["labels"][0]) and torch.allclose(
             g["boxes"][0], w["boxes"][0], atol=1e-2
         )
+
+
+# -- detect -> crop -> classify, with group-level evaluation ---------------------------------------------
+def test_group_metrics_vote_per_group_and_flag_low_confidence():
+    from vitkit.tasks.metrics import group_metrics
+
+    # group 0: two of three samples right -> the mean probability votes right; group 1: wrong
+    logits = torch.tensor([[4.0, 0, 0], [3.0, 0, 0], [0, 5.0, 0], [0.1, 0, 0], [0, 0, 2.0]])
+    targets = torch.tensor([0, 0, 0, 1, 1])
+    groups = torch.tensor([7, 7, 7, 9, 9])
+    m = group_metrics(logits, targets, groups)
+    assert m["groups"] == 2 and m["group_top1"] == 0.5
+    assert m["anomalies"] == 1  # sample 3: max probability ~0.36 < 0.5
+    assert m["top1_confident"] == pytest.approx(2 / 4)
+
+
+def test_npz_groups_follow_their_samples_and_bad_groups_are_one_line(tmp_path):
+    from vitkit.data import load_source
+
+    x = np.zeros((6, 8, 8), np.uint8)
+    np.savez(tmp_path / "a.npz", x=x, y=np.arange(6) % 2, groups=np.array([5, 5, 6, 6, 7, 7]))
+    d = load_source(f"npz:{tmp_path / 'a.npz'}")["all"]
+    assert d.subset([4, 1]).info["groups"].tolist() == [7, 5]
+    np.savez(tmp_path / "b.npz", x=x, y=np.arange(6) % 2, groups=np.zeros(5, np.int64))
+    with pytest.raises(VitkitError, match=r"'groups' must be 6 integers"):
+        load_source(f"npz:{tmp_path / 'b.npz'}")
+
+
+def test_crops_of_a_detection_run_train_and_score_a_classifier_per_group(det_run, tmp_path):
+    """The pipeline in small: true boxes of the training canvases -> a classifier; the detector's
+    boxes on the validation canvases -> crops it classifies, scored per crop and per canvas."""
+    from vitkit.api import evaluate_run, train_model
+    from vitkit.data.boxes import unpack_boxes
+    from vitkit.runs import Run
+    from vitkit.stages.crop import crop_boxes
+    from vitkit.train import TrainConfig
+
+    train_npz, val_npz = tmp_path / "train.npz", tmp_path / "val.npz"
+    s = crop_boxes(det_run, train_npz, split="train", boxes="truth", size=16)
+    truth = unpack_boxes(Run.open(det_run).data("train").targets)
+    with np.load(train_npz) as z:
+        assert s["crops"] == len(z["x"]) == sum(len(t["boxes"]) for t in truth)
+        assert (
+            z["x"].shape[1:] == (1, 16, 16)
+            and z["y"].tolist() == torch.cat([t["labels"] for t in truth]).tolist()
+        )
+        assert z["groups"].tolist() == [i for i, t in enumerate(truth) for _ in range(len(t["boxes"]))]
+    d = crop_boxes(det_run, val_npz, split="val", boxes="detected", min_score=0.3, size=16)
+    assert d["crops"] == d["matched"] > 0 and d["unmatched"] >= 0 and d["missed"] >= 0
+    cfg = TrainConfig(model="vitkit_micro_p4_16", data=f"npz:{train_npz}", epochs=6, tensorboard=False)
+    train_model(cfg, tmp_path / "cls", quiet=True)
+    m, _ = evaluate_run(tmp_path / "cls", data=f"npz:{val_npz}")
+    assert m["top1"] > 0.45, m  # 3 classes: chance 0.33
+    assert m["groups"] == d["groups"] and 0 <= m["group_top1"] <= 1 and m["anomalies"] >= 0
+
+
+def test_crop_bad_inputs_are_one_line(det_run, bad_input, tmp_path):
+    bad_input(["crop", det_run, "-o", tmp_path / "crops.csv"], r"crops are written as an \.npz file")
+    bad_input(
+        ["crop", det_run, "--min-score", "2", "-o", tmp_path / "c.npz"], r"--min-score must be in \[0, 1\]"
+    )

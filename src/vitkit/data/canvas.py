@@ -50,6 +50,9 @@ class CanvasOptions(BaseModel):
     max_scale: float = Field(0.5, gt=0, le=1, description="largest item side, as a fraction of the canvas")
     source: str = Field("digits", pattern="^(digits|fashion-mnist)$", description="item images")
     classes: int = Field(10, ge=1, le=10, description="use the source's first N classes only")
+    same_class: bool = Field(
+        False, description="every item of a canvas from one class (a canvas = one 'patient')"
+    )
     seed: int = Field(0, description="generator seed")
 
     @model_validator(mode="after")
@@ -128,9 +131,18 @@ def item_pool(source: str, split: str, classes: int = 10) -> tuple[torch.Tensor,
     return d.images[keep, 0].float() / 255.0, d.targets[keep], list(d.classes[:classes])
 
 
-def _draw_item(pool: tuple[torch.Tensor, torch.Tensor], o: CanvasOptions, rng: np.random.Generator) -> Item:
+def _draw_item(
+    pool: tuple[torch.Tensor, torch.Tensor],
+    o: CanvasOptions,
+    rng: np.random.Generator,
+    only: int | None = None,
+) -> Item:
     images, labels = pool
-    i = int(rng.integers(len(images)))
+    if only is None:
+        i = int(rng.integers(len(images)))
+    else:  # an item of class `only`
+        idx = torch.nonzero(labels == only).flatten()
+        i = int(idx[int(rng.integers(len(idx)))])
     side = int(rng.integers(round(o.min_scale * o.size), round(o.max_scale * o.size) + 1))
     src = images[i][None, None]
     pix = F.interpolate(src, size=(side, side), mode="bilinear", align_corners=False, antialias=True)[0, 0]
@@ -167,6 +179,9 @@ def _box(mask: torch.Tensor) -> torch.Tensor:
 
 def _scene(pool, o: CanvasOptions, rng: np.random.Generator) -> list[Item]:
     n = int(rng.integers(o.min_items, o.max_items + 1))
+    if o.same_class:  # drawn after n, so canvases without the option are the same as before it existed
+        only = int(rng.integers(o.classes))
+        return [_draw_item(pool, o, rng, only) for _ in range(n)]
     return [_draw_item(pool, o, rng) for _ in range(n)]
 
 

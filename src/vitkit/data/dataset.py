@@ -18,7 +18,9 @@ class ImageDataset:
             boxes ``[label, x0, y0, x1, y1]`` padded with label -1 for detection (``info["boxes"]``).
         classes: class names, index-aligned with the targets.
         info: source facts; ``info["pair"]`` marks image pairs stacked on the channel axis (change
-            detection: ``(N, 2C, H, W)``, the first image's channels, then the second's).
+            detection: ``(N, 2C, H, W)``, the first image's channels, then the second's);
+            ``info["groups"]``, an (N,) int64 tensor, the group of each sample (a patient, the image
+            a crop came from), which group-level evaluation aggregates over.
         name: the URI the data came from (for reports and error messages).
     """
 
@@ -68,9 +70,10 @@ class ImageDataset:
 
     def subset(self, indices: torch.Tensor | list[int], name: str | None = None) -> ImageDataset:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return ImageDataset(
-            self.images[idx], self.targets[idx], list(self.classes), name or self.name, dict(self.info)
-        )
+        info = dict(self.info)
+        if isinstance(info.get("groups"), torch.Tensor):  # per-sample group ids follow their samples
+            info["groups"] = info["groups"][idx]
+        return ImageDataset(self.images[idx], self.targets[idx], list(self.classes), name or self.name, info)
 
     def class_counts(self) -> list[int]:
         """Samples per class (for multi-label data: positives per class; for masks: pixels per class,

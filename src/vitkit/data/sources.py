@@ -374,7 +374,8 @@ _MAX_UNNAMED_CLASSES = 100_000
 
 def load_npz(path: str) -> ImageDataset:
     """Arrays ``x`` (N,H,W), (N,H,W,C) or (N,C,H,W), uint8 or float in [0, 1]; ``y`` (N,) integer
-    labels or (N,K) multi-hot 0/1; optional ``classes`` (K,) names."""
+    labels or (N,K) multi-hot 0/1; optional ``classes`` (K,) names and ``groups`` (N,) integer group
+    ids (``info["groups"]``: a classifier's evaluation then reports group-level metrics too)."""
     file = Path(path)
     source = f"npz:{path}"
     if not file.is_file():
@@ -396,6 +397,7 @@ def load_npz(path: str) -> ImageDataset:
         try:
             x, y = arrays["x"], arrays["y"]
             names = arrays["classes"] if "classes" in arrays.files else None
+            groups = arrays["groups"] if "groups" in arrays.files else None
         except ValueError as e:  # object arrays would need unpickling, which vitkit never does
             raise VitkitError(
                 f"{source}: cannot read its arrays without unpickling ({_one_line(e)}); save plain numeric arrays"
@@ -414,7 +416,14 @@ def load_npz(path: str) -> ImageDataset:
             raise VitkitError(f"{source}: 'classes' names {len(classes)} classes but 'y' has {k} columns")
     else:
         classes = [str(i) for i in range(k)]
-    return ImageDataset(torch.from_numpy(np.ascontiguousarray(x)), targets, classes, source)
+    info = {}
+    if groups is not None:  # optional per-sample group ids (a patient per image): group-level evaluation
+        if groups.shape != (len(x),) or not np.issubdtype(groups.dtype, np.integer):
+            raise VitkitError(
+                f"{source}: 'groups' must be {len(x)} integers (one group id per image), got {groups.dtype} {groups.shape}"
+            )
+        info["groups"] = torch.from_numpy(groups.astype(np.int64))
+    return ImageDataset(torch.from_numpy(np.ascontiguousarray(x)), targets, classes, source, info)
 
 
 def _npz_images(x: np.ndarray, source: str) -> np.ndarray:

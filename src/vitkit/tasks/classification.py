@@ -91,6 +91,23 @@ class ClassificationTask(Task):
             few_threshold=few_threshold,
         )
 
+    def evaluate(self, model, data, out_dir=None, *, outputs=None, **kwargs):  # type: ignore[override]
+        """The metrics; for data with group ids (``info["groups"]``: e.g. crops of a detect -> crop ->
+        classify pipeline, a patient per image) also the group-level ones (:func:`group_metrics`)."""
+        groups = data.info.get("groups")
+        if groups is None:
+            return super().evaluate(model, data, out_dir, outputs=outputs, **kwargs)
+        from vitkit.tasks.metrics import group_metrics
+
+        if outputs is None:
+            kw = {k: kwargs[k] for k in ("batch_size", "device", "precision", "transform") if k in kwargs}
+            outputs = self.predict(model, data, **kw)
+        out = super().evaluate(model, data, None, outputs=outputs, **kwargs)
+        out.update(group_metrics(outputs, data.targets, groups))
+        if out_dir is not None:
+            self.write_outputs(out, data, out_dir)
+        return out
+
     def write_plots(self, metrics: dict[str, Any], data: ImageDataset, out_dir: Path) -> list[str]:
         from vitkit.report.plots import save_confusion_matrix
 

@@ -3,11 +3,14 @@
 Single-label: top-1/top-5, per-class and balanced accuracy, macro-F1, expected calibration error,
 many/medium/few-shot accuracy (by training-set class counts), confusion matrix.
 Multi-label: per-class and mean AUROC, per-class AP and mAP.
+Grouped single-label data (a patient per image, an image per crop): group-level accuracy and
+low-confidence flags (:func:`group_metrics`).
 """
 
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,4 +112,37 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict:
         "label_accuracy": float((pred == y).mean()),
         "exact_match": float((pred == y).all(1).mean()),
         "loss": F.binary_cross_entropy_with_logits(logits.float(), targets.float()).item(),
+    }
+
+
+ANOMALY_THRESHOLD = 0.5
+
+
+def group_metrics(
+    logits: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor, threshold: float = ANOMALY_THRESHOLD
+) -> dict[str, Any]:
+    """Group-level classification (a patient's images, an image's crops): each group's prediction is
+    the argmax of its samples' mean class probabilities, its truth the most frequent true label
+    (the lowest on a tie). Samples whose top probability is under ``threshold`` are flagged as
+    anomalies (low confidence: for a person to look at); ``top1_confident`` is the sample accuracy
+    without them."""
+    probs = logits.float().softmax(1)
+    conf, pred = probs.max(1)
+    ids = groups.unique()
+    right = 0
+    for g in ids:
+        m = groups == g
+        truth = int(torch.mode(targets[m]).values)
+        right += int(int(probs[m].mean(0).argmax()) == truth)
+    anomaly = conf < threshold
+    confident = ~anomaly
+    return {
+        "groups": len(ids),
+        "group_top1": right / max(len(ids), 1),
+        "anomaly_threshold": threshold,
+        "anomalies": int(anomaly.sum()),
+        "anomaly_fraction": float(anomaly.float().mean()) if len(conf) else 0.0,
+        "top1_confident": float((pred[confident] == targets[confident]).float().mean())
+        if confident.any()
+        else None,
     }

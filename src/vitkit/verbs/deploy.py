@@ -1,4 +1,4 @@
-"""``vitkit export``, ``vitkit bench`` and ``vitkit report``."""
+"""``vitkit export``, ``vitkit bench``, ``vitkit report`` and ``vitkit crop``."""
 
 from __future__ import annotations
 
@@ -180,3 +180,41 @@ def bench(o: BenchOptions) -> None:
 register_verb(Verb("export", ExportOptions, export, panel="Deploy", input="run"))
 register_verb(Verb("bench", BenchOptions, bench, panel="Deploy", input="runs"))
 register_verb(Verb("report", ReportOptions, report, panel="Deploy", input="runs"))
+
+
+class CropOptions(VerbOptions):
+    run: Path = argument(help="detection run directory")
+    output: Path = option(
+        ..., "-o", "--output", help="the crops, an .npz file (x, y, classes, groups, scores, image_index)"
+    )
+    boxes: Literal["truth", "detected"] = option(
+        "detected", help="truth: every true box (to train a classifier) | detected: the run's detections"
+    )
+    split: Literal["train", "val", "test"] = option("val", help="which split of the run's data to crop")
+    data: str | None = option(None, help="crop this dataset's boxes instead (the whole of it)")
+    min_score: float = option(0.3, help="detected: the lowest detection score cropped")
+    size: int | None = option(None, help="crop side in pixels [default: the images' side]")
+    margin: float = option(0.1, help="grow each box by this fraction of its side, each way")
+    force: bool = option(False, "--force", help="overwrite an existing output file")
+
+
+def crop(o: CropOptions) -> None:
+    """Cut a detection run's boxes (true or detected) into an npz dataset for a classifier (detect -> crop -> classify)."""
+    check_output(o.output, "file", force=o.force)
+    from vitkit.stages.crop import crop_boxes
+
+    s = crop_boxes(
+        o.run, o.output, data=o.data, split=o.split, boxes=o.boxes, min_score=o.min_score, size=o.size,
+        margin=o.margin, force=o.force,
+    )  # fmt: skip
+    extra = (
+        f"; {s['matched']} detections matched a true box, {s['unmatched']} did not, {s['missed']} true boxes missed"
+        if o.boxes == "detected"
+        else ""
+    )
+    console.print(
+        f"written: {o.output} ({s['crops']} crops of {s['size']} px from {s['images']} images, {s['groups']} groups{extra})"
+    )
+
+
+register_verb(Verb("crop", CropOptions, crop, panel="Deploy", input="run"))

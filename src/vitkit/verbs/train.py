@@ -215,6 +215,10 @@ def print_summary(path: Path, metrics: dict, written: list[str] | None = None) -
             "recall_at_1",
             "recall_at_5",
             "recall_at_10",
+            "group_top1",  # data with group ids (a detect -> crop -> classify pipeline's crops)
+            "groups",
+            "anomalies",
+            "top1_confident",
             "parameters",
             "train_seconds",
             "precision",
