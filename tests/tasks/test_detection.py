@@ -367,3 +367,14 @@ def test_crop_bad_inputs_are_one_line(det_run, bad_input, tmp_path):
     bad_input(
         ["crop", det_run, "--min-score", "2", "-o", tmp_path / "c.npz"], r"--min-score must be in \[0, 1\]"
     )
+
+
+def test_same_class_canvases_hold_one_class_each():
+    from vitkit.data import load_source
+    from vitkit.data.boxes import unpack_boxes
+
+    one = load_source("canvas-boxes:size=32,classes=4,train=40,val=2,same_class=true")["train"]
+    labels = [set(t["labels"].tolist()) for t in unpack_boxes(one.targets)]
+    assert all(len(s) <= 1 for s in labels) and len(set().union(*labels)) == 4
+    mixed = load_source("canvas-boxes:size=32,classes=4,train=40,val=2")["train"]
+    assert any(len(set(t["labels"].tolist())) > 1 for t in unpack_boxes(mixed.targets))
