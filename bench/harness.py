@@ -178,6 +178,11 @@ SUITES: tuple[Suite, ...] = (
         "bench.detection:detect",
     ),
     Suite(
+        "detect-classify",
+        "detect -> crop -> classify on one-class canvases: per-crop vs per-canvas accuracy, DeiT vs its CNN teacher",
+        "bench.detect_classify:run",
+    ),
+    Suite(
         "dense-vitp",
         "canvas segmentation: ViT-P two-stage point classification (alpha sweep) vs the one-stage head",
         "bench.dense_vitp:run",
