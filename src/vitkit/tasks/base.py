@@ -72,6 +72,30 @@ class NoOptions(BaseModel):
 TaskClass = TypeVar("TaskClass", bound=type)
 
 
+def refuse_image_label_options(task: str, cfg: TrainConfig, targets: str, loss: str) -> None:
+    """One line for an option that only means something for image labels (the dense tasks and
+    detection share this): RandAugment, mixup, cutmix, erasing, label smoothing, long-tail
+    re-weighting, a class-balancing sampler, another ``--loss``."""
+    refused = {
+        "randaug": cfg.randaug,
+        "mixup": cfg.mixup,
+        "cutmix": cfg.cutmix,
+        "reprob": cfg.reprob,
+        "label_smoothing": cfg.label_smoothing,
+        "mixup_off_epoch": cfg.mixup_off_epoch,
+        "longtail": cfg.longtail,
+    }
+    for name, value in refused.items():
+        if value:
+            raise VitkitError(
+                f"task '{task}': --{name.replace('_', '-')} is for image labels; {targets} cannot take it"
+            )
+    if cfg.sampler != "random":
+        raise VitkitError(f"task '{task}': --sampler {cfg.sampler} balances image labels; use random")
+    if cfg.loss != "auto":
+        raise VitkitError(f"task '{task}' trains with {loss}; drop --loss {cfg.loss}")
+
+
 class Task:
     """Base class of every task; subclasses set the class attributes and override what differs.
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vitkit.errors import VitkitError
-from vitkit.tasks.base import ExportSignature, Task, register_task
+from vitkit.tasks.base import ExportSignature, Task, refuse_image_label_options, register_task
 from vitkit.train.objectives import Objective, ObjectiveOutput
 
 if TYPE_CHECKING:
@@ -131,26 +131,7 @@ class DetectionTask(Task):
             )
 
     def check_config(self, cfg: TrainConfig) -> None:
-        refused = {
-            "randaug": cfg.randaug,
-            "mixup": cfg.mixup,
-            "cutmix": cfg.cutmix,
-            "reprob": cfg.reprob,
-            "label_smoothing": cfg.label_smoothing,
-            "mixup_off_epoch": cfg.mixup_off_epoch,
-            "longtail": cfg.longtail,
-        }
-        for name, value in refused.items():
-            if value:
-                raise VitkitError(
-                    f"task 'detection': --{name.replace('_', '-')} is for image labels; boxes cannot take it"
-                )
-        if cfg.sampler != "random":
-            raise VitkitError(f"task 'detection': --sampler {cfg.sampler} balances image labels; use random")
-        if cfg.loss != "auto":
-            raise VitkitError(
-                f"task 'detection' trains with the detector's own losses; drop --loss {cfg.loss}"
-            )
+        refuse_image_label_options(self.name, cfg, "boxes", "the detector's own losses")
         if cfg.transforms:
             raise VitkitError(
                 "task 'detection' takes no --transform yet (the detector reads the ViT's full token grid)"

@@ -26,7 +26,7 @@ from torch import nn
 
 from vitkit.data.dense import IGNORE_INDEX
 from vitkit.errors import VitkitError
-from vitkit.tasks.base import ExportSignature, Task, TensorSpec, register_task
+from vitkit.tasks.base import ExportSignature, Task, TensorSpec, refuse_image_label_options, register_task
 from vitkit.train.objectives import Objective, ObjectiveOutput
 
 if TYPE_CHECKING:
@@ -200,28 +200,7 @@ class DenseTask(Task):
             )
 
     def check_config(self, cfg: TrainConfig) -> None:
-        refused = {
-            "randaug": cfg.randaug,
-            "mixup": cfg.mixup,
-            "cutmix": cfg.cutmix,
-            "reprob": cfg.reprob,
-            "label_smoothing": cfg.label_smoothing,
-            "mixup_off_epoch": cfg.mixup_off_epoch,
-            "longtail": cfg.longtail,
-        }
-        for name, value in refused.items():
-            if value:
-                raise VitkitError(
-                    f"task '{self.name}': --{name.replace('_', '-')} is for image labels; masks cannot take it"
-                )
-        if cfg.sampler != "random":
-            raise VitkitError(
-                f"task '{self.name}': --sampler {cfg.sampler} balances image labels; use random"
-            )
-        if cfg.loss != "auto":
-            raise VitkitError(
-                f"task '{self.name}' trains with per-pixel cross-entropy; drop --loss {cfg.loss}"
-            )
+        refuse_image_label_options(self.name, cfg, "masks", "per-pixel cross-entropy")
         from vitkit.registry import parse_transform_spec, technique
 
         for spec in cfg.transforms:  # only those registered for dense models (Technique.applies_to)
