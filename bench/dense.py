@@ -124,6 +124,22 @@ def run_arms(
     return res, [s for s in res["seeds"].values() if all(a in s for a in arms)]
 
 
+def run_seeds(name: str, options: dict, seeds: list[int], one_seed) -> dict:
+    """``one_seed(seed, tmp) -> row`` for every seed not yet in bench/out/partial/NAME.json (same
+    options), saving after each; the result with its wall time (this call's)."""
+    res = _load_partial(name, options)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            if str(seed) in res["seeds"]:
+                continue
+            log(f"{name} seed {seed}")
+            res["seeds"][str(seed)] = one_seed(seed, Path(tmp))
+            _save_partial(name, res)
+    res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
 def complete_seeds(res: dict, arms: dict) -> list[str]:
     return [k for k, s in res["seeds"].items() if all(a in s for a in arms)]
 

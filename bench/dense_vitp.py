@@ -25,12 +25,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("VITKIT_PROGRESS", "0")
 
-import tempfile
 import time
 from pathlib import Path
 
-from bench.dense import MEAN_SD, MODEL, _load_partial, _ms, _save_partial, complete_seeds
-from bench.harness import Output, Table, log
+from bench.dense import MEAN_SD, MODEL, _ms, complete_seeds, run_seeds
+from bench.harness import Output, Table
 
 QUICK = {"seeds": [0], "epochs": 1, "point_epochs": 1, "train": 64, "val": 16}
 ALPHAS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
@@ -172,16 +171,7 @@ def _seed(args, seed: int, data: str, tmp: Path) -> dict:
 
 def run(args) -> Output:
     data = f"canvas:size={args.size},classes={args.classes},train={args.train},val={args.val}"
-    res = _load_partial(NAME, _options(args))
-    t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            if str(seed) in res["seeds"]:
-                continue
-            log(f"{NAME} seed {seed}")
-            res["seeds"][str(seed)] = _seed(args, seed, data, Path(tmp))
-            _save_partial(NAME, res)
-    res["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    res = run_seeds(NAME, _options(args), args.seeds, lambda seed, tmp: _seed(args, seed, data, tmp))
     return _report(res, data)
 
 

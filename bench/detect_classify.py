@@ -20,12 +20,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("VITKIT_PROGRESS", "0")
 
-import tempfile
-import time
 from pathlib import Path
 
-from bench.dense import MEAN_SD, _load_partial, _ms, _save_partial
-from bench.harness import Output, Table, log
+from bench.dense import MEAN_SD, _ms, run_seeds
+from bench.harness import Output, Table
 
 QUICK = {"seeds": [0], "epochs": 2, "cls_epochs": 1, "train": 64, "val": 24, "min_score": 0.05}
 NAME = "detect-classify"
@@ -93,16 +91,7 @@ def _seed(args, seed: int, data: str, tmp: Path) -> dict:
 
 def run(args) -> Output:
     data = f"canvas-boxes:size={args.size},classes={args.classes},same_class=true,train={args.train},val={args.val}"
-    res = _load_partial(NAME, _options(args))
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            if str(seed) in res["seeds"]:
-                continue
-            log(f"{NAME} seed {seed}")
-            res["seeds"][str(seed)] = _seed(args, seed, data, Path(tmp))
-            _save_partial(NAME, res)
-    res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    res = run_seeds(NAME, _options(args), args.seeds, lambda seed, tmp: _seed(args, seed, data, tmp))
     seeds = list(res["seeds"].values())
     rec: list[dict] = []
     for arm, name in (("deit", "DeiT (distilled from the CNN)"), ("cnn", "CNN teacher (resnet10t)")):

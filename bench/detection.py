@@ -19,12 +19,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("VITKIT_PROGRESS", "0")
 
-import tempfile
-import time
 from pathlib import Path
 
-from bench.dense import COST_TABLE, MEAN_SD, MODEL, _load_partial, _ms, _save_partial, _train
-from bench.harness import Output, Table, log
+from bench.dense import COST_TABLE, MEAN_SD, MODEL, _ms, _train, run_seeds
+from bench.harness import Output, Table
 
 QUICK = {"seeds": [0], "epochs": 1, "train": 64, "val": 32}
 NAME = "detect-canvas"
@@ -51,7 +49,6 @@ def _options(args) -> dict:
 def _seed(args, seed: int, data: str, tmp: Path) -> dict:
     import torch
 
-    import vitkit
     from vitkit.api import data_splits_for
     from vitkit.data import seed_everything
     from vitkit.models import create_model
@@ -77,22 +74,12 @@ def _seed(args, seed: int, data: str, tmp: Path) -> dict:
     row["untrained"] = {k: floor[k] for k in KEYS}
     summary, _ = quantize_run(out, tmp / f"q-{seed}", w_bits=8, a_bits=8)
     row["fcos"]["w8a8_map_50"] = summary["quant_map_50"]
-    del vitkit
     return row
 
 
 def detect(args) -> Output:
     data = f"canvas-boxes:size={args.size},classes={args.classes},train={args.train},val={args.val}"
-    res = _load_partial(NAME, _options(args))
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            if str(seed) in res["seeds"]:
-                continue
-            log(f"{NAME} seed {seed}")
-            res["seeds"][str(seed)] = _seed(args, seed, data, Path(tmp))
-            _save_partial(NAME, res)
-    res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    res = run_seeds(NAME, _options(args), args.seeds, lambda seed, tmp: _seed(args, seed, data, tmp))
     seeds = list(res["seeds"].values())
     rec: list[dict] = []
     arms = (("fcos", "FCOS over the ViT"), ("deformable-detr", "Deformable DETR over the ViT"),

@@ -27,6 +27,7 @@ base ViT, its head, then its transforms.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import torch
@@ -359,21 +360,8 @@ class DenseModel(nn.Module):
         self.pretrained_cfg["input_size"] = model_input_size(backbone)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """timm's parameter groups (layer-wise LR decay) of the backbone, under ``backbone.``; the
-        head's parameters match no group, so timm puts them in the last one (no decay), as
-        MMSegmentation's layer decay treats the decoder."""
-        inner = self.backbone.group_matcher(coarse)
-
-        def prefixed(pattern: str) -> str:
-            return r"^backbone\.(?:" + pattern.removeprefix("^") + ")"
-
-        out: dict[str, Any] = {}
-        for key, value in inner.items():
-            if isinstance(value, str):
-                out[key] = prefixed(value)
-            else:
-                out[key] = [(prefixed(pat), layer) for pat, layer in value]
-        return out
+        """timm's parameter groups of the backbone (layer-wise LR decay), under ``backbone.``."""
+        return prefixed_group_matcher(self.backbone, "backbone.", coarse)
 
     def backbone_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The chosen blocks' outputs as (B, D, h, w) maps (normalised by the final norm, as timm's
@@ -452,11 +440,6 @@ def attach_dense_head(model: nn.Module, config: DenseHeadConfig | dict[str, Any]
         raise VitkitError(
             "head vitp wraps a stage-1 segmenter: build it with vitkit.models.heads.attach_head"
         )
-    manifest = get_manifest(model)
-    if getattr(model, "num_classes", 0):
-        model.reset_classifier(0)
-        if manifest is not None:
-            manifest.kwargs["num_classes"] = 0
     cls = (
         ChangeViTModel
         if config.head == "changevit"
@@ -464,10 +447,36 @@ def attach_dense_head(model: nn.Module, config: DenseHeadConfig | dict[str, Any]
         if config.task == "change"
         else DenseModel
     )
-    dense = cls(model, config)
+    return wrap_in_head(model, config, cls)
+
+
+def wrap_in_head(model: nn.Module, config: DenseHeadConfig, cls: Any) -> Any:
+    """``cls(model, config)`` around a plain ViT whose classifier is dropped; the manifest moves to the
+    wrapper and records the head, so ``vitkit.load`` rebuilds it (dense heads, the detectors)."""
+    manifest = get_manifest(model)
+    if getattr(model, "num_classes", 0):
+        model.reset_classifier(0)
+        if manifest is not None:
+            manifest.kwargs["num_classes"] = 0
+    out = cls(model, config)
     if manifest is not None:
         model.__dict__.pop(MANIFEST_ATTR, None)  # one manifest, on the outermost model
         set_manifest(
-            dense, Manifest(manifest.name, manifest.kwargs, manifest.transforms, head=config.model_dump())
+            out, Manifest(manifest.name, manifest.kwargs, manifest.transforms, head=config.model_dump())
         )
-    return dense
+    return out
+
+
+def prefixed_group_matcher(vit: nn.Module, prefix: str, coarse: bool = False) -> dict[str, Any]:
+    """timm's parameter groups of ``vit`` (layer-wise LR decay) for a wrapper that holds it under
+    ``prefix`` (e.g. ``backbone.``); the wrapper's other parameters match no group, so timm puts them
+    in the last one (no decay), as MMSegmentation's layer decay treats a decoder."""
+    escaped = re.escape(prefix)
+
+    def fix(pattern: str) -> str:
+        return "^" + escaped + "(?:" + pattern.removeprefix("^") + ")"
+
+    out: dict[str, Any] = {}
+    for key, value in vit.group_matcher(coarse).items():
+        out[key] = fix(value) if isinstance(value, str) else [(fix(pat), layer) for pat, layer in value]
+    return out

@@ -25,17 +25,24 @@ import torch
 from torch import nn
 
 from vitkit.errors import VitkitError
-from vitkit.models.dense import DenseHeadConfig, FeaturePyramid, _vit_parts
+from vitkit.models.dense import (
+    DenseHeadConfig,
+    FeaturePyramid,
+    _vit_parts,
+    prefixed_group_matcher,
+    wrap_in_head,
+)
 from vitkit.models.factory import model_input_size
-from vitkit.models.manifest import MANIFEST_ATTR, Manifest, get_manifest, set_manifest
+from vitkit.models.manifest import get_manifest, set_manifest
 
 SCORE_THRESHOLD = 0.05
 DETECTIONS_PER_IMAGE = 100
 
 
 class ViTPyramid(nn.Module):
-    """FCOS's "backbone": the ViT's chosen block(s) as maps -> the simple feature pyramid, as an
-    ordered dict of (B, channels, h, w) maps, finest first."""
+    """A detector's "backbone": the ViT's chosen block(s) as maps -> the simple feature pyramid, as
+    an ordered dict of (B, channels, h, w) maps, finest first (what torchvision's detectors take;
+    :meth:`maps` gives the list)."""
 
     def __init__(self, vit: nn.Module, config: DenseHeadConfig):
         super().__init__()
@@ -45,11 +52,14 @@ class ViTPyramid(nn.Module):
         self.neck = FeaturePyramid(width, config.channels, len(config.indices), config.scales)
         self.out_channels = config.channels
 
-    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        maps = self.vit.forward_intermediates(
+    def maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        blocks = self.vit.forward_intermediates(
             x, indices=self.indices, norm=True, output_fmt="NCHW", intermediates_only=True
         )
-        return OrderedDict((str(i), f) for i, f in enumerate(self.neck(maps)))
+        return list(self.neck(blocks))
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return OrderedDict((str(i), f) for i, f in enumerate(self.maps(x)))
 
 
 class DetectionModel(nn.Module):
@@ -91,11 +101,7 @@ class DetectionModel(nn.Module):
         return self.detector.backbone.vit
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in self.backbone.group_matcher(coarse).items():
-            fix = lambda p: r"^detector\.backbone\.vit\.(?:" + p.removeprefix("^") + ")"  # noqa: E731
-            out[key] = fix(value) if isinstance(value, str) else [(fix(p), layer) for p, layer in value]
-        return out
+        return prefixed_group_matcher(self.backbone, "detector.backbone.vit.", coarse)
 
     def no_weight_decay(self) -> set[str]:
         inner = self.backbone.no_weight_decay() if hasattr(self.backbone, "no_weight_decay") else set()
@@ -160,15 +166,4 @@ class RawDetectorOutputs(nn.Module):
 
 def attach_detection_head(model: nn.Module, config: DenseHeadConfig) -> DetectionModel:
     """Wrap a plain ViT (no classifier) into the FCOS detector; the manifest moves to the wrapper."""
-    manifest = get_manifest(model)
-    if getattr(model, "num_classes", 0):
-        model.reset_classifier(0)
-        if manifest is not None:
-            manifest.kwargs["num_classes"] = 0
-    out = DetectionModel(model, config)
-    if manifest is not None:
-        model.__dict__.pop(MANIFEST_ATTR, None)  # one manifest, on the outermost model
-        set_manifest(
-            out, Manifest(manifest.name, manifest.kwargs, manifest.transforms, head=config.model_dump())
-        )
-    return out
+    return wrap_in_head(model, config, DetectionModel)

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitkit.models.dense import DenseHeadConfig, FeaturePyramid, _vit_parts
+from vitkit.models.dense import DenseHeadConfig, prefixed_group_matcher, wrap_in_head
+from vitkit.models.detection import ViTPyramid
 from vitkit.models.factory import model_input_size
-from vitkit.models.manifest import MANIFEST_ATTR, Manifest, get_manifest, set_manifest
+from vitkit.models.manifest import get_manifest, set_manifest
 
 SCORE_THRESHOLD = 0.05
 DETECTIONS_PER_IMAGE = 100
@@ -75,23 +76,16 @@ def _register_placeholder() -> None:
     AutoBackbone.register(VitkitBackboneConfig, VitkitPlaceholderBackbone)
 
 
-class ViTBackbone(nn.Module):
+class ViTBackbone(ViTPyramid):
     """The ViT's chosen block(s) -> the simple feature pyramid, as transformers' backbones answer:
     a list of (B, channels, h, w) maps, finest first."""
 
     def __init__(self, vit: nn.Module, config: DenseHeadConfig):
-        super().__init__()
-        width, _, _ = _vit_parts(vit)
-        self.vit = vit
-        self.indices = list(config.indices)
-        self.neck = FeaturePyramid(width, config.channels, len(config.indices), config.scales)
+        super().__init__(vit, config)
         self.channels = [config.channels] * len(config.scales)
 
-    def forward(self, pixel_values: torch.Tensor, **_: Any) -> list[torch.Tensor]:
-        maps = self.vit.forward_intermediates(
-            pixel_values, indices=self.indices, norm=True, output_fmt="NCHW", intermediates_only=True
-        )
-        return list(self.neck(maps))
+    def forward(self, pixel_values: torch.Tensor, **_: Any) -> list[torch.Tensor]:  # type: ignore[override]
+        return self.maps(pixel_values)
 
 
 def detr_config(config: DenseHeadConfig):
@@ -148,12 +142,7 @@ class DetrDetectionModel(nn.Module):
         return self.detr.model.backbone.model.vit
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        prefix = r"^detr\.model\.backbone\.model\.vit\.(?:"
-        for key, value in self.backbone.group_matcher(coarse).items():
-            fix = lambda p: prefix + p.removeprefix("^") + ")"  # noqa: E731
-            out[key] = fix(value) if isinstance(value, str) else [(fix(p), layer) for p, layer in value]
-        return out
+        return prefixed_group_matcher(self.backbone, "detr.model.backbone.model.vit.", coarse)
 
     def no_weight_decay(self) -> set[str]:
         inner = self.backbone.no_weight_decay() if hasattr(self.backbone, "no_weight_decay") else set()
@@ -223,15 +212,4 @@ class RawDetrOutputs(nn.Module):
 
 def attach_detr_head(model: nn.Module, config: DenseHeadConfig) -> DetrDetectionModel:
     """Wrap a plain ViT (no classifier) into Deformable DETR; the manifest moves to the wrapper."""
-    manifest = get_manifest(model)
-    if getattr(model, "num_classes", 0):
-        model.reset_classifier(0)
-        if manifest is not None:
-            manifest.kwargs["num_classes"] = 0
-    out = DetrDetectionModel(model, config)
-    if manifest is not None:
-        model.__dict__.pop(MANIFEST_ATTR, None)
-        set_manifest(
-            out, Manifest(manifest.name, manifest.kwargs, manifest.transforms, head=config.model_dump())
-        )
-    return out
+    return wrap_in_head(model, config, DetrDetectionModel)

@@ -55,7 +55,13 @@ from torch import nn
 
 from vitkit.data.dense import IGNORE_INDEX
 from vitkit.errors import VitkitError
-from vitkit.models.dense import DenseHeadConfig, DenseModel, attach_dense_head, validated_head_config
+from vitkit.models.dense import (
+    DenseHeadConfig,
+    DenseModel,
+    attach_dense_head,
+    prefixed_group_matcher,
+    validated_head_config,
+)
 from vitkit.models.factory import final_norm, model_input_size
 from vitkit.models.manifest import MANIFEST_ATTR, Manifest, get_manifest, set_manifest
 
@@ -316,11 +322,7 @@ class ViTPSegmenter(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """timm's layer groups of ViT-P's ViT (layer-wise LR decay); the point embedding matches none
         and joins the last group, as a head does."""
-        out: dict[str, Any] = {}
-        for key, value in self.point_vit.vit.group_matcher(coarse).items():
-            fix = lambda p: r"^point_vit\.vit\.(?:" + p.removeprefix("^") + ")"  # noqa: E731
-            out[key] = fix(value) if isinstance(value, str) else [(fix(p), layer) for p, layer in value]
-        return out
+        return prefixed_group_matcher(self.point_vit.vit, "point_vit.vit.", coarse)
 
     def forward(self, images: torch.Tensor, points: torch.Tensor | None = None) -> torch.Tensor:
         if points is not None:
