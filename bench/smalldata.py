@@ -156,6 +156,8 @@ def run_rank(args):
             "train_seeds": args.train_seeds,
             "threads": args.threads,
         },
+        # an hour or more on 2 shared cores: every ranked candidate is kept, a cut-short run resumes
+        cache=None if args.quick else PARTIAL / "smalldata-rank.json",
     )
     if not args.quick:
         plot_ranking(res, OUT_DIR / "smalldata-rank.png")

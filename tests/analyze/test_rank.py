@@ -65,6 +65,23 @@ def test_rank_configs_with_short_training():
     assert -1.0 <= res.kendall_tau <= 1.0 and -1.0 <= res.params_kendall_tau <= 1.0
 
 
+def test_a_cut_short_ranking_resumes_from_its_cache_to_the_same_result(tmp_path):
+    specs = config_grid([1, 2], [16], [2], [4], 16)
+    cfg = {"repeats": 1, "complexity": {"points": 16}, "train_epochs": 1}
+    cache = tmp_path / "rank.json"
+    first = rank_configs(specs[:1], cfg, progress=False, cache=cache)  # "cut short" after one candidate
+    assert list(json.loads(cache.read_text())["rows"]) == [specs[0].name]
+    resumed = rank_configs(specs, cfg, progress=False, cache=cache)
+    whole = rank_configs(specs, cfg, progress=False)
+    # equal up to float summation order (complexity differs by ~1e-16 between runs in one process)
+    assert [r["name"] for r in resumed.rows] == [r["name"] for r in whole.rows]
+    for a, b in zip(resumed.rows, whole.rows):
+        assert a["val_top1"] == b["val_top1"] and a["complexity"] == pytest.approx(b["complexity"], rel=1e-9)
+    assert first.rows[0] in resumed.rows  # read back from the cache, not recomputed
+    other = rank_configs(specs[:1], {**cfg, "train_epochs": 2}, progress=False, cache=cache)  # another config
+    assert other.rows[0]["val_top1"] != first.rows[0]["val_top1"] or other.config != first.config
+
+
 def test_config_grid_bad_input():
     with pytest.raises(VitkitError, match="width 30 is not divisible by heads 4"):
         config_grid([1], [30], [4], [4], 16)

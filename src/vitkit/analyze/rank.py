@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -190,10 +192,18 @@ def kendall_tau(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def rank_configs(
-    specs: list[ArchSpec], cfg: RankConfig | dict | None = None, *, progress: bool = True
+    specs: list[ArchSpec],
+    cfg: RankConfig | dict | None = None,
+    *,
+    progress: bool = True,
+    cache: str | os.PathLike | None = None,
 ) -> RankResult:
     """Score every candidate with the complexity proxy at init; with ``train_epochs`` > 0 also train
-    it briefly on ``data`` and report the Kendall-τ between proxy and validation accuracy."""
+    it briefly on ``data`` and report the Kendall-τ between proxy and validation accuracy.
+
+    ``cache``: a JSON file of the rows done so far, written after each candidate and read back when
+    its config is the same, so a long ranking cut short resumes where it stopped (each candidate's
+    seeds depend on the config alone, not on the order: a resumed ranking equals an uninterrupted one)."""
     cfg = parse_config(RankConfig, cfg, "rank-configs")
     if not specs:
         raise VitkitError("rank-configs: no configurations to rank")
@@ -209,8 +219,12 @@ def rank_configs(
         if data.train.num_classes != cfg.num_classes:
             cfg = cfg.model_copy(update={"num_classes": data.train.num_classes})
     rows = []
+    done = _read_cache(cache, cfg)
     items = track(specs, total=len(specs), description="ranking", min_items=1 if progress else 10**9)
     for spec in items:
+        if spec.name in done:
+            rows.append(done[spec.name])
+            continue
         lengths = []
         for r in range(cfg.repeats):
             model = build_candidate(spec, cfg, cfg.seed + r)
@@ -227,6 +241,11 @@ def rank_configs(
         if data is not None:
             row["val_top1"] = _short_training(spec, cfg, data)
         rows.append(row)
+        if cache is not None:
+            from vitkit.io import write_json
+
+            done[spec.name] = row
+            write_json(cache, {"config": cfg.model_dump(mode="json"), "rows": done})
     rows.sort(key=lambda r: -r["complexity"])
     result = RankResult(rows, config=cfg.model_dump())
     if data is not None and len(rows) >= 3:
@@ -234,6 +253,21 @@ def rank_configs(
         result.kendall_tau, result.p_value = kendall_tau([r["complexity"] for r in rows], acc)
         result.params_kendall_tau, _ = kendall_tau([float(r["parameters"]) for r in rows], acc)
     return result
+
+
+def _read_cache(cache: str | os.PathLike | None, cfg: RankConfig) -> dict[str, dict[str, Any]]:
+    """The rows of a cache written with the same config (else none)."""
+    if cache is None or not Path(cache).is_file():
+        return {}
+    import json
+
+    try:
+        doc = json.loads(Path(cache).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if doc.get("config") != cfg.model_dump(mode="json"):
+        return {}
+    return dict(doc.get("rows", {}))
 
 
 def _short_training(spec: ArchSpec, cfg: RankConfig, data) -> float:
