@@ -145,19 +145,27 @@ class DetectionModel(nn.Module):
         return [(int(grid[0] * s), int(grid[1] * s)) for s in self.config.scales]
 
 
-class RawDetectorOutputs(nn.Module):
+class RawOutputs(nn.Module):
+    """Base of a detector's graph module: holds the detector under its own name (so recorded
+    transforms such as quantization still find their modules) and the run's manifest and input."""
+
+    def __init__(self, attr: str, detector: nn.Module, model: nn.Module):
+        super().__init__()
+        setattr(self, attr, detector)
+        self.pretrained_cfg = model.pretrained_cfg
+        manifest = get_manifest(model)
+        if manifest is not None:
+            set_manifest(self, manifest)
+
+
+class RawDetectorOutputs(RawOutputs):
     """(B, C, H, W) images -> (B, A, K + 5): per anchor (the pyramid's cells, finest level first, row
     by row) K class logits, 4 box-regression values (FCOS's linear coder, normalised by the anchor
     size) and 1 centerness logit. Box decoding and NMS are data-dependent and stay outside the graph
     (:meth:`DetectionModel.decode`)."""
 
     def __init__(self, model: DetectionModel):
-        super().__init__()
-        self.detector = model.detector  # the same module names, so recorded transforms (quantize) still apply
-        self.pretrained_cfg = model.pretrained_cfg
-        manifest = get_manifest(model)
-        if manifest is not None:
-            set_manifest(self, manifest)
+        super().__init__("detector", model.detector, model)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.detector.head(list(self.detector.backbone(images).values()))

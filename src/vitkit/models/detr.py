@@ -28,9 +28,8 @@ import torch
 from torch import nn
 
 from vitkit.models.dense import DenseHeadConfig, prefixed_group_matcher, wrap_in_head
-from vitkit.models.detection import ViTPyramid
+from vitkit.models.detection import RawOutputs, ViTPyramid
 from vitkit.models.factory import model_input_size
-from vitkit.models.manifest import get_manifest, set_manifest
 
 SCORE_THRESHOLD = 0.05
 DETECTIONS_PER_IMAGE = 100
@@ -193,17 +192,12 @@ class DetrDetectionModel(nn.Module):
         return out
 
 
-class RawDetrOutputs(nn.Module):
+class RawDetrOutputs(RawOutputs):
     """(B, C, H, W) images -> (B, Q, K + 4) raw DETR outputs (no post-processing in the graph; DETR
     needs no NMS: :meth:`DetrDetectionModel.decode` is a top-k)."""
 
     def __init__(self, model: DetrDetectionModel):
-        super().__init__()
-        self.detr = model.detr  # the same module names, so recorded transforms (quantize) still apply
-        self.pretrained_cfg = model.pretrained_cfg
-        manifest = get_manifest(model)
-        if manifest is not None:
-            set_manifest(self, manifest)
+        super().__init__("detr", model.detr, model)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.detr(pixel_values=images)
