@@ -140,6 +140,18 @@ def test_coco_problems_are_one_line_naming_the_file(tmp_path, changes, message):
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
+def test_coco_patient_ids_become_groups_that_crops_keep(tmp_path):
+    from vitkit.data import load_source
+
+    images = [
+        {"id": 1, "file_name": "a.png", "patient_id": "P7"},
+        {"id": 2, "file_name": "b.png", "patient_id": "P3"},
+    ]
+    data = load_source(f"coco:{_coco(tmp_path, images=images)}", img_size=20)["all"]
+    assert data.info["groups"].tolist() == [0, 1] and data.info["group_key"] == "patient_id"
+    assert data.subset([1]).info["groups"].tolist() == [1]
+
+
 def test_coco_folder_with_official_splits(tmp_path):
     from vitkit.data import load_source
 

@@ -12,7 +12,9 @@ dicts torchvision's detectors and torchmetrics take.
     PATH = DIR with train.json, val.json official splits (images in DIR or DIR/images)
 
 Images are read as ``file_name`` relative to the JSON's folder (or its ``images/``), resized to the
-model's input size (boxes scaled with them; a non-square image is stretched). Categories keep their
+model's input size (boxes scaled with them; a non-square image is stretched). When every image has a
+``group`` (or ``patient_id``) field, it becomes ``info["groups"]`` (a patient per image), which
+``vitkit crop`` passes on to group-level evaluation. Categories keep their
 id order. One line naming the file for: an unreadable or empty annotation file, an image missing
 from disk, an annotation naming an unknown image or category, a box outside its image or with no
 area.
@@ -35,6 +37,7 @@ from vitkit.errors import VitkitError
 PAD_LABEL = -1
 BOX_TOLERANCE = 1.0  # pixels a COCO box may pass the image edge by (rounding in exported annotations)
 MIN_VISIBLE = 0.25  # a cropped box keeps at least this fraction of its area, else it is dropped
+GROUP_KEYS = ("group", "patient_id")  # an image field naming its group, read when every image has it
 
 
 def pack_boxes(boxes: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
@@ -151,7 +154,15 @@ def load_coco_file(path: Path, img_size: int, cat_ids: list[int] | None = None, 
         [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes],
         [torch.tensor(lab, dtype=torch.long) for lab in labels],
     )
-    return ImageDataset(_stack(images, f"coco:{path}"), targets, cat_names, f"coco:{path}", {"boxes": True})
+    info: dict = {"boxes": True}
+    group_key = next((k for k in GROUP_KEYS if all(k in im for im in doc["images"])), None)
+    if group_key is not None:  # a patient (or any group) per image: group-level evaluation of crops
+        names: dict[str, int] = {}
+        order = sorted(by_image.items(), key=lambda kv: kv[1][1])
+        per_image = {int(im["id"]): str(im[group_key]) for im in doc["images"]}
+        info["groups"] = torch.tensor([names.setdefault(per_image[i], len(names)) for i, _ in order])
+        info["group_key"] = group_key
+    return ImageDataset(_stack(images, f"coco:{path}"), targets, cat_names, f"coco:{path}", info)
 
 
 def load_coco(arg: str, img_size: int | None) -> dict[str, ImageDataset]:
