@@ -390,3 +390,14 @@ def test_same_class_canvases_hold_one_class_each():
     assert all(len(s) <= 1 for s in labels) and len(set().union(*labels)) == 4
     mixed = load_source("canvas-boxes:size=32,classes=4,train=40,val=2")["train"]
     assert any(len(set(t["labels"].tolist())) > 1 for t in unpack_boxes(mixed.targets))
+
+
+def test_w8a8_deformable_detr_exports_its_integer_graph(detr_run, tmp_path):
+    """Top-1 agreement means nothing for raw per-query outputs: the quantized graph is held to the
+    quantize rule's logit bound alone (it used to fail on an argmax over the query axis)."""
+    from vitkit.stages.export import export_run
+    from vitkit.stages.quantize import quantize_run
+
+    _, out = quantize_run(detr_run, tmp_path / "q", w_bits=8, a_bits=8, calib_size=32)
+    doc = export_run(out, images=16).doc
+    assert doc["int8_ops"] and doc["top1_agreement"] is None and doc["max_abs_logit_diff"] <= doc["bound"]
