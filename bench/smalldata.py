@@ -187,8 +187,13 @@ def accuracy(args) -> Output:
         for path in sorted(
             PARTIAL.glob(_partial(args, ds).name.replace(f"_{ds}{args.tag}.json", f"_{ds}*.json"))
         ):
-            files.append(path.name)
-            rows += [r for r in json.loads(path.read_text()) if r["epochs"] == args.epochs]
+            # the glob for "digits" also finds digits-lt10's file: keep this dataset's rows only
+            mine = [
+                r for r in json.loads(path.read_text()) if r["epochs"] == args.epochs and r["dataset"] == ds
+            ]
+            if mine:
+                files.append(path.name)
+                rows += mine
         base = {r["seed"]: r for r in rows if r["variant"] == "vit"}
         for v in VARIANTS:
             rs = [r for r in rows if r["variant"] == v]
