@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import OUT_DIR, Output, Table, log
+from bench.harness import OUT_DIR, ROOT, Output, Table, log
 
 SECTIONS = ("attacks", "patches", "dta", "dta_deep", "tokens", "cka", "artifacts", "s2", "mil")
 QUICK = {"seeds": "0,1", "artifact_images": 4, "epochs": 1}
@@ -459,7 +459,13 @@ def _section(name: str):
             res = fn(root, seeds, args.artifact_images) if name == "artifacts" else fn(root, seeds)
         res = json.loads(json.dumps(res, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
         records = [{"table": "results", "result": k, "value": v} for k, v in flatten(res)]
-        where = "a temporary folder (--quick)" if args.quick else args.work
+        # relative to the checkout, so a record reads the same wherever it was made (a worktree in /tmp)
+        work = Path(args.work).resolve()
+        where = (
+            "a temporary folder (--quick)"
+            if args.quick
+            else (work.relative_to(ROOT) if work.is_relative_to(ROOT) else work)
+        )
         notes = [f"Seeds {seeds}, {args.threads} thread(s); runs and plots in {where}."]
         table = Table(name="results", columns=[("result", "{result}"), ("value", "{value}")])
         return Output(records=records, tables=[table], notes=notes, extra={"results": res})
