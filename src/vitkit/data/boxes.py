@@ -26,12 +26,11 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from vitkit.data.dataset import ImageDataset
 from vitkit.data.sources import _DECODE_ERRORS, _read_image, _stack
-from vitkit.data.transforms import AugmentConfig, BatchTransform, _adapt_channels, _resize
+from vitkit.data.transforms import AugmentConfig, BatchTransform, _adapt_channels, _resize, random_scale_crop
 from vitkit.errors import VitkitError
 
 PAD_LABEL = -1
@@ -230,18 +229,9 @@ class BoxBatchTransform:
         src = (x.shape[-2], x.shape[-1])
         if not self.train:
             return self.images(x), self.scale_boxes(targets, src)
-        x = _adapt_channels(x.float().div_(255.0), self.in_chans)
-        a, b = self.aug, x.shape[0]
-        area = torch.empty(b).uniform_(a.scale[0], a.scale[1], generator=generator)
-        s = area.sqrt().clamp(max=1.0)
-        tx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - s + 2 * a.translate)
-        ty = (torch.rand(b, generator=generator) * 2 - 1) * (1 - s + 2 * a.translate)
-        flip = torch.rand(b, generator=generator) < a.hflip
-        theta = torch.zeros(b, 2, 3)
-        theta[:, 0, 0] = torch.where(flip, -s, s)
-        theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = s, tx, ty
-        grid = F.affine_grid(theta, [b, 1, *self.size], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        x, _, (s, tx, ty, flip) = random_scale_crop(
+            _adapt_channels(x.float().div_(255.0), self.in_chans), self.size, self.aug, generator
+        )
         return (x - self.mean) / self.std, self._move_boxes(targets, src, s, tx, ty, flip)
 
     def _move_boxes(self, targets, src, s, tx, ty, flip) -> torch.Tensor:

@@ -196,6 +196,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def random_scale_crop(
+    x: torch.Tensor, size: tuple[int, int], aug: AugmentConfig, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Per sample a square scale-crop (area fraction in ``aug.scale``) anywhere inside the image, a
+    shift (``aug.translate``) and a horizontal flip (``aug.hflip``), resampled bilinearly to ``size``.
+    Returns the images, the sampling grid (for masks) and ``(s, tx, ty, flip)``: input coordinate =
+    ``s * output + t`` on [-1, 1] axes, x mirrored where flipped (for boxes)."""
+    b = x.shape[0]
+    area = torch.empty(b).uniform_(aug.scale[0], aug.scale[1], generator=generator)
+    s = area.sqrt().clamp(max=1.0)
+    tx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - s + 2 * aug.translate)
+    ty = (torch.rand(b, generator=generator) * 2 - 1) * (1 - s + 2 * aug.translate)
+    flip = torch.rand(b, generator=generator) < aug.hflip
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = torch.where(flip, -s, s)  # a mirrored x axis is the flip
+    theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = s, tx, ty
+    grid = F.affine_grid(theta, [b, 1, *size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return x, grid, (s, tx, ty, flip)
+
+
 class DenseBatchTransform:
     """Images and their masks together: uint8 (B, C, H, W) + int64 (B, H, W) → normalized float
     images and masks at ``img_size``, with the same geometric augmentation for both.
@@ -251,18 +272,7 @@ class DenseBatchTransform:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.train:
             return self.images(x), masks
-        x = self._channels(x.float().div_(255.0))
-        a, b = self.aug, x.shape[0]
-        area = torch.empty(b).uniform_(a.scale[0], a.scale[1], generator=generator)
-        s = area.sqrt().clamp(max=1.0)
-        tx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - s + 2 * a.translate)
-        ty = (torch.rand(b, generator=generator) * 2 - 1) * (1 - s + 2 * a.translate)
-        flip = torch.rand(b, generator=generator) < a.hflip
-        theta = torch.zeros(b, 2, 3)
-        theta[:, 0, 0] = torch.where(flip, -s, s)  # a mirrored x axis is the flip
-        theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = s, tx, ty
-        grid = F.affine_grid(theta, [b, 1, *self.size], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        x, grid, _ = random_scale_crop(self._channels(x.float().div_(255.0)), self.size, self.aug, generator)
         # mask + 1, so the zero padding outside the image reads as "no label" (0 -> ignore)
         m = F.grid_sample(
             (masks + 1).float()[:, None], grid, mode="nearest", padding_mode="zeros", align_corners=False
