@@ -242,6 +242,17 @@ def test_detection_bad_inputs_are_one_line(det_run, bad_input, tmp_path):
         r"task 'classification' cannot train on 'canvas-boxes",
         workdir=tmp_path,
     )
+    bad_input(
+        ["train", "--model", "vitkit_micro_p4_16", "--detector", "co-detr", "-o", tmp_path / "e"],
+        r"--detector co-detr is for task detection, not 'classification'",
+        workdir=tmp_path,
+    )
+    bad_input([*train, "--detector", "yolo", "-o", tmp_path / "f"], r"detector", workdir=tmp_path)
+    bad_input(
+        [*train, "--data", DET_DATA, "--task", "detection:co_heads=atss+fcos", "-o", tmp_path / "g"],
+        r"co_heads",
+        workdir=tmp_path,
+    )
 
 
 def test_onnx_graph_holds_the_raw_outputs_and_decodes_to_the_same_detections(det_run, tmp_path):
@@ -278,8 +289,8 @@ def detr_run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("det") / "detr"
     data = "canvas-boxes:size=32,classes=3,train=200,val=50"
-    cfg = TrainConfig(
-        model="vitkit_micro_p4_16", task="detection:detector=deformable-detr", data=data, epochs=6, lr=2e-3,
+    cfg = TrainConfig(  # "detr": the issue's name for it, an alias of deformable-detr
+        model="vitkit_micro_p4_16", task="detection", detector="detr", data=data, epochs=6, lr=2e-3,
         tensorboard=False,
     )  # fmt: skip
     train_model(cfg, out, quiet=True)
@@ -310,7 +321,7 @@ def test_deformable_detr_over_a_vit_trains_reloads_and_exports(detr_run, tmp_pat
     run = tmp_path / "detr"
     shutil.copytree(detr_run, run)
     exported = export_run(run, images=16).doc
-    assert exported["max_abs_logit_diff"] < 1e-3, exported
+    assert exported["max_abs_logit_diff"] < 5e-4, exported
     got = model.decode(OnnxModel(run / "model.onnx")(x))
     for g, w in zip(got, a):  # near-equal scores may swap places: compare the ranked scores and the best one
         n = min(len(g["scores"]), len(w["scores"]))
@@ -318,6 +329,43 @@ def test_deformable_detr_over_a_vit_trains_reloads_and_exports(detr_run, tmp_pat
         assert int(g["labels"][0]) == int(w["labels"][0]) and torch.allclose(
             g["boxes"][0], w["boxes"][0], atol=1e-2
         )
+
+
+# -- Co-DETR: Deformable DETR trained with collaborative hybrid assignments --------------------------------
+def test_codetr_trains_from_the_command_line_and_is_a_detr_at_inference(tmp_path):
+    """``vitkit train --detector co-detr`` (the issue's command): the run records its auxiliary heads,
+    its loss falls, and it reloads, evaluates and exports as the Deformable DETR it trained."""
+    import vitkit
+    from vitkit.cli import main
+    from vitkit.models.codetr import CoDetrDetectionModel
+    from vitkit.stages.export import export_run
+
+    out = tmp_path / "codetr"
+    data = "canvas-boxes:size=32,classes=3,train=64,val=32"
+    args = ["train", "--task", "detection", "--detector", "co-detr", "--data", data, "--model", "vitkit_micro_p4_16",
+            "--epochs", "3", "--lr", "2e-3", "--batch-size", "16", "--no-tensorboard", "-q", "-o", str(out)]  # fmt: skip
+    assert main(args) == 0
+    doc = json.loads((out / "model.json").read_text())
+    assert doc["head"]["head"] == "co-detr" and doc["head"]["co_heads"] == ["atss", "rcnn"]
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[-1]["train_loss"]) < 0.8 * float(rows[0]["train_loss"]), rows
+    model = vitkit.load(out).eval()
+    assert isinstance(model, CoDetrDetectionModel)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"map", "map_50", "map_75", "per_class_ap"} <= set(metrics)
+    exported = export_run(out, images=8).doc  # the graph holds the DETR only
+    assert exported["max_abs_logit_diff"] <= exported["bound"] == 5e-3, exported
+    from vitkit.deploy.onnx import OnnxModel
+
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        want = model(x)
+    got = model.decode(OnnxModel(out / "model.onnx")(x))
+    for g, w in zip(got, want):  # the same best detection, the ranked scores within the bound
+        n = min(len(g["scores"]), len(w["scores"]))
+        assert n > 0 and torch.allclose(g["scores"][:n], w["scores"][:n], atol=2e-3)
+        assert int(g["labels"][0]) == int(w["labels"][0])
 
 
 # -- detect -> crop -> classify, with group-level evaluation ---------------------------------------------

@@ -42,6 +42,11 @@ class TrainConfig(BaseModel):
         "(default), changevit (change only) or vitp (vitkit finetune SEG_RUN: ViT-P over that run's "
         "regions); more as --task segmentation:pyramid=multilevel,channels=128",
     )
+    detector: Literal["fcos", "deformable-detr", "co-detr"] | None = Field(
+        None,
+        description="task detection: fcos (default), deformable-detr (or detr) or co-detr (Deformable DETR "
+        "trained with Co-DETR's auxiliary heads); more as --task detection:queries=100,co_heads=atss",
+    )
 
     # data
     data: str = Field(
@@ -131,6 +136,11 @@ class TrainConfig(BaseModel):
         if problem is not None:
             raise ValueError(problem)
         return v
+
+    @field_validator("detector", mode="before")
+    @classmethod
+    def _detr_alias(cls, v: Any) -> Any:
+        return "deformable-detr" if v == "detr" else v  # the name users (and issue 20) say
 
     @field_validator("optimizer")
     @classmethod

@@ -39,7 +39,9 @@ from vitkit.errors import VitkitError
 from vitkit.models.manifest import MANIFEST_ATTR, Manifest, get_manifest, set_manifest
 
 _PPM_SCALES = (1, 2, 3, 6)
-DETECTION_HEADS = ("fcos", "deformable-detr")
+DETECTION_HEADS = ("fcos", "deformable-detr", "co-detr")
+QUERY_HEADS = ("deformable-detr", "co-detr")  # DETRs: object queries
+CO_HEADS = ("atss", "rcnn")  # Co-DETR's auxiliary one-to-many heads
 STRIDES = (4, 8, 16, 32)  # the pyramid's levels in input pixels, as ViTDet / UperNet use them
 
 
@@ -49,7 +51,7 @@ class DenseHeadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: Literal["segmentation", "change", "detection"] = "segmentation"
-    head: Literal["linear", "upernet", "changevit", "vitp", "fcos", "deformable-detr"] = "upernet"
+    head: Literal["linear", "upernet", "changevit", "vitp", "fcos", "deformable-detr", "co-detr"] = "upernet"
     pyramid: Literal["sfp", "multilevel"] = "sfp"
     num_classes: int = Field(gt=1, le=255)
     channels: int = Field(gt=0, le=4096)
@@ -62,7 +64,8 @@ class DenseHeadConfig(BaseModel):
     points: int = Field(0, ge=0, le=4096)
     alpha: float = Field(0.4, ge=0.0, le=1.0)
     stage1: DenseHeadConfig | None = None
-    queries: int = Field(0, ge=0, le=1000)  # deformable-detr's object queries
+    queries: int = Field(0, ge=0, le=1000)  # deformable-detr's and co-detr's object queries
+    co_heads: list[Literal["atss", "rcnn"]] = Field(default_factory=list, max_length=2)  # co-detr's
 
     @model_validator(mode="after")
     def _detection(self) -> DenseHeadConfig:
@@ -73,8 +76,12 @@ class DenseHeadConfig(BaseModel):
             )
         if detector and self.channels % 32:
             raise ValueError(f"head {self.head} takes channels divisible by 32, got {self.channels}")
-        if (self.head == "deformable-detr") != (self.queries > 0):
-            raise ValueError("head deformable-detr takes queries >= 1, and only it takes queries")
+        if (self.head in QUERY_HEADS) != (self.queries > 0):
+            raise ValueError(f"heads {' and '.join(QUERY_HEADS)} take queries >= 1, and only they do")
+        if (self.head == "co-detr") != bool(self.co_heads) or len(set(self.co_heads)) != len(self.co_heads):
+            raise ValueError(
+                "head co-detr takes one or both co_heads (atss, rcnn), and only it takes co_heads"
+            )
         return self
 
     @model_validator(mode="after")
@@ -145,6 +152,7 @@ def default_head_config(
     channels: int | None = None,
     detail_width: int = 64,
     queries: int = 50,
+    co_heads: tuple[str, ...] = CO_HEADS,
 ) -> DenseHeadConfig:
     """The head config for ``model``: block indices (last block; or four evenly spaced ones for the
     multi-level pyramid), channels, pooling scales."""
@@ -190,7 +198,8 @@ def default_head_config(
             else [],
             scales=scales if pyramid_head else [],
             detail_channels=[detail_width, 2 * detail_width, 4 * detail_width] if head == "changevit" else [],
-            queries=queries if head == "deformable-detr" else 0,
+            queries=queries if head in QUERY_HEADS else 0,
+            co_heads=list(co_heads) if head == "co-detr" else [],
         ),
         "head",
     )

@@ -1,6 +1,7 @@
 """The task head a manifest records, whichever module builds it: the one-stage heads of
 ``models/dense.py`` (linear, UperNet, change heads), ViT-P's two stages (``models/vitp.py``) or the
-FCOS detector (``models/detection.py``)."""
+FCOS detector (``models/detection.py``), Deformable DETR (``models/detr.py``) and Co-DETR
+(``models/codetr.py``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from vitkit.models.codetr import attach_codetr_head
 from vitkit.models.dense import DenseHeadConfig, attach_dense_head, validated_head_config
 from vitkit.models.detection import attach_detection_head
 from vitkit.models.detr import attach_detr_head
@@ -24,6 +26,8 @@ def attach_head(model: nn.Module, config: DenseHeadConfig | dict[str, Any]) -> n
         return attach_detection_head(model, config)
     if config.head == "deformable-detr":
         return attach_detr_head(model, config)
+    if config.head == "co-detr":
+        return attach_codetr_head(model, config)
     return attach_dense_head(model, config)
 
 
@@ -42,10 +46,13 @@ def export_refusal(config: DenseHeadConfig | dict[str, Any] | None) -> str | Non
 
 
 def export_parity_bound(config: DenseHeadConfig | dict[str, Any] | None) -> float | None:
-    """A looser ONNX parity bound a head needs, or None for the default: Deformable DETR's
-    ``grid_sample`` sampling and its sigmoid / inverse-sigmoid reference points differ from
-    onnxruntime's by up to ~1e-4 in float32 (7.6e-5 seen on a 32 px canvas run)."""
+    """A looser ONNX parity bound a head needs, or None for the default: the DETRs' deformable
+    attention (``grid_sample`` at sigmoid / inverse-sigmoid reference points) comes out of
+    onnxruntime up to ~1e-3 away from PyTorch in float32 (7.6e-5 on a 32 px DETR test run, 6e-4 to
+    1.04e-3 on the class logits of short Co-DETR runs, 3e-6 on their boxes), while float32 PyTorch
+    agrees with float64 PyTorch to 2e-7: the gap is onnxruntime's kernels', not the model's
+    sensitivity. The decoded detections stay equal (tests/tasks/test_detection.py)."""
     if config is None:
         return None
     head = config.head if isinstance(config, DenseHeadConfig) else config.get("head")
-    return 1e-3 if head == "deformable-detr" else None
+    return 5e-3 if head in ("deformable-detr", "co-detr") else None

@@ -2,7 +2,8 @@
 
 The model is a plain timm ViT under ViTDet's simple feature pyramid and a detector: torchvision's
 FCOS (``vitkit.models.detection``; ``--task detection``, the default) or transformers' Deformable
-DETR (``vitkit.models.detr``; ``--task detection:detector=deformable-detr``). Data: ``canvas-boxes`` (generated,
+DETR (``vitkit.models.detr``; ``--detector detr``), the latter optionally trained as Co-DETR
+(``vitkit.models.codetr``; ``--detector co-detr``). Data: ``canvas-boxes`` (generated,
 vitkit.data.canvas: the items' visible boxes) or ``coco:PATH`` (a COCO annotation file; data/boxes.py).
 Augmentation moves images and boxes together (:class:`vitkit.data.boxes.BoxBatchTransform`:
 ``--scale-min`` scale-crop, ``--translate``, ``--hflip``; a box cut to under a quarter of its area is
@@ -36,11 +37,16 @@ class DetectionOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    detector: Literal["fcos", "deformable-detr"] = Field(
+    detector: Literal["fcos", "deformable-detr", "co-detr"] = Field(
         "fcos",
-        description="detector: fcos (torchvision's FCOS) or deformable-detr (transformers' Deformable DETR)",
+        description="detector: fcos (torchvision's FCOS), deformable-detr (transformers' Deformable DETR) or "
+        "co-detr (that DETR trained with Co-DETR's auxiliary heads and positive queries)",
     )
-    queries: int = Field(50, ge=1, le=1000, description="deformable-detr: object queries")
+    queries: int = Field(50, ge=1, le=1000, description="deformable-detr, co-detr: object queries")
+    co_heads: Literal["atss+rcnn", "atss", "rcnn"] = Field(
+        "atss+rcnn",
+        description="co-detr: the auxiliary one-to-many heads (the paper's: ATSS and Faster R-CNN)",
+    )
     channels: int | None = Field(
         None, gt=0, le=1024, multiple_of=32, description="pyramid and head width (default: the ViT's, 32-256)"
     )
@@ -138,8 +144,10 @@ class DetectionTask(Task):
             )
         if cfg.head is not None:
             raise VitkitError(
-                f"--head {cfg.head}: detection chooses its head with --task detection:detector=fcos"
+                f"--head {cfg.head}: detection chooses its head with --detector (fcos, detr, co-detr)"
             )
+        if cfg.detector is not None and cfg.detector != self.options.detector:
+            self.options = type(self.options)(**{**self.options.model_dump(), "detector": cfg.detector})
 
     # -- model ---------------------------------------------------------------------------------
     def num_outputs(self, data: DataSplits) -> int:
@@ -151,7 +159,13 @@ class DetectionTask(Task):
 
         o = self.options
         cfg = default_head_config(
-            model, num_outputs, task="detection", head=o.detector, channels=o.channels, queries=o.queries
+            model,
+            num_outputs,
+            task="detection",
+            head=o.detector,
+            channels=o.channels,
+            queries=o.queries,
+            co_heads=tuple(o.co_heads.split("+")),
         )
         return attach_head(model, cfg)
 

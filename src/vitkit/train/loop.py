@@ -95,6 +95,8 @@ def task_for_config(cfg: TrainConfig, data: DataSplits) -> Task:
     task = resolve_task(cfg.task, data)
     if cfg.head is not None and not task.dense:
         raise VitkitError(f"--head {cfg.head} is for dense tasks (segmentation, change), not '{task.name}'")
+    if cfg.detector is not None and task.name != "detection":
+        raise VitkitError(f"--detector {cfg.detector} is for task detection, not '{task.name}'")
     task.check_data(data)
     task.check_config(cfg)
     return task
