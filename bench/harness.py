@@ -178,6 +178,11 @@ SUITES: tuple[Suite, ...] = (
         "bench.detection:detect",
     ),
     Suite(
+        "detect-codetr",
+        "canvas detection: Co-DETR vs the same Deformable DETR at equal steps (mAP, per-epoch mAP50)",
+        "bench.detect_codetr:run",
+    ),
+    Suite(
         "detect-classify",
         "detect -> crop -> classify on one-class canvases: per-crop vs per-canvas accuracy, DeiT vs its CNN teacher",
         "bench.detect_classify:run",
