@@ -114,8 +114,9 @@ def test_centerness_target_is_one_at_the_box_centre_and_falls_off():
 
 
 def _atss_reference(cls, reg, ctr, anchors, labels, gt, k, weight):
-    """mmdet's ATSSHead.loss spelled out: focal over every anchor and class / positives; GIoU x
-    centerness target / max(1, sum of targets); centerness BCE / positives."""
+    """mmdet's ATSSHead.loss spelled out: focal over every anchor and class / sum over images of
+    max(positives, 1); GIoU x
+    centerness target / max(1, sum of targets); centerness BCE / the same count."""
     from torchvision.models.detection._utils import BoxCoder
     from torchvision.ops import generalized_box_iou
 
@@ -125,7 +126,7 @@ def _atss_reference(cls, reg, ctr, anchors, labels, gt, k, weight):
     at = 0.25 * y + 0.75 * (1 - y)
     focal = -(at * (1 - pt) ** 2 * pt.clamp_min(1e-12).log()).sum()
     pos = labels < k
-    n = max(1.0, float(pos.sum()))
+    n = float(sum(max(1, int(p.sum())) for p in pos))  # sum over images of max(positives, 1)
     a = anchors.expand(len(labels), -1, -1)[pos]
     box = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0)).decode_single(reg[pos], a)
     centre = (a[:, :2] + a[:, 2:]) / 2
@@ -332,3 +333,21 @@ def test_co_heads_belong_to_co_detr_only():
     assert validated_head_config({**base, "head": "co-detr", "co_heads": ["rcnn"]}, "head").co_heads == [
         "rcnn"
     ]
+
+
+def test_rcnn_positives_come_first_and_stay_float32_under_bf16_autocast():
+    """The sampled RoIs are cut to the fewest per image after each image's positives are put first
+    (only negatives are cut, as mmdet's order guarantees), and the branch runs in float32 (the
+    official force_fp32): bf16 would round the boxes it matches and turns into queries."""
+    from vitkit.models.codetr_rcnn import RCNNHead
+
+    torch.manual_seed(0)
+    head = RCNNHead(32, 3, [4, 8, 16, 32])
+    maps = [torch.randn(2, 32, 32 // s, 32 // s) for s in (4, 8, 16, 32)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses, (rois, labels, gt, feats) = head(maps, (32, 32), TARGETS, weight=4.0)
+    assert rois.dtype == gt.dtype == feats.dtype == torch.float32
+    assert all(torch.isfinite(v) for v in losses.values())
+    for row in labels:
+        pos = (row < 3).int()
+        assert pos.sum() > 0 and torch.equal(pos, pos.sort(descending=True).values)  # 1s, then 0s

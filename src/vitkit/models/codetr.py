@@ -28,7 +28,8 @@ Training step (``CoDETR.forward_train``):
 Deviations from the official code, by choice: the per-head embedding is ``nn.Embedding(K, d)`` (the
 official ``nn.Embedding(K, 1, 1, 256)`` means one learnable scalar for head 0 and a frozen zero
 for head 1: its authors mark it a bug); padding negatives come only from real negatives (the
-official draws from all anchors); no hard-coded ``.cuda()`` or silent ``except``. Scaled down:
+official draws from all anchors); the main DETR weighs classification 1 (transformers') where the
+official weighs 2, the auxiliary queries 2 as the official; no hard-coded ``.cuda()`` or silent ``except``. Scaled down:
 the DETR's sizes (``models/detr.py``) and the R-CNN's (``codetr_rcnn.py``). The DETR itself is
 transformers' plain Deformable DETR (no two-stage, box refinement or mixed query selection, its
 classification loss weight 1 rather than 2): the same detector the ``deformable-detr`` baseline
@@ -52,7 +53,9 @@ LAMBDA_1 = 1.0  # the auxiliary queries' loss weight
 LAMBDA_2 = 2.0  # the auxiliary heads' loss weight (times the decoder layers)
 MAX_POS_QUERIES = 300
 MIN_QUERIES = 9
-QUERY_WEIGHTS = {"cls": 2.0, "bbox": 5.0, "iou": 2.0}  # the DETR's own loss weights
+# the official aux-query weights (the official DETR's own too; transformers' main loss weighs
+# classification 1, not 2: the main branch is left as the library trains it)
+QUERY_WEIGHTS = {"cls": 2.0, "bbox": 5.0, "iou": 2.0}
 
 
 def _xyxy_to_cxcywh(b: torch.Tensor) -> torch.Tensor:
@@ -93,11 +96,13 @@ def aux_query_targets(
         if len(p) > n:
             p = p[torch.randperm(len(p), generator=generator, device="cpu").to(p.device)[:n]]
         need = n - len(p)
-        if need and len(neg):
-            order = torch.randperm(len(neg), generator=generator, device="cpu").to(neg.device)
-            if len(neg) < need:  # too few negatives: draw again (never for anchors; rare for RoIs)
-                order = order.repeat(need // len(neg) + 1)
-            p = torch.cat([p, neg[order[:need]]])
+        if need:
+            # random negatives; with too few (never for anchors, rare for RoIs) some repeat, and an
+            # image of positives only repeats positives (the official code would fail there)
+            pool = neg if len(neg) else p
+            order = torch.randperm(len(pool), generator=generator, device="cpu").to(pool.device)
+            order = order.repeat(need // len(pool) + 1)
+            p = torch.cat([p, pool[order[:need]]])
         picked.append(p)
     index = torch.stack(picked)  # (B, N)
     take = lambda x: x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
@@ -157,6 +162,8 @@ class CoDetrDetectionModel(DetrDetectionModel):
         self.aux_feat_trans = nn.ModuleList(nn.Linear(d, d) for _ in range(heads))
         self.aux_feat_norm = nn.ModuleList(nn.LayerNorm(d) for _ in range(heads))
         self.head_pos_embed = nn.Embedding(heads, d)
+        for m in (*self.aux_pos_trans, *self.aux_feat_trans, self.head_pos_embed):
+            nn.init.xavier_uniform_(m.weight)  # mmdet's transformer init_weights: xavier on every matrix
         self.weight_aux_heads = config_decoder_layers(self) * LAMBDA_2
 
     def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None):

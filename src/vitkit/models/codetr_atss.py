@@ -58,7 +58,9 @@ def atss_assign(
     iou = box_iou(anchors, gt_boxes)  # (A, G)
     ac = (anchors[:, :2] + anchors[:, 2:]) / 2
     gc = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
-    dist = torch.cdist(ac, gc)  # (A, G)
+    dist = torch.cdist(
+        ac, gc, compute_mode="donot_use_mm_for_euclid_dist"
+    )  # (A, G), exact: near-ties keep their order
     candidates = []
     start = 0
     for n in level_counts:
@@ -126,7 +128,8 @@ def centerness_target(anchors: torch.Tensor, boxes: torch.Tensor) -> torch.Tenso
 
 
 def reduced_count(n: torch.Tensor | float, device: torch.device) -> float:
-    """A count averaged over the processes of a distributed run (mmdet's ``reduce_mean``), at least 1."""
+    """A count averaged over the processes of a distributed run (mmdet's ``reduce_mean``), at least 1.
+    Every process must call it the same number of times."""
     t = torch.as_tensor(float(n), device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
@@ -183,9 +186,10 @@ def atss_loss(
     """The ATSS head's losses on a pyramid and the assignment Co-DETR turns into queries.
 
     Losses (co_atss_head.py ``loss``; ``weight`` = decoder layers x lambda_2, 12 in the paper's
-    config): sigmoid focal classification (alpha 0.25, gamma 2) over all anchors / positives;
+    config): sigmoid focal classification (alpha 0.25, gamma 2) over all anchors / N, where N = the
+    sum over images of max(positives, 1);
     GIoU of the decoded positives weighted by their centerness target / the sum of those targets
-    (at least 1); centerness BCE / positives. Returns ``(losses, (anchors (A, 4) xyxy px, labels
+    (at least 1); centerness BCE / N. Returns ``(losses, (anchors (A, 4) xyxy px, labels
     (B, A) with ``num_classes`` = background, assigned true boxes (B, A, 4)))``.
     """
     from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
@@ -204,7 +208,8 @@ def atss_loss(
         boxes.append(gt[idx.clamp(min=0)] if len(gt) else anchors.new_zeros(anchors.shape))
     labels_t, boxes_t = torch.stack(labels), torch.stack(boxes)
     pos = labels_t < k
-    num_pos = reduced_count(pos.sum(), device)
+    # the official normaliser: sum over images of max(positives, 1) (atss_head.get_targets), averaged over processes
+    num_pos = reduced_count(pos.sum(1).clamp(min=1).sum(), device)
     onehot = torch.nn.functional.one_hot(labels_t, k + 1)[..., :k].to(cls.dtype)
     loss_cls = (
         sigmoid_focal_loss(cls.float(), onehot.float(), alpha=0.25, gamma=2.0, reduction="sum") / num_pos

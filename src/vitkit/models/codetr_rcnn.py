@@ -14,8 +14,11 @@ RoI features averaged over the 7 x 7 cells are what Co-DETR turns into decoder q
 
 Scaled down, sizes only: 1000 proposals per image before and after NMS (4000 / 1000), 128 sampled
 RoIs per image (512), a 4 x channels MLP (1024). Deviations: torchvision's RPN regresses with
-smooth-L1 (beta 1/9) where the config names L1, and its RoIAlign picks a box's level by
-torchvision's canonical rule (224 px at level 4) rather than mmdet's ``finest_scale`` 112.
+smooth-L1 (beta 1/9) where the config names L1, keeps each true box's best anchor as a positive at
+any IoU (the config: at IoU >= 0.3), takes a level's anchor pitch as image size // cells (56 rather
+than 64 for the added level of a 224 px input) and rounds its base anchors; its RoIAlign picks a
+box's level by torchvision's canonical rule (224 px at level 4) rather than mmdet's
+``finest_scale`` 112.
 """
 
 from __future__ import annotations
@@ -83,7 +86,14 @@ class RCNNHead(nn.Module):
         weight: float,
     ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Losses and the sampled RoIs as ``(boxes (B, R, 4) xyxy px, labels (B, R) with
-        ``num_classes`` = background, assigned true boxes (B, R, 4), RoI features (B, R, C))``."""
+        ``num_classes`` = background, assigned true boxes (B, R, 4), RoI features (B, R, C))``, each
+        image's positives first (mmdet's sampling order), cut to the fewest RoIs of an image."""
+        # float32 throughout, as the official force_fp32: torchvision decodes proposals in the deltas'
+        # dtype and matches the true boxes in the proposals', so bf16 would round boxes by ~0.4%
+        with torch.autocast(maps[0].device.type, enabled=False):
+            return self._forward(maps, image_size, targets, weight)
+
+    def _forward(self, maps, image_size, targets, weight):
         from torchvision.models.detection.image_list import ImageList
         from torchvision.ops import generalized_box_iou_loss
 
@@ -119,10 +129,11 @@ class RCNNHead(nn.Module):
             "rcnn_cls": loss_cls * RCNN_WEIGHTS["rcnn_cls"] * weight,
             "rcnn_bbox": loss_box * RCNN_WEIGHTS["rcnn_bbox"] * weight,
         }
-        r = min(len(p) for p in proposals)  # every image has ROIS_PER_IMAGE unless proposals ran short
         ours = torch.where(label > 0, label - 1, torch.full_like(label, self.num_classes))
         split = [len(p) for p in proposals]
-        per = [x[:r] for x in rois.split(split)], [x[:r] for x in ours.split(split)]
-        gts = [x[:r] for x in gt.split(split)]
-        pooled = [x[:r] for x in roi_feats.mean((-1, -2)).split(split)]
-        return losses, (torch.stack(per[0]), torch.stack(per[1]), torch.stack(gts), torch.stack(pooled))
+        # every image has ROIS_PER_IMAGE unless its proposals ran short: cut all to the fewest, as the
+        # official code, after putting each image's positives first so that only negatives are cut
+        r = min(split)
+        order = [torch.argsort((x == self.num_classes).int(), stable=True)[:r] for x in ours.split(split)]
+        pick = lambda t: torch.stack([x[o] for x, o in zip(t.split(split), order)])  # noqa: E731
+        return losses, (pick(rois), pick(ours), pick(gt), pick(roi_feats.mean((-1, -2))))
