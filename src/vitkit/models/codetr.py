@@ -164,7 +164,7 @@ class CoDetrDetectionModel(DetrDetectionModel):
         self.head_pos_embed = nn.Embedding(heads, d)
         for m in (*self.aux_pos_trans, *self.aux_feat_trans, self.head_pos_embed):
             nn.init.xavier_uniform_(m.weight)  # mmdet's transformer init_weights: xavier on every matrix
-        self.weight_aux_heads = config_decoder_layers(self) * LAMBDA_2
+        self.weight_aux_heads = int(self.detr.config.decoder_layers) * LAMBDA_2
 
     def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None):
         if not (self.training and targets is not None):
@@ -176,7 +176,7 @@ class CoDetrDetectionModel(DetrDetectionModel):
 
         handle = self.detr.model.encoder.register_forward_pre_hook(keep, with_kwargs=True)
         try:
-            out = self.detr(pixel_values=images, labels=self._detr_labels(images, targets))
+            out = self.detr(pixel_values=images, labels=self.detr_labels(images, targets))
         finally:
             handle.remove()
         losses = {"detr": out.loss}
@@ -205,13 +205,6 @@ class CoDetrDetectionModel(DetrDetectionModel):
             for key, v in self._aux_decoder_loss(h, memory, geometry, *q).items():
                 losses[f"{name}_query_{key}"] = v
         return losses
-
-    def _detr_labels(
-        self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]
-    ) -> list[dict[str, torch.Tensor]]:
-        h, w = images.shape[-2:]
-        scale = images.new_tensor([w, h, w, h])
-        return [{"class_labels": t["labels"], "boxes": _xyxy_to_cxcywh(t["boxes"] / scale)} for t in targets]
 
     def _aux_decoder_loss(
         self,
@@ -255,10 +248,6 @@ class CoDetrDetectionModel(DetrDetectionModel):
             for key, v in aux_query_loss(logits, boxes, labels, target, positive).items():
                 total[key] = total.get(key, 0) + v
         return total
-
-
-def config_decoder_layers(model: DetrDetectionModel) -> int:
-    return int(model.detr.config.decoder_layers)
 
 
 def attach_codetr_head(model: nn.Module, config: DenseHeadConfig) -> CoDetrDetectionModel:

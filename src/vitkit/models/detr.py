@@ -154,16 +154,24 @@ class DetrDetectionModel(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None):
         if self.training and targets is not None:
-            h, w = images.shape[-2:]
-            scale = images.new_tensor([w, h, w, h])
-            labels = []
-            for t in targets:
-                x0, y0, x1, y1 = (t["boxes"] / scale).unbind(-1)
-                cxcywh = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-                labels.append({"class_labels": t["labels"], "boxes": cxcywh})
-            out = self.detr(pixel_values=images, labels=labels)
+            out = self.detr(pixel_values=images, labels=self.detr_labels(images, targets))
             return {"detr": out.loss}
         return self.decode(self.raw(images))
+
+    @staticmethod
+    def detr_labels(
+        images: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+    ) -> list[dict[str, torch.Tensor]]:
+        """vitkit's targets (xyxy boxes in input pixels) as transformers' DETR labels (cx, cy, w, h
+        as fractions of the image)."""
+        h, w = images.shape[-2:]
+        scale = images.new_tensor([w, h, w, h])
+        labels = []
+        for t in targets:
+            x0, y0, x1, y1 = (t["boxes"] / scale).unbind(-1)
+            cxcywh = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+            labels.append({"class_labels": t["labels"], "boxes": cxcywh})
+        return labels
 
     def export_module(self) -> nn.Module:
         return RawDetrOutputs(self)
