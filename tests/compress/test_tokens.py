@@ -232,10 +232,14 @@ def test_bad_inputs():
             apply_evit(copy.deepcopy(m), {"keep": keep})
     with pytest.raises(VitkitError, match="outside the model's 4 blocks"):
         apply_evit(copy.deepcopy(m), {"keep": 0.5, "at": [4]})
-    with pytest.raises(VitkitError, match="at most 8 pairs"):
-        apply_tome(copy.deepcopy(m), {"r": 9})
-    with pytest.raises(VitkitError, match="at most 2 pairs"):  # 16 -> 8 -> 4: the third block has 4 left
-        apply_tome(copy.deepcopy(m), {"r": [8, 4, 3, 0]})
+    # r beyond half the patch tokens left is clamped, as the official code does, with one warning
+    with pytest.warns(UserWarning, match=r"clamped .*block 0: 9 -> 8"):
+        assert apply_tome(copy.deepcopy(m), {"r": 9}).blocks[0].r == 8
+    with pytest.warns(UserWarning, match=r"block 2: 3 -> 2"):  # 16 -> 8 -> 4: the third block has 4 left
+        clamped = apply_tome(copy.deepcopy(m), {"r": [8, 4, 3, 0]})
+    assert [b.r for b in clamped.blocks] == [8, 4, 2, 0]
+    with pytest.raises(VitkitError, match="r must be >= 0"):
+        apply_tome(copy.deepcopy(m), {"r": -1})
     with pytest.raises(VitkitError, match="no class token"):
         apply_evit(_model("vitkit_micro_p4_16", {"class_token": False, "global_pool": "avg"}), {"keep": 0.5})
     with pytest.raises(VitkitError, match="already a ToMeBlock"):
@@ -256,7 +260,8 @@ def test_off_the_shelf_accuracy_on_a_trained_model(trained_run, digits):
 # -- the per-forward state design, checked against the tuple design it replaced ---------------------
 class _TupleToMeBlock(ToMeBlock):
     """vitkit's ToMe block before the per-forward state (sizes travelled as an (x, size, source) tuple),
-    kept verbatim as the reference the current blocks must reproduce."""
+    kept as the reference the current blocks must reproduce (its matching call follows the current
+    whole-sequence matching)."""
 
     def forward(self, x):
         if isinstance(x, tuple):
@@ -277,13 +282,12 @@ class _TupleToMeBlock(ToMeBlock):
             for h in handles:
                 h.remove()
         if self.r > 0:
-            merge, dest = bipartite_soft_matching(keys[0].mean(dim=1)[:, P:], self.r)
-            prefix, patches = x[:, :P], x[:, P:]
+            merge, dest = bipartite_soft_matching(keys[0].mean(dim=1), self.r, protected=P)
             if size is None:
-                size = patches.new_ones(patches.shape[0], patches.shape[1], 1)
-            patches, size = merge(patches, size)
+                size = x.new_ones(x.shape[0], x.shape[1] - P, 1)
+            x, size = merge(x, torch.cat([size.new_ones(size.shape[0], P, 1), size], dim=1))
+            size, dest = size[:, P:], dest[:, P:] - P
             source = dest if source is None else dest.gather(1, source)
-            x = torch.cat([prefix, patches], dim=1)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         if not self.last:
             return x, size, source
@@ -364,3 +368,107 @@ def test_keep_rate_schedule_resumes_mid_epoch_exactly(tmp_path, digits, quick):
     assert (info.value.epoch, info.value.step) == (1, 2)
     resumed = run(tmp_path, resume=True)
     assert resumed.weight_checksums == full.weight_checksums
+
+
+# -- the official ToMe, copied, on the same weights ------------------------------------------------------
+def _official_bipartite_soft_matching(metric, r, class_token=False, distill_token=False):
+    """facebookresearch/ToMe ``tome/merge.py`` ``bipartite_soft_matching`` (merge part), verbatim
+    but for the unmerge function this test does not need."""
+    protected = 0
+    if class_token:
+        protected += 1
+    if distill_token:
+        protected += 1
+    t = metric.shape[1]
+    r = min(r, (t - protected) // 2)
+    if r <= 0:
+        return lambda x, mode=None: x
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[..., ::2, :], metric[..., 1::2, :]
+        scores = a @ b.transpose(-1, -2)
+        if class_token:
+            scores[..., 0, :] = -math.inf
+        if distill_token:
+            scores[..., :, 0] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+        unm_idx = edge_idx[..., r:, :]
+        src_idx = edge_idx[..., :r, :]
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+        if class_token:
+            unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(x, mode="mean"):
+        src, dst = x[..., ::2, :], x[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        if distill_token:
+            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+        return torch.cat([unm, dst], dim=1)
+
+    return merge
+
+
+def _official_tome_logits(model, x, r, prop_attn=True):
+    """The official timm patch (``tome/patch/timm.py``: ToMeAttention, ToMeBlock, merge_wavg) run on
+    ``model``'s weights: attention by hand with log(size) added, keys averaged over heads as the
+    metric, merge after the attention residual."""
+    class_token = model.cls_token is not None
+    distill_token = getattr(model, "dist_token", None) is not None
+    x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    size = None
+    for blk in model.blocks:
+        attn, h = blk.attn, blk.norm1(x)
+        B, N, C = h.shape
+        qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        logits = (q @ k.transpose(-2, -1)) * attn.scale
+        if prop_attn and size is not None:
+            logits = logits + size.log()[:, None, None, :, 0]
+        out = attn.proj((logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, C))
+        x = x + out
+        if r > 0:
+            merge = _official_bipartite_soft_matching(k.mean(1), r, class_token, distill_token)
+            size = torch.ones_like(x[..., 0, None]) if size is None else size
+            x = merge(x * size, mode="sum")
+            size = merge(size, mode="sum")
+            x = x / size
+        x = x + blk.mlp(blk.norm2(x))
+    return model.forward_head(model.norm(x))
+
+
+@pytest.mark.parametrize("name", ["vitkit_micro_p4_16", "vitkit_micro_distilled_p4_16"])
+@pytest.mark.parametrize("r,prop_attn", [(3, True), (5, False), (8, True)])
+def test_tome_equals_the_official_code_on_the_same_weights(name, r, prop_attn):
+    """cls and cls + dist models (the official code's two cases, no LayerScale or q/k-norm, which its
+    patch drops), token pooling: the logits of vitkit's ToMe and of a copy of the official merge and
+    block agree to 1e-5, including an r the official code clamps block by block."""
+    base = _model(name, {})
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = _official_tome_logits(base, x, r, prop_attn)
+    # 16 patch tokens: r = 3 fits every block (16, 13, 10, 7); r = 5 and 8 run out and are clamped
+    with pytest.warns(UserWarning, match="clamped") if r > 3 else _no_warning():
+        ours = apply_tome(copy.deepcopy(base), {"r": r, "prop_attn": prop_attn})
+    with torch.no_grad():
+        got = ours(x)
+    if isinstance(want, tuple):  # a distilled model in eval mode averages its two heads
+        want = (want[0] + want[1]) / 2
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - base(x)).abs().max() > 1e-3  # the merge changed the outputs: the check has teeth
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def ctx():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+
+    return ctx()

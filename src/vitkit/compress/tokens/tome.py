@@ -5,8 +5,13 @@ residual and the MLP, merges the ``r`` most similar pairs of patch tokens (bipar
 the attention keys averaged over heads) into their size-weighted average, and adds ``log(size)`` to
 the attention logits of later blocks (proportional attention).
 
-Faithful to the official code (facebookresearch/ToMe, ``tome/merge.py``) in the matching, the
-size-weighted merge and proportional attention, with these differences on purpose:
+Identical to the official code (facebookresearch/ToMe @main, ``tome/merge.py`` and
+``tome/patch/timm.py``) in the matching (sets A/B alternate over the whole sequence, prefix tokens
+protected by -inf scores), the output order (prefix first, kept A tokens re-sorted by position, then
+B), the size-weighted merge, proportional attention and the clamping of ``r`` (to half the
+unprotected tokens, with a warning here); tests/compress/test_tokens.py runs a copy of the official
+merge and block on the same weights (logits within 1e-5). Differences on purpose, none of which
+changes the outputs:
 
 * the block forward keeps LayerScale (``ls1``/``ls2``), q/k-norm and the fused attention kernel
   (the official patch re-implements old timm attention and drops them); the keys come from the
@@ -18,15 +23,14 @@ size-weighted merge and proportional attention, with these differences on purpos
   ``_tome_info`` dict nothing is reset at the start of a forward, so concurrent or nested forwards
   do not see each other's sizes, and a block called on its own (on any other tensor) starts from
   unmerged tokens (size 1);
-* every prefix token (cls, dist, registers: ``model.num_prefix_tokens``) is set aside before the
-  matching, so none is ever merged or used as a merge destination;
+* every prefix token (cls, dist, registers: ``model.num_prefix_tokens``) is protected, the
+  official code's cls / dist rule extended to registers, which stay in front too;
 * pooling stays size-weighted for every ``global_pool`` other than ``'token'``: the last block
   "unmerges" (each original patch takes its merged token's value), so mean/max/attention pooling
   over the original N tokens equals size-weighted pooling over the merged ones (the official code
   does this only in its MAE patch);
-* ``r`` larger than the tokens allow is an error, not silently clamped;
-* merging uses ``scatter_add`` (ONNX ``ScatterElements`` with ``add``, opset >= 16) rather than
-  ``scatter_reduce(mean)``, which ONNX cannot export.
+* merging uses one ``scatter_add`` per tensor (ONNX ``ScatterElements`` with ``add``, opset >= 16)
+  rather than ``scatter_reduce``, which ONNX cannot export (the same sums, in another order).
 
 Source tracing for visualization: every block reports its matching, the token sizes and the
 original-patch → token map to :func:`vitkit.models.token_reduction_trace` listeners (``vitkit
@@ -36,6 +40,8 @@ list covers it).
 
 from __future__ import annotations
 
+import math
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,36 +58,53 @@ from vitkit.registry import AS_IS, Technique, register
 MergeFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int) -> tuple[MergeFn, torch.Tensor]:
-    """ToMe's matching on ``metric`` (B, N, D) of *patch* tokens; returns ``(merge, dest)``.
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) -> tuple[MergeFn, torch.Tensor]:
+    """ToMe's matching on ``metric`` (B, N, D) of the whole token sequence, the first ``protected``
+    being prefix tokens (cls, dist, registers); returns ``(merge, dest)``.
 
-    Tokens alternate into sets A (even) and B (odd); each A token picks its most similar B token
-    (cosine); the ``r`` best-matched A tokens are merged into their B partners. ``dest`` (B, N) is
-    the index of the token each input token ends up in (N - r outputs). ``merge(x, size)`` returns
-    the size-weighted averages and the summed sizes. The matching itself is not differentiated.
+    As the official ``tome/merge.py``: tokens alternate into sets A (even positions) and B (odd)
+    over the whole sequence; protected A tokens match nothing and no A token may pick a protected B
+    token (their scores are -inf); each A token picks its most similar B token (cosine); the ``r``
+    best-matched A tokens are merged into their B partners. Output order: the prefix tokens in
+    their places, then the kept A tokens (re-sorted by position when there is a prefix, in score
+    order when there is none, as the official code), then the B tokens; for one or two prefix tokens
+    (cls, cls + dist) exactly the official order, and more (registers) stay in front the same way.
+    ``dest`` (B, N) is the index of the output token each input token ends up in (N - r outputs).
+    ``merge(x, size)`` returns the size-weighted averages and the summed sizes (the official
+    ``merge_wavg``). The matching itself is not differentiated.
     """
     B, N, _ = metric.shape
+    P = int(protected)
     n_a, n_b = (N + 1) // 2, N // 2
-    if not 0 <= r <= n_b:
-        raise VitkitError(f"ToMe: cannot merge r={r} pairs among {N} patch tokens (at most {n_b})")
+    if not 0 <= r <= (N - P) // 2:
+        raise VitkitError(
+            f"ToMe: cannot merge r={r} pairs among {N - P} patch tokens (at most {(N - P) // 2})"
+        )
+    pa, pb = (P + 1) // 2, P // 2  # prefix tokens in A (even positions < P) and in B (odd ones)
     with torch.no_grad():
-        m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        m = metric / metric.norm(dim=-1, keepdim=True)
         a, b = m[:, ::2], m[:, 1::2]
         scores = a @ b.transpose(-1, -2)  # (B, n_a, n_b)
+        scores[:, :pa, :] = -math.inf
+        scores[:, :, :pb] = -math.inf
         node_max, node_idx = scores.max(dim=-1)  # best B partner of each A token
         edge_idx = node_max.argsort(dim=-1, descending=True)
         src_idx, unm_idx = edge_idx[:, :r], edge_idx[:, r:]  # A tokens merged / kept
+        if P:  # the prefix A tokens (never merged) come first
+            unm_idx = unm_idx.sort(dim=-1).values
         dst_idx = node_idx.gather(1, src_idx)
         n_unm = n_a - r
-        ar = torch.arange(N, device=metric.device)
-        dest_a = torch.zeros(B, n_a, dtype=torch.long, device=metric.device)
-        dest_a = dest_a.scatter(1, unm_idx, ar[:n_unm].expand(B, -1))
-        dest_a = dest_a.scatter(1, src_idx, n_unm + dst_idx)
-        dest_b = (n_unm + ar[:n_b]).expand(B, -1)
-        # back from (A..., B...) order to token order: A = even positions, B = odd positions
-        order = torch.cat([ar[0::2], ar[1::2]]).expand(B, -1)
-        dest = torch.zeros(B, N, dtype=torch.long, device=metric.device)
-        dest = dest.scatter(1, order, torch.cat([dest_a, dest_b], dim=1))
+        dev = metric.device
+        j = torch.arange(n_unm, device=dev)
+        # kept A token j-th in unm_idx -> its own position if a prefix token, else after the prefix
+        out_a = torch.where(j < pa, 2 * unm_idx, P + j - pa) if pa else (P + j).expand(B, -1)
+        k = torch.arange(n_b, device=dev)
+        dest_b = torch.where(k < pb, 2 * k + 1, P + (n_unm - pa) + k - pb).expand(B, -1)
+        dest_a = torch.zeros(B, n_a, dtype=torch.long, device=dev)
+        dest_a = dest_a.scatter(1, unm_idx, out_a.expand(B, -1))
+        dest_a = dest_a.scatter(1, src_idx, dest_b.gather(1, dst_idx))
+        dest = torch.zeros(B, N, dtype=torch.long, device=dev)
+        dest[:, 0::2], dest[:, 1::2] = dest_a, dest_b
     n_out = N - r
 
     def merge(x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,14 +204,14 @@ class ToMeBlock(TokenTapMixin, WrappedBlock):
                 h.remove()
 
         if self.r > 0:
-            metric = keys[0].mean(dim=1)[:, P:]  # keys averaged over heads, patch tokens only
-            merge, dest = bipartite_soft_matching(metric, self.r)
-            prefix, patches = x[:, :P], x[:, P:]
+            metric = keys[0].mean(dim=1)  # keys averaged over heads, the whole sequence (official)
+            merge, dest_all = bipartite_soft_matching(metric, self.r, protected=P)
             if size is None:
-                size = patches.new_ones(patches.shape[0], patches.shape[1], 1)
-            patches, size = merge(patches, size)
+                size = x.new_ones(x.shape[0], x.shape[1] - P, 1)
+            x, size_all = merge(x, torch.cat([size.new_ones(size.shape[0], P, 1), size], dim=1))
+            size = size_all[:, P:]
+            dest = dest_all[:, P:] - P  # patch token -> merged patch token (prefix tokens stay in place)
             source = dest if source is None else dest.gather(1, source)
-            x = torch.cat([prefix, patches], dim=1)
             if self.has_token_taps:  # for visualization: which original patches share a token
                 n_in = dest.shape[1]
                 step = TokenStep("merge", n_in, n_in - self.r, P, dest=dest, size=size[..., 0], source=source)
@@ -252,12 +275,17 @@ def apply_tome(model: nn.Module, cfg: ToMeConfig | dict | None = None) -> nn.Mod
     blocks = transformer_blocks(model, "ToMe")
     sched = resolve_r(cfg.r, len(blocks))
     n = _patch_tokens(model)
+    clamped = []
     for i, r in enumerate(sched):
-        if r > n // 2:
-            raise VitkitError(
-                f"ToMe r={r} at block {i}: only {n} patch tokens are left there, so at most {n // 2} pairs can merge"
-            )
+        if r > n // 2:  # the official code clamps r to half the unprotected tokens, block by block
+            clamped.append(f"block {i}: {r} -> {n // 2}")
+            sched[i] = r = n // 2
         n -= r
+    if clamped:
+        warnings.warn(
+            f"ToMe r clamped to half the patch tokens left (as the official code does): {', '.join(clamped)}",
+            stacklevel=2,
+        )
     P = num_prefix_tokens(model)
     unmerge = getattr(model, "global_pool", "token") != "token"
     state = ToMeState()  # one per model: its blocks hand token sizes on through it
