@@ -35,6 +35,8 @@ ALLOWED_KWARGS = frozenset(
         "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
         # vitkit_dhvt_* (models/dhvt.py)
         "sope", "daff", "head_tokens",
+        # vitkit_hyena_* (models/hyena.py)
+        "order", "filter_width", "filter", "direction",
         # CNN teachers / students (timm ResNet family)
         "drop_block_rate", "output_stride",
         # only the keys in ALLOWED_CFG_OVERLAY (input size and normalization), never a file or URL

@@ -48,7 +48,7 @@ def export_run(
     run_dir: str | os.PathLike,
     *,
     fmt: str = "onnx",
-    exporter: str = "torchscript",
+    exporter: str | None = None,
     opt_level: str = "all",
     threads: int | None = None,
     int8: str | None = None,
@@ -61,6 +61,8 @@ def export_run(
 
     A run with LGViT exits also gets ``model.exit{k}.onnx`` per exit (the backbone up to block k and
     that exit's head), each with its own parity check, listed under ``"exits"`` in ``export.json``.
+
+    ``exporter`` None: the model's ``onnx_exporter`` attribute, else torchscript.
 
     Parity: max |logit difference| between PyTorch (the run's model as ``vitkit.load`` gives it) and
     onnxruntime on up to ``images`` real images of the run's validation split; above ``bound`` (default
@@ -92,6 +94,8 @@ def export_run(
         bound = max((a.max_abs_logit_diff for a in approx), default=head_bound)
     min_agreement = max((a.min_top1_agreement for a in approx), default=None)
     model = run.model()
+    # the model's own choice unless one is asked for: Hyena N-D's FFTs export only through dynamo
+    exporter = exporter or getattr(model, "onnx_exporter", "torchscript")
     if hasattr(model, "export_module"):  # the part a graph can hold (a detector's raw outputs, no NMS)
         model = model.export_module()
     deployable = prepare_for_export(model)

@@ -14,8 +14,10 @@ from vitkit.verbs import Verb, VerbOptions, argument, option, register_verb
 class ExportOptions(VerbOptions):
     run: Path = argument(help="run directory")
     format: Literal["onnx"] = option("onnx", help="onnx")
-    exporter: Literal["torchscript", "dynamo"] = option(
-        "torchscript", help="torchscript (faster graphs here) | dynamo"
+    exporter: Literal["torchscript", "dynamo"] | None = option(
+        None,
+        help="torchscript (faster graphs here) | dynamo [default: the model's choice: torchscript; dynamo "
+        "for models with FFTs (Hyena N-D), which the torchscript exporter cannot write]",
     )
     opt_level: Literal["none", "basic", "extended", "all"] = option(
         "all", help="onnxruntime graph optimization: none | basic | extended | all"
