@@ -132,6 +132,11 @@ SUITES: tuple[Suite, ...] = (
         "bench.smalldata:throughput",
     ),
     Suite(
+        "arch-hyena",
+        "Hyena N-D vs a plain ViT on Fashion-MNIST: top-1 at 1x / 2x resolution, mixer cost growth in tokens",
+        "bench.arch_hyena:run",
+    ),
+    Suite(
         "smalldata-rank", "As-ViT complexity rank vs trained accuracy (Kendall tau)", "bench.smalldata:rank"
     ),
     Suite("mae-peft", "MAE pre-training, PEFT methods and ExPLoRA: accuracy and cost", "bench.mae_peft:run"),
