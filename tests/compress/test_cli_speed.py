@@ -51,7 +51,6 @@ def test_reduce_prune_reparam_compare(trained_run, tmp_path):
     [
         (["reduce-tokens", "RUN", "--keep", "0", "-o", "OUT"], "keep rate must be in (0, 1]"),
         (["reduce-tokens", "RUN", "--keep", "1.5", "-o", "OUT"], "keep rate must be in (0, 1]"),
-        (["reduce-tokens", "RUN", "--method", "tome", "--r", "9", "-o", "OUT"], "at most 8 pairs"),
         (["prune", "RUN", "--heads", "0.9", "-o", "OUT"], "would keep none"),
         (["prune", "RUN", "--heads", "1.0", "-o", "OUT"], "must be in [0, 1)"),
         (["reduce-tokens", "RUN", "--method", "foo", "-o", "OUT"], "expected evit or tome"),
@@ -64,6 +63,16 @@ def test_bad_inputs_exit_2_with_one_line(trained_run, tmp_path, capsys, args, me
     err = capsys.readouterr().err
     assert message in " ".join(err.split()) and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_tome_r_beyond_the_tokens_is_clamped_with_one_warning_line(trained_run, tmp_path, capsys):
+    """As the official ToMe code: r larger than half the patch tokens left is clamped (16 tokens: 8),
+    and the CLI says so in one line."""
+    out = tmp_path / "t9"
+    assert main(["reduce-tokens", str(trained_run), "--method", "tome", "--r", "9", "-o", str(out)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "ToMe r clamped" in err and "block 0: 9 -> 8" in err and "Traceback" not in err
+    assert (out / "metrics.json").is_file()
 
 
 def test_train_with_exits_beyond_the_depth(tmp_path, capsys):
