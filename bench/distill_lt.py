@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.harness import OUT_DIR, Output, Table, log
+from bench.harness import OUT_DIR, ROOT, Output, Table, log
 from vitkit.api import train_model
 from vitkit.data import load_splits
 from vitkit.stages.distill import distill
@@ -133,7 +133,7 @@ def run_lt(args, data, out: Path, results: dict) -> None:
 
         tmodel = load(teacher_dir)
         tm = classification_metrics(predict(tmodel, data.val), data.val.targets)
-        results["lt"]["teacher"] = {"model": str(teacher_dir), "seconds": 0.0, **summarize(tm)}
+        results["lt"]["teacher"] = {"model": _shown(teacher_dir), "seconds": 0.0, **summarize(tm)}
     else:
         _train_teacher(args, data, teacher_dir, results, t0)
     log(f"teacher {results['lt']['teacher']}")
@@ -240,7 +240,7 @@ def _feature_teacher(args, data, out: Path, results: dict) -> Path:
         tmodel = train_model(tcfg, tdir, data=balanced, force=True, quiet=True).model
     tm = classification_metrics(predict(tmodel, data.val), data.val.targets)
     results["feature"]["teacher"] = {
-        "model": f"{args.feature_teacher} (patch {args.feature_teacher_patch}) at {tdir}",
+        "model": f"{args.feature_teacher} (patch {args.feature_teacher_patch}) at {_shown(tdir)}",
         "trained_on": f"balanced Fashion-MNIST, {args.feature_teacher_train_size} images",
         "seconds": round(time.perf_counter() - t0, 1),
         **summarize(tm),
@@ -322,6 +322,13 @@ def lt_records(results: dict) -> tuple[list[dict], list[str]]:
                 row.update(_ms_fields([r[pred][k] for r in rows], k))
             rec.append(row)
     return rec, notes
+
+
+def _shown(path: Path) -> str:
+    """A run folder as a record shows it: relative to the checkout (records made in a /tmp worktree
+    would otherwise name a /tmp path no reader has)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def feature_records(results: dict) -> tuple[list[dict], list[str]]:
