@@ -10,6 +10,7 @@ Every timing is a ratio against a baseline measured in the same process, interle
            and after a short fine-tune, accuracy and speed
   tokens   EViT keep 1.0/0.9/0.7/0.5 and ToMe r 0..3 on a trained run (--source; e.g. the demo's
            distilled ViT, or a 64-token model), off the shelf and fine-tuned, timed interleaved
+           (recorded on --source bench/out/qrun, made by the command in bench/quantization.py)
   exits    LGViT exits on the demo model: accuracy vs mean executed blocks and batch-1 latency
   repavit  RePaViT: FFN latency before/after at ViT-S width, accuracy after short training vs the
            same-size baseline (seeds)

@@ -11,7 +11,8 @@ accuracy). Every engine is timed in the same process, interleaved, ``repeats`` t
 timm's model under ``torch.autocast("cpu", torch.bfloat16)``; on a CPU without AMX it is several times
 slower than FP32, so ``--bf16-batches`` limits it to the batch sizes worth waiting for. The compiled
 bf16 engines (bf16 Inductor: the float model compiled under bf16 autocast, the strongest float
-baseline on an AMX CPU; PT2E int8-mixed-bf16) run by default only where bf16 units exist.
+baseline on an AMX CPU; PT2E int8-mixed-bf16) run by default only where bf16 units exist. The
+recorded ``--run bench/out/qrun`` is made by the command in bench/quantization.py's docstring.
 """
 
 from __future__ import annotations
