@@ -29,7 +29,7 @@ Deviations from the official code, by choice: the per-head embedding is ``nn.Emb
 official ``nn.Embedding(K, 1, 1, 256)`` means one learnable scalar for head 0 and a frozen zero
 for head 1: its authors mark it a bug); padding negatives come only from real negatives (the
 official draws from all anchors); the main DETR weighs classification 1 (transformers') where the
-official weighs 2, the auxiliary queries 2 as the official; no hard-coded ``.cuda()`` or silent ``except``. Scaled down:
+official weighs 2, the auxiliary queries 2 as the official; no device hard-coded in the code or silent ``except``. Scaled down:
 the DETR's sizes (``models/detr.py``) and the R-CNN's (``codetr_rcnn.py``). The DETR itself is
 transformers' plain Deformable DETR (no two-stage, box refinement or mixed query selection, its
 classification loss weight 1 rather than 2): the same detector the ``deformable-detr`` baseline
@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import box_convert
 
 from vitkit.models.codetr_atss import ATSSHead, atss_loss, reduced_count
 from vitkit.models.codetr_rcnn import RCNNHead
@@ -56,18 +57,6 @@ MIN_QUERIES = 9
 # the official aux-query weights (the official DETR's own too; transformers' main loss weighs
 # classification 1, not 2: the main branch is left as the library trains it)
 QUERY_WEIGHTS = {"cls": 2.0, "bbox": 5.0, "iou": 2.0}
-
-
-def _xyxy_to_cxcywh(b: torch.Tensor) -> torch.Tensor:
-    return torch.stack(
-        [
-            (b[..., 0] + b[..., 2]) / 2,
-            (b[..., 1] + b[..., 3]) / 2,
-            b[..., 2] - b[..., 0],
-            b[..., 3] - b[..., 1],
-        ],
-        -1,
-    )
 
 
 def aux_query_targets(
@@ -106,8 +95,8 @@ def aux_query_targets(
         picked.append(p)
     index = torch.stack(picked)  # (B, N)
     take = lambda x: x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
-    coord = _xyxy_to_cxcywh(take(coords) / scale)
-    target = _xyxy_to_cxcywh(take(boxes) / scale)
+    coord = box_convert(take(coords) / scale, "xyxy", "cxcywh")
+    target = box_convert(take(boxes) / scale, "xyxy", "cxcywh")
     lab = labels.gather(1, index)
     return coord, lab, target, lab < num_classes, take(feats)
 
@@ -130,8 +119,8 @@ def aux_query_loss(
     if positive.any():
         b, t = boxes[positive].float(), target[positive].float()
         l1 = (b - t).abs().sum() / num_pos
-        to_xyxy = lambda x: torch.cat([x[:, :2] - x[:, 2:] / 2, x[:, :2] + x[:, 2:] / 2], -1)  # noqa: E731
-        giou = generalized_box_iou_loss(to_xyxy(b), to_xyxy(t), reduction="sum", eps=1e-6) / num_pos
+        xyxy = (box_convert(b, "cxcywh", "xyxy"), box_convert(t, "cxcywh", "xyxy"))
+        giou = generalized_box_iou_loss(*xyxy, reduction="sum", eps=1e-6) / num_pos
     else:
         l1 = giou = boxes.sum() * 0
     return {

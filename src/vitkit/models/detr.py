@@ -166,12 +166,12 @@ class DetrDetectionModel(nn.Module):
         as fractions of the image)."""
         h, w = images.shape[-2:]
         scale = images.new_tensor([w, h, w, h])
-        labels = []
-        for t in targets:
-            x0, y0, x1, y1 = (t["boxes"] / scale).unbind(-1)
-            cxcywh = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-            labels.append({"class_labels": t["labels"], "boxes": cxcywh})
-        return labels
+        from torchvision.ops import box_convert
+
+        return [
+            {"class_labels": t["labels"], "boxes": box_convert(t["boxes"] / scale, "xyxy", "cxcywh")}
+            for t in targets
+        ]
 
     def export_module(self) -> nn.Module:
         return RawDetrOutputs(self)

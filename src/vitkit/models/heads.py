@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from vitkit.models.codetr import attach_codetr_head
-from vitkit.models.dense import DenseHeadConfig, attach_dense_head, validated_head_config
+from vitkit.models.dense import QUERY_HEADS, DenseHeadConfig, attach_dense_head, validated_head_config
 from vitkit.models.detection import attach_detection_head
 from vitkit.models.detr import attach_detr_head
 from vitkit.models.vitp import attach_vitp_head
@@ -55,4 +55,4 @@ def export_parity_bound(config: DenseHeadConfig | dict[str, Any] | None) -> floa
     if config is None:
         return None
     head = config.head if isinstance(config, DenseHeadConfig) else config.get("head")
-    return 5e-3 if head in ("deformable-detr", "co-detr") else None
+    return 5e-3 if head in QUERY_HEADS else None
