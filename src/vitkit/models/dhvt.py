@@ -33,7 +33,7 @@ Ablations: every builder takes ``sope=False`` (timm ``PatchEmbed`` + learned pos
 | vitkit_dhvt_tiny_p4_32      | 32  | 4     | 192 | 12    | 4     | 4   | paper's DHVT-T (CIFAR) |
 | vitkit_dhvt_small_p4_32     | 32  | 4     | 384 | 12    | 8     | 4   | paper's DHVT-S (CIFAR) |
 
-This module imports nothing of vitkit but :mod:`vitkit.errors`: ``vitkit.models`` imports it to
+This module imports nothing of vitkit but :mod:`vitkit.errors` and ``models.pretrained_cfg``: ``vitkit.models`` imports it to
 register the models.
 """
 
@@ -51,6 +51,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vitkit.errors import VitkitError
+from vitkit.models.pretrained_cfg import small_input_cfg
 
 __all__ = [
     "DAFF",
@@ -247,23 +248,10 @@ class HeadInteractionAttention(nn.Module):
 
 
 # -- the registered family --------------------------------------------------------------------
-_GRAY = (0.5, 0.5, 0.5)
 
 
 def _cfg(img: int) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (3, img, img),
-        "pool_size": None,
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": _GRAY,
-        "std": _GRAY,
-        "first_conv": "patch_embed.proj.0.conv",
-        "classifier": "head",
-        "license": "apache-2.0",
-    }
+    return small_input_cfg(img, first_conv="patch_embed.proj.0.conv")
 
 
 _ARCHS = {

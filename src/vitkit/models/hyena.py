@@ -40,7 +40,7 @@ other resolutions with ``dynamic_img_size=True``. Not implemented: the code's ``
 | vitkit_hyena_micro_p4_16    | 16  | 4     | 64  | 4     | 4   | ≈ vitkit_micro_p4_16            |
 | vitkit_hyena_tiny_p4_32     | 32  | 4     | 192 | 6     | 2   | ≈ vitkit_tiny_p4_32             |
 
-This module imports nothing of vitkit but :mod:`vitkit.errors`: ``vitkit.models`` imports it to
+This module imports nothing of vitkit but :mod:`vitkit.errors` and ``models.pretrained_cfg``: ``vitkit.models`` imports it to
 register the models.
 """
 
@@ -57,6 +57,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from vitkit.errors import VitkitError
+from vitkit.models.pretrained_cfg import small_input_cfg
 
 __all__ = ["HyenaOperator2d", "HyenaVisionTransformer", "ImplicitFilter2d", "fft_conv2d", "hyena_layer"]
 
@@ -264,23 +265,7 @@ class HyenaVisionTransformer(VisionTransformer):
         super().reset_classifier(num_classes, global_pool)
 
 
-_GRAY = (0.5, 0.5, 0.5)
-
-
-def _cfg(img: int) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (3, img, img),
-        "pool_size": None,
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": _GRAY,
-        "std": _GRAY,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-    }
+_cfg = small_input_cfg
 
 
 default_cfgs = generate_default_cfgs(

@@ -21,27 +21,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from vitkit.models.pretrained_cfg import small_input_cfg
+
 __all__: list[str] = []
 
-_GRAY_MEAN = (0.5, 0.5, 0.5)
-_GRAY_STD = (0.5, 0.5, 0.5)
-
-
-def _cfg(img: int, **kw):
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (3, img, img),
-        "pool_size": None,
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": _GRAY_MEAN,
-        "std": _GRAY_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-        **kw,
-    }
+_cfg = small_input_cfg
 
 
 default_cfgs = generate_default_cfgs(
