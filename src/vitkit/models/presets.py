@@ -103,3 +103,4 @@ def vitkit_tiny_distilled_p4_32(pretrained: bool = False, **kwargs) -> VisionTra
 # of vitkit but vitkit.errors, so no cycle): the DHVT family of issue 9.
 from vitkit.models import dhvt as _dhvt  # noqa: E402, F401
 from vitkit.models import hyena as _hyena  # noqa: E402, F401  (Hyena N-D, issue 23)
+from vitkit.models import vitamin as _vitamin  # noqa: E402, F401  (ViTamin, small-image presets)
