@@ -93,6 +93,15 @@ def load_splits(
     * ``mosaic:URI`` splits URI first, then builds 2x2 multi-label mosaics of each split.
     """
     scheme, arg = parse_uri(uri)
+    if scheme in ("imagetext", "shards"):  # image-caption pairs: no classes to stratify by
+        from vitkit.data.imagetext import imagetext_splits
+
+        if longtail is not None:
+            raise VitkitError(f"{uri}: --longtail needs class labels; image-caption pairs have none")
+        return imagetext_splits(
+            scheme, arg, uri, val_fraction=val_fraction, seed=seed, train_size=train_size,
+            val_size=val_size, img_size=img_size, strict=strict,
+        )  # fmt: skip
     if scheme == "mosaic":
         inner = load_splits(
             arg,

@@ -14,6 +14,8 @@
 | ``coco:PATH``    | a COCO annotation file (or a folder with train.json + val.json) and its images    |
 | ``segfolder:PATH``| images/ + masks/ (index or palette PNGs) for segmentation (data/dense.py)        |
 | ``pairs:PATH``   | A/ + B/ + label/ image pairs for change detection, the LEVIR-CD layout            |
+| ``imagetext:PATH``| a CSV of image paths and captions (image-text; data/imagetext.py)               |
+| ``shards:PATTERN``| webdataset tar shards of images + captions, streamed (``{00000..00031}.tar``)   |
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ SCHEMES = (
     "segfolder:PATH",
     "pairs:PATH",
     "coco:PATH",
+    "imagetext:PATH",
+    "shards:PATTERN",
 )
-_PATH_SCHEMES = ("folder", "csv", "npz", "mosaic", "segfolder", "pairs", "coco")
+_PATH_SCHEMES = ("folder", "csv", "npz", "mosaic", "segfolder", "pairs", "coco", "imagetext", "shards")
 _GENERATED = ("canvas", "canvas-change", "canvas-boxes")  # options optional: canvas, canvas:size=32
 
 
@@ -88,4 +92,13 @@ def load_source(uri: str, img_size: int | None = None, strict: bool = False) -> 
         return load_segfolder(arg, img_size=img_size)
     if scheme == "pairs":
         return load_pairs(arg, img_size=img_size)
+    if scheme == "imagetext":
+        from vitkit.data.imagetext import load_imagetext_csv
+
+        return {"all": load_imagetext_csv(arg, img_size=img_size, strict=strict)}
+    if scheme == "shards":
+        raise VitkitError(
+            f"'{uri}': shards are streamed for training; to evaluate on pairs give imagetext:CSV "
+            "(a run trained on shards validates on its last shard)"
+        )
     raise VitkitError(f"'{uri}': mosaic datasets are built by vitkit.data.load_splits, not loaded directly")

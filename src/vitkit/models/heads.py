@@ -1,7 +1,7 @@
 """The task head a manifest records, whichever module builds it: the one-stage heads of
 ``models/dense.py`` (linear, UperNet, change heads), ViT-P's two stages (``models/vitp.py``) or the
 FCOS detector (``models/detection.py``), Deformable DETR (``models/detr.py``) and Co-DETR
-(``models/codetr.py``)."""
+(``models/codetr.py``), and the text tower of an image-text model (``models/imagetext.py``)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ from vitkit.models.codetr import attach_codetr_head
 from vitkit.models.dense import QUERY_HEADS, DenseHeadConfig, attach_dense_head, validated_head_config
 from vitkit.models.detection import attach_detection_head
 from vitkit.models.detr import attach_detr_head
+from vitkit.models.imagetext import attach_clip_head
 from vitkit.models.vitp import attach_vitp_head
 
 
 def attach_head(model: nn.Module, config: DenseHeadConfig | dict[str, Any]) -> nn.Module:
     """Wrap a plain ViT into the dense model ``config`` describes (structure only for ViT-P's stage 1:
-    its weights come with the run's)."""
+    its weights come with the run's), or into an image-text model (``head: clip``)."""
+    if isinstance(config, dict) and config.get("head") == "clip":
+        return attach_clip_head(model, config)
     config = validated_head_config(config, "model.json 'head'")
     if config.head == "vitp":
         return attach_vitp_head(model, config)

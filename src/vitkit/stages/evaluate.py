@@ -55,3 +55,38 @@ def evaluate_run(
     out.mkdir(parents=True, exist_ok=True)
     task.write_outputs({**metrics, "run": str(info.path)}, dataset, out)
     return metrics, out
+
+
+def zero_shot_run(
+    run_dir: str | os.PathLike,
+    data: str,
+    *,
+    output: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    strict: bool = False,
+    device: str = "cpu",
+) -> tuple[dict[str, Any], Path]:
+    """Zero-shot classification of an image-text run on labelled data (``vitkit evaluate RUN
+    --zero-shot URI``): class-name prompts, top-1 and per-class accuracy; writes ``metrics.json`` and
+    ``zero_shot.png`` into ``output`` (default ``RUN/zeroshot-<data>/``)."""
+    from vitkit.data import load_eval_data
+    from vitkit.tasks.imagetext import write_zero_shot_plot, zero_shot_metrics
+
+    run = Run.open(run_dir)
+    if run_task(run.info).name != "image-text":
+        raise VitkitError(
+            f"--zero-shot: run '{run_dir}' is a {run.info.task} run; zero-shot needs an image-text run "
+            "(vitkit train --task image-text)"
+        )
+    model = run.model(device)
+    set_threads_for(model)
+    dataset = load_eval_data(data, img_size=model_input_size(model)[1], strict=strict)
+    metrics = zero_shot_metrics(model, dataset, batch_size=batch_size)
+    metrics["run"] = str(run.path)
+    out = Path(output) if output else run.path / f"zeroshot-{slug(data)}"
+    out.mkdir(parents=True, exist_ok=True)
+    from vitkit.io import write_json
+
+    write_zero_shot_plot(metrics, out / "zero_shot.png")
+    write_json(out / "metrics.json", metrics)
+    return metrics, out

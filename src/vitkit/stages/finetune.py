@@ -1,7 +1,7 @@
 """Fine-tune a pretrained run (MAE, ExPLoRA, a supervised run) on labelled data, fully or with a
 parameter-efficient method, into a new classifier run, or into a run with a task head (``task``
 segmentation, change or detection: the pretrained ViT under the task's new head; full fine-tuning
-only). A source with a task head passes on its ViT.
+only). A source with a task head passes on its ViT, an image-text (CLIP) run its image tower.
 
 The new model is the source's timm architecture (its kwargs: e.g. ``global_pool='avg'`` +
 ``fc_norm`` for MAE encoders) with a fresh head (MAE's ``trunc_normal(std=2e-5)``), loaded with the
@@ -33,6 +33,7 @@ from vitkit.io import write_yaml
 from vitkit.models import create_model, get_manifest, model_input_size
 from vitkit.models.dense import DenseModel
 from vitkit.models.detection import DetectionModel
+from vitkit.models.imagetext import ImageTextModel
 from vitkit.pretrain.presets import get_recipe, with_recipe
 from vitkit.progress import console
 from vitkit.runs import Run, write_metrics
@@ -157,9 +158,10 @@ def finetune(
     model = create_model(
         cfg.model, num_classes=data.train.num_classes, img_size=cfg.img_size, in_chans=c, **kwargs
     )
-    # a run with a task head (segmentation, change, detection) passes on its ViT; its head stays behind
+    # a run with a task head (segmentation, change, detection) passes on its ViT, an image-text run
+    # its image tower (whose projection head stays behind like a classifier)
     notes = load_pretrained_weights(
-        model, src.backbone if isinstance(src, (DenseModel, DetectionModel)) else src
+        model, src.backbone if isinstance(src, (DenseModel, DetectionModel, ImageTextModel)) else src
     )
     task = resolve_task(cfg.task, data)
     if task.head_model:  # the pretrained ViT under the task's head (segmentation, change, detection)

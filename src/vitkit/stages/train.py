@@ -98,14 +98,17 @@ def _train_into(
     if data is None:
         get_task(cfg.task).check_uri(cfg.data)  # before loading: multilabel on digits fails at once
         data = data_splits_for(
-            cfg, model_img_size(cfg) if cfg.data.startswith(("folder:", "csv:", "coco:")) else cfg.img_size
+            cfg,
+            model_img_size(cfg)
+            if cfg.data.startswith(("folder:", "csv:", "coco:", "imagetext:", "shards:"))
+            else cfg.img_size,
         )
     task = task_for_config(cfg, data)  # before the model: the task decides the head's width
     if task.head_model and cfg.img_size is None and model is None:
         # masks and boxes are scored at their own size: a dense model or a detector runs at the data's
         # (square) size unless told otherwise, not at its preset's (the 16 px micro preset would shrink
         # 64 px canvases to 16 px)
-        h, w = data.train.images.shape[-2:]
+        h, w = data.val.images.shape[-2:]  # val: a streamed training split has no images tensor
         if h == w:
             cfg = cfg.model_copy(update={"img_size": int(h)})
     if resume:

@@ -423,7 +423,13 @@ def _train_epoch(
     hooks.on_epoch_start(ctx, epoch)
     if cfg.mixup_off_epoch is not None:
         s.train_tf.set_mixup_enabled(epoch < cfg.mixup_off_epoch)
-    perm = _epoch_order(s, data, cfg, epoch)
+    # a streamed training split (webdataset shards) hands out batches in its own seeded order instead
+    # of being indexed; it skips the steps already taken itself, so a resume is exact there too
+    stream = getattr(data.train, "stream_batches", None)
+    if stream is not None:
+        batches = stream(_epoch_seed(cfg.seed, epoch), s.batch, first, s.dist.rank, s.dist.world_size)
+    else:
+        perm = _epoch_order(s, data, cfg, epoch)
     if resumed:
         restore_rng(book.rng, s.aug_gen)
     if first == 0:
@@ -451,8 +457,12 @@ def _train_epoch(
     for step in range(first, s.steps_per_epoch):
         ctx.step = step
         hooks.on_step_start(ctx)
-        idx = perm[step * s.batch : (step + 1) * s.batch]
-        x, y = s.train_tf(data.train.images[idx], data.train.targets[idx], s.aug_gen)
+        if stream is not None:
+            images, targets = next(batches)
+        else:
+            idx = perm[step * s.batch : (step + 1) * s.batch]
+            images, targets = data.train.images[idx], data.train.targets[idx]
+        x, y = s.train_tf(images, targets, s.aug_gen)
         x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
         boundary = (step + 1) % cfg.accum_steps == 0 or step + 1 == s.steps_per_epoch
         pending.append((x, y))

@@ -256,6 +256,9 @@ class EvaluateOptions(VerbOptions):
         None,
         help="early exit: each image leaves at the first exit head this confident (runs trained with --exits)",
     )
+    zero_shot: str | None = option(
+        None, help="image-text runs: zero-shot top-1 on this labelled dataset URI from class-name prompts"
+    )
 
 
 def evaluate(o: EvaluateOptions) -> None:
@@ -279,6 +282,21 @@ def evaluate(o: EvaluateOptions) -> None:
             out,
             {"top1": result.top1, "balanced_accuracy": result.balanced_accuracy},
             written=["metrics.json"],
+        )
+        return
+    if o.zero_shot is not None:
+        from vitkit.stages.evaluate import zero_shot_run
+
+        metrics, out = zero_shot_run(
+            o.run, o.zero_shot, output=o.output, batch_size=o.batch_size, strict=o.strict, device=o.device
+        )
+        print_summary(
+            out,
+            {
+                "zero_shot_top1": metrics["zero_shot_top1"],
+                "zero_shot_balanced_accuracy": metrics["zero_shot_balanced_accuracy"],
+            },
+            written=["metrics.json", "zero_shot.png"],
         )
         return
     if o.exit_threshold is not None:
