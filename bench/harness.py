@@ -193,6 +193,21 @@ SUITES: tuple[Suite, ...] = (
         "bench.detect_classify:run",
     ),
     Suite(
+        "imagetext-datacomp",
+        "DataComp's filters on a generated noisy pool: zero-shot Fashion-MNIST top-1 at equal samples seen",
+        "bench.imagetext:datacomp",
+    ),
+    Suite(
+        "imagetext-vitamin",
+        "image-text: ViTamin vs a plain ViT image tower of about the same size (zero-shot top-1)",
+        "bench.imagetext:vitamin",
+    ),
+    Suite(
+        "imagetext-shards",
+        "image-text training throughput: streamed webdataset shards vs the in-memory CSV path",
+        "bench.imagetext:shards",
+    ),
+    Suite(
         "dense-vitp",
         "canvas segmentation: ViT-P two-stage point classification (alpha sweep) vs the one-stage head",
         "bench.dense_vitp:run",
