@@ -78,7 +78,8 @@ def _garble(rng: random.Random) -> str:
 def build_pool(
     size: int, *, corrupt: float = 0.4, duplicates: float = 0.1, off_target: float = 0.2, seed: int = 0
 ) -> tuple[list[np.ndarray], list[PoolRow]]:
-    """``size`` pairs: ``off_target`` of them digits, the rest Fashion-MNIST training images;
+    """``size`` pairs: ``off_target`` of them digits (reused when more than the 1,797 are needed), the
+    rest Fashion-MNIST training images;
     ``corrupt`` of the captions corrupted (half mismatched, half garbled), then ``duplicates`` of the
     rows repeated (included in ``size``). Images are (28, 28) uint8."""
     from vitkit.data.sources import load_digits, load_fashion_mnist
@@ -94,10 +95,15 @@ def build_pool(
     n_unique = size - round(size * duplicates)
     n_digits = round(n_unique * off_target)
     n_fm = n_unique - n_digits
-    if n_fm > len(fm) or n_digits > len(dg):
-        raise VitkitError(f"pool: size {size} needs more images than Fashion-MNIST and digits hold")
+    if n_fm > len(fm):
+        raise VitkitError(f"pool: size {size} needs more than Fashion-MNIST's {len(fm)} training images")
     fm_idx = rng.sample(range(len(fm)), n_fm)
-    dg_idx = rng.sample(range(len(dg)), n_digits)
+    # digits hold 1,797 images: a larger off-target share reuses them (with another caption each time)
+    dg_idx = (
+        rng.sample(range(len(dg)), n_digits)
+        if n_digits <= len(dg)
+        else [rng.randrange(len(dg)) for _ in range(n_digits)]
+    )
     items: list[tuple[np.ndarray, str, str, list[str]]] = []
     for i in fm_idx:
         items.append((fm.images[i, 0].numpy(), "fashion-mnist", fm.classes[int(fm.targets[i])], fm.classes))
