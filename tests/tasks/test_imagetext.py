@@ -396,7 +396,9 @@ def test_vitamin_is_an_image_tower(pool, tmp_path):
     import vitkit
     from vitkit.models.attention import attention_maps
 
-    cfg = clip_config(f"imagetext:{pool}", model="vitkit_vitamin_nano_16", epochs=2, train_size=256, val_size=64)
+    cfg = clip_config(
+        f"imagetext:{pool}", model="vitkit_vitamin_nano_16", epochs=2, train_size=256, val_size=64
+    )
     run = train_model(cfg, tmp_path / "vitamin", quiet=True)
     assert run.history[-1]["train_loss"] < run.history[0]["train_loss"]
     loaded = vitkit.load(tmp_path / "vitamin")
