@@ -36,6 +36,8 @@ from bench.harness import OUT_DIR, Output, Table
 
 TASK = "image-text:context_length=16"
 FILTERS = ("none", "clip-score", "text", "image-cluster", "clip-score+image-cluster", "clip-score+text")
+#: arms: the filters, plus a random subset as large as clip-score's (less data vs better data)
+ARMS = (*FILTERS, "random")
 QUICK = {"seeds": [0], "pool": 1500, "scorer_pool": 600, "samples": 3000, "epochs": 2, "zero_shot": 500,
          "clusters": 50, "repeats": 1}  # fmt: skip
 
@@ -133,12 +135,15 @@ def _datacomp_seed(args, seed: int, tmp: Path) -> dict:
     _fixed_length(scorer_data, scorer_fixed, rows_per_epoch, seed)  # the scorer sees as many samples
     scorer = _train_clip(args, scorer_fixed, tmp / f"scorer-{seed}", seed)
     row: dict = {"scorer_zero_shot_top1": _zero_shot(scorer.model, args.zero_shot)["zero_shot_top1"]}
-    for by in FILTERS:
+    for by in ARMS:
         csv_out = tmp / f"{by}-{seed}.csv"
-        rep = filter_pool(
-            pool, csv_out, by, top=args.top, scorer=scorer.path, target="fashion-mnist", clusters=args.clusters,
-            target_size=5000, seed=seed,
-        )  # fmt: skip
+        if by == "random":
+            rep = _random_subset(pool, csv_out, row["clip-score"]["kept"], seed)
+        else:
+            rep = filter_pool(
+                pool, csv_out, by, top=args.top, scorer=scorer.path, target="fashion-mnist",
+                clusters=args.clusters, target_size=5000, seed=seed,
+            )  # fmt: skip
         fixed = tmp / f"{by}-{seed}-fixed.csv"
         kept = _fixed_length(csv_out, fixed, rows_per_epoch, seed)
         t0 = time.perf_counter()
@@ -156,6 +161,21 @@ def _datacomp_seed(args, seed: int, tmp: Path) -> dict:
             "train_seconds": round(seconds, 1),
         }
     return row
+
+
+def _random_subset(pool: Path, out: Path, n: int, seed: int) -> dict:
+    """``n`` rows of the pool drawn at random (paths made absolute), with a filter-like report."""
+    from collections import Counter
+
+    with open(pool, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep = random.Random(1000 + seed).sample(rows, n)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in keep:
+            w.writerow({**r, "path": str((pool.parent / r["path"]).resolve())})
+    return {"kept_fraction": n / len(rows), "noise_after": dict(Counter(r["noise"] for r in keep))}
 
 
 def datacomp(args) -> Output:
@@ -176,12 +196,12 @@ def datacomp(args) -> Output:
     res = run_seeds(name, opts, args.seeds, lambda seed, tmp: _datacomp_seed(args, seed, tmp))
     seeds = list(res["seeds"].values())
     rec: list[dict] = []
-    for by in FILTERS:
+    for by in ARMS:
         s = [x[by] for x in seeds]
         rec.append({"table": "filters", "filter": by, "kept": statistics.mean(r["kept"] for r in s),
                     "clean": statistics.mean(r["clean_share"] for r in s),
                     **_ms([r["zero_shot_top1"] for r in s])})  # fmt: skip
-    for by in FILTERS[1:]:
+    for by in ARMS[1:]:
         diff = [x[by]["zero_shot_top1"] - x["none"]["zero_shot_top1"] for x in seeds]
         rec.append({"table": "gain", "filter": by, **_ms(diff)})
     rec.append({"table": "gain", "filter": "(the scorer itself, trained on clean pairs)",
@@ -198,7 +218,8 @@ def datacomp(args) -> Output:
         "Fashion-MNIST images (seed 1 pool), standing in for DataComp's OpenAI CLIP L/14, which was trained on other, "
         f"curated data; one per seed. clip-score keeps the top {o['top']:.0%}; image-cluster: {o['clusters']} k-means "
         "centres over the pool's image embeddings, picked by the nearest centre of 5,000 Fashion-MNIST training images; "
-        "text: captions naming a Fashion-MNIST class.",
+        "text: captions naming a Fashion-MNIST class; random: as many pool rows as clip-score keeps, drawn at "
+        "random (is it less data or better data?).",
         f"kept rows: the filtered CSV's rows (duplicates included); clean share of right captions among the kept unique pairs. Seeds "
         f"{list(res['seeds'])} (mean ± sd; the seed drives the scorer, the filters' k-means and the CLIPs); wall "
         f"{res.get('wall_seconds', '?')} s.",
