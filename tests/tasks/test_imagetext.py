@@ -407,3 +407,27 @@ def test_vitamin_is_an_image_tower(pool, tmp_path):
         emb = loaded(x)
     assert torch.allclose(emb, run.model.eval()(x), atol=1e-6)
     assert maps.layers == [0, 1] and maps[1].shape[-2:] == (16, 16)  # 2 blocks over the 4x4 token grid
+
+
+@pytest.mark.slow
+def test_ddp_on_shards_ends_with_identical_weights(pool, tmp_path):
+    """torchrun, 2 processes on shards (each takes every other sample of the stream; the CLIP loss
+    gathers both processes' embeddings): the run completes and both processes hold the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    uri = f"shards:{pool.parent}/shards/pool-{{00000..00002}}.tar"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vitkit", "train", "--task", TASK, "--data", uri, "--model", "vitkit_nano_p4_16", "--epochs", "1",
+           "--batch-size", "32", "--no-tensorboard", "--quiet", "--threads", "1", "-o", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from vitkit.io import read_json
+
+    metrics = read_json(out / "metrics.json")
+    assert metrics["world_size"] == 2
+    a, b = metrics["weight_checksums"]
+    assert a == b

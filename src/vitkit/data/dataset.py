@@ -78,6 +78,8 @@ class ImageDataset:
     def class_counts(self) -> list[int]:
         """Samples per class (for multi-label data: positives per class; for masks: pixels per class,
         ignored pixels left out)."""
+        if not self.classes:  # image-caption pairs: their targets are caption ids, not classes
+            return []
         if self.boxes:  # boxes per class
             labels = self.targets[..., 0].flatten()
             labels = labels[labels >= 0].long()

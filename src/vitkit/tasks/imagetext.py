@@ -101,9 +101,17 @@ class ImageTextObjective(Objective):
     task = "image-text"
 
     def __init__(self) -> None:
+        import torch.distributed as dist
         from open_clip import ClipLoss
 
-        self.loss = ClipLoss()
+        # under torchrun every process's embeddings are gathered (with gradients), so the negatives of a
+        # step are the whole global batch, as open_clip trains
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.loss = ClipLoss(
+                gather_with_grad=True, rank=dist.get_rank(), world_size=dist.get_world_size()
+            )
+        else:
+            self.loss = ClipLoss()
 
     def __call__(self, model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> ObjectiveOutput:
         image_emb, text_emb, scale = model(images, tokens)
