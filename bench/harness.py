@@ -193,6 +193,11 @@ SUITES: tuple[Suite, ...] = (
         "bench.detect_classify:run",
     ),
     Suite(
+        "arch-families",
+        "TiC, DualToken-ViT, Hyena N-D, ViTamin vs a plain ViT of ~0.2M params: FMNIST top-1 at 16 and 32 px, img/s",
+        "bench.arch_families:run",
+    ),
+    Suite(
         "imagetext-datacomp",
         "DataComp's filters on a generated noisy pool: zero-shot Fashion-MNIST top-1 at equal samples seen",
         "bench.imagetext:datacomp",
