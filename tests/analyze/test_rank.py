@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from vitkit.analyze.rank import ArchSpec, config_grid, kendall_tau, measure_complexity, rank_configs
+from vitkit.analyze.rank import (
+    ArchSpec,
+    config_grid,
+    kendall_tau,
+    measure_complexity,
+    ntk_condition_number,
+    rank_configs,
+)
 from vitkit.errors import VitkitError
 from vitkit.models import create_model
 
@@ -63,6 +70,8 @@ def test_rank_configs_with_short_training():
     assert all(0.0 <= r["val_top1"] <= 1.0 for r in res.rows)
     assert max(r["val_top1"] for r in res.rows) > 0.15  # something learned in 2 epochs (chance 0.1)
     assert -1.0 <= res.kendall_tau <= 1.0 and -1.0 <= res.params_kendall_tau <= 1.0
+    assert all(r["ntk_cond"] >= 1.0 for r in res.rows)  # the default NTK batch of 16 digits images
+    assert -1.0 <= res.ntk_kendall_tau <= 1.0 and -1.0 <= res.combined_kendall_tau <= 1.0
 
 
 def test_a_cut_short_ranking_resumes_from_its_cache_to_the_same_result(tmp_path):
@@ -106,3 +115,39 @@ def test_cli_rank_configs_writes_the_ranking(tmp_path):
     assert (out / "ranking.csv").read_text().startswith("name,depth,width,heads,patch")
     assert main(["rank-configs", "--widths", "30", "--heads", "4"]) == 2
     assert main(["rank-configs", "-o", str(out)]) == 2  # refuses a non-empty output directory
+
+
+def _official_ntk_cond(network, inputs):
+    """A transcription of As-ViT's get_ntk_n (lib/procedures/ntk.py) for one network and one batch,
+    without CUDA: per-sample backward of the logits with ones, the grads of parameters named
+    *weight*, Θ = G Gᵀ, eigh ascending, λ_max / λ_min."""
+    network.train()
+    network.zero_grad()
+    grads_x = []
+    logit = network(inputs)
+    for _idx in range(len(inputs)):
+        logit[_idx : _idx + 1].backward(torch.ones_like(logit[_idx : _idx + 1]), retain_graph=True)
+        grad = []
+        for name, W in network.named_parameters():
+            if "weight" in name and W.grad is not None:
+                grad.append(W.grad.view(-1).detach())
+        grads_x.append(torch.cat(grad, -1).detach())
+        network.zero_grad()
+    g = torch.stack(grads_x, 0)
+    ntk = torch.einsum("nc,mc->nm", [g, g])
+    eigenvalues, _ = torch.linalg.eigh(ntk, UPLO="L")
+    return (eigenvalues[-1] / eigenvalues[0]).item()
+
+
+def test_ntk_condition_number_matches_the_official_procedure():
+    import copy
+
+    torch.manual_seed(0)
+    model = create_model("vitkit_micro_p4_16", num_classes=10)
+    x = torch.randn(16, 3, 16, 16)
+    ours = ntk_condition_number(model, x)
+    ref = _official_ntk_cond(copy.deepcopy(model), x)
+    assert ours == pytest.approx(ref, rel=1e-4)
+    assert ours > 1.0
+    # the model is left as it was: a copy is differentiated
+    assert all(p.grad is None for p in model.parameters())

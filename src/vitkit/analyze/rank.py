@@ -9,8 +9,18 @@ directions (r = 1, as the code's SVD columns), is pushed through the network wit
 replaced by identities (the code's ``switch_norm('id')``); the proxy is the length of the output
 curve of the token-averaged features of the last block, ∮ ||d f(x(θ)) / dθ|| dθ, averaged over ``repeats`` fresh
 initialisations and curves. Higher means a more expressive network; As-ViT reports a strong positive
-Kendall-τ with accuracy in its search space and uses it (with an NTK trainability score, not
-implemented here) to search and scale ViTs.
+Kendall-τ with accuracy in its search space and uses it, with an NTK trainability score, to search and
+scale ViTs.
+
+The trainability score (``lib/procedures/ntk.py``: ``get_ntk_n``, after TE-NAS): the condition
+number κ = λ_max / λ_min of the empirical neural tangent kernel Θ = J Jᵀ on one batch of real training
+images (16 in As-ViT's search), J's row *i* the gradient of the sum of sample *i*'s logits with respect
+to every parameter whose name contains ``weight`` (the code's selection), the network in train mode
+with its LayerNorms, averaged over the ``repeats`` initialisations. Lower means easier to train; a
+non-finite κ ("bad gradients") is reported as NaN where the code writes -1. ``rank_configs`` reports
+its Kendall-τ with accuracy (of -κ, so positive means predictive) and that of the TE-NAS-style rank
+sum of both proxies (As-ViT's search combines them through its RL reward; for a fixed grid the rank sum
+is our choice).
 
 Our choices: df/dθ by central finite differences in float64 on a copy of the model (the code
 back-propagates one output coordinate at a time; SDPA has no forward-mode AD), summed as an arc
@@ -111,6 +121,27 @@ def measure_complexity(model: nn.Module, cfg: ComplexityConfig | dict | None = N
     return ComplexityResult(length, cfg.points, features)
 
 
+def ntk_condition_number(model: nn.Module, images: torch.Tensor) -> float:
+    """As-ViT's NTK condition number of ``model`` on a batch of (normalised) ``images``: per-sample
+    gradients of the summed logits w.r.t. the parameters named ``*weight*``, Θ = G Gᵀ, λ_max / λ_min
+    (``torch.linalg.eigh``, ascending). Works on a copy in train mode; NaN when Θ is not finite."""
+    net = copy.deepcopy(model).train()
+    weights = [p for n, p in net.named_parameters() if "weight" in n and p.requires_grad]
+    x = images.to(next(net.parameters()).device)
+    logits = net(x)
+    rows = []
+    for i in range(len(x)):
+        grads = torch.autograd.grad(logits[i].sum(), weights, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([g.reshape(-1) for g in grads if g is not None]).detach().cpu())
+    g = torch.stack(rows)
+    ntk = g @ g.T
+    if not torch.isfinite(ntk).all():
+        return float("nan")
+    eig = torch.linalg.eigvalsh(ntk)
+    cond = (eig[-1] / eig[0]).item()
+    return cond if math.isfinite(cond) else float("nan")
+
+
 # -- ranking a grid of configurations ---------------------------------------------------------
 @dataclass(frozen=True)
 class ArchSpec:
@@ -158,6 +189,9 @@ class RankConfig(BaseModel):
     num_classes: int = Field(10, ge=1)
     repeats: int = Field(3, ge=1, description="initialisations (and curves) averaged per candidate")
     complexity: ComplexityConfig = Field(default_factory=ComplexityConfig)
+    ntk_batch: int = Field(
+        16, ge=0, description="images of `data` for the NTK condition number (As-ViT: 16; 0: skip it)"
+    )
     train_epochs: int = Field(0, ge=0, description="short training per candidate (0: rank only)")
     train_seeds: int = Field(1, ge=1, description="training seeds averaged per candidate")
     data: str = "digits"
@@ -173,6 +207,8 @@ class RankResult:
     kendall_tau: float | None = None  # proxy vs accuracy
     p_value: float | None = None
     params_kendall_tau: float | None = None  # parameter count vs accuracy (trivial proxy)
+    ntk_kendall_tau: float | None = None  # -NTK condition number vs accuracy
+    combined_kendall_tau: float | None = None  # -(rank by complexity + rank by NTK) vs accuracy
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,14 +246,17 @@ def rank_configs(
     from vitkit.progress import track
 
     data = None
-    if cfg.train_epochs:
+    splits = None
+    if cfg.train_epochs or cfg.ntk_batch:
         from vitkit.data import load_splits
 
-        data = load_splits(cfg.data)
-        if data.multilabel:
+        splits = load_splits(cfg.data)
+        if splits.multilabel:
             raise VitkitError(f"rank-configs: {cfg.data} is multi-label; ranking needs single-label accuracy")
-        if data.train.num_classes != cfg.num_classes:
-            cfg = cfg.model_copy(update={"num_classes": data.train.num_classes})
+        if splits.train.num_classes != cfg.num_classes:
+            cfg = cfg.model_copy(update={"num_classes": splits.train.num_classes})
+        if cfg.train_epochs:
+            data = splits
     rows = []
     done = _read_cache(cache, cfg)
     items = track(specs, total=len(specs), description="ranking", min_items=1 if progress else 10**9)
@@ -225,12 +264,14 @@ def rank_configs(
         if spec.name in done:
             rows.append(done[spec.name])
             continue
-        lengths = []
+        lengths, conds = [], []
         for r in range(cfg.repeats):
             model = build_candidate(spec, cfg, cfg.seed + r)
             lengths.append(
                 measure_complexity(model, cfg.complexity.model_copy(update={"seed": cfg.seed + r})).length
             )
+            if cfg.ntk_batch:
+                conds.append(ntk_condition_number(model, ntk_images(splits.train, model, cfg)))
         row: dict[str, Any] = {
             "name": spec.name,
             **asdict(spec),
@@ -238,6 +279,9 @@ def rank_configs(
             "complexity": sum(lengths) / len(lengths),
             "complexity_repeats": lengths,
         }
+        if conds:
+            row["ntk_cond"] = sum(conds) / len(conds)  # NaN when a repeat had bad gradients
+            row["ntk_cond_repeats"] = conds
         if data is not None:
             row["val_top1"] = _short_training(spec, cfg, data)
         rows.append(row)
@@ -252,7 +296,29 @@ def rank_configs(
         acc = [r["val_top1"] for r in rows]
         result.kendall_tau, result.p_value = kendall_tau([r["complexity"] for r in rows], acc)
         result.params_kendall_tau, _ = kendall_tau([float(r["parameters"]) for r in rows], acc)
+        if all("ntk_cond" in r and math.isfinite(r["ntk_cond"]) for r in rows):
+            result.ntk_kendall_tau, _ = kendall_tau([-r["ntk_cond"] for r in rows], acc)
+            combined = _rank_sum(rows)
+            result.combined_kendall_tau, _ = kendall_tau([-c for c in combined], acc)
     return result
+
+
+def ntk_images(train, model: nn.Module, cfg: RankConfig) -> torch.Tensor:
+    """The first ``ntk_batch`` images of a seeded shuffle of ``train``, as ``model`` takes them."""
+    from vitkit.models.inference import eval_transform
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    idx = torch.randperm(len(train), generator=g)[: cfg.ntk_batch]
+    return eval_transform(model).images(train.images[idx])
+
+
+def _rank_sum(rows: list[dict[str, Any]]) -> list[float]:
+    """TE-NAS's combination: rank by complexity (higher better) + rank by NTK κ (lower better)."""
+    from scipy.stats import rankdata
+
+    by_complexity = rankdata([-r["complexity"] for r in rows])
+    by_ntk = rankdata([r["ntk_cond"] for r in rows])
+    return [float(a + b) for a, b in zip(by_complexity, by_ntk)]
 
 
 def _read_cache(cache: str | os.PathLike | None, cfg: RankConfig) -> dict[str, dict[str, Any]]:

@@ -34,6 +34,7 @@ class RankConfigsOptions(VerbOptions):
     img_size: int = option(16, help="input side in pixels")
     base_model: str = option("vitkit_micro_p4_16", help="preset whose depth/width/heads/patch are overridden")
     repeats: int = option(3, help="initialisations (and input curves) averaged per configuration")
+    ntk_batch: int = option(16, help="images of --data for the NTK condition number (As-ViT: 16; 0: skip)")
     points: int = option(128, help="points on the input circle (As-ViT: 500)")
     train_epochs: int = option(0, help="also train each configuration this many epochs and report Kendall-τ")
     train_seeds: int = option(1, help="training seeds averaged per configuration")
@@ -71,6 +72,7 @@ def rank_configs_cmd(o: RankConfigsOptions) -> None:
         base_model=o.base_model,
         img_size=o.img_size,
         repeats=o.repeats,
+        ntk_batch=o.ntk_batch,
         complexity={"points": o.points, "seed": o.seed},
         train_epochs=o.train_epochs,
         train_seeds=o.train_seeds,
@@ -101,11 +103,15 @@ def _print(result) -> None:
     from rich.table import Table
 
     trained = any("val_top1" in r for r in result.rows)
+    ntk = any("ntk_cond" in r for r in result.rows)
     t = Table(title="configurations ranked by As-ViT complexity at init (higher first)")
-    for col in ("rank", "config", "parameters", "complexity") + (("val top-1",) if trained else ()):
+    cols = ("rank", "config", "parameters", "complexity") + (("NTK κ",) if ntk else ())
+    for col in cols + (("val top-1",) if trained else ()):
         t.add_column(col, justify="right" if col != "config" else "left")
     for i, r in enumerate(result.rows, 1):
         cells = [str(i), r["name"], f"{r['parameters']:,}", f"{r['complexity']:.4g}"]
+        if ntk:
+            cells.append(f"{r['ntk_cond']:.4g}")
         if trained:
             cells.append(f"{r['val_top1']:.3f}")
         t.add_row(*cells)
@@ -115,10 +121,15 @@ def _print(result) -> None:
             f"Kendall-τ (complexity vs val top-1): {result.kendall_tau:.3f} (p = {result.p_value:.3g}); "
             f"parameter count vs val top-1: {result.params_kendall_tau:.3f}"
         )
+    if result.ntk_kendall_tau is not None:
+        console.print(
+            f"Kendall-τ (-NTK κ vs val top-1): {result.ntk_kendall_tau:.3f}; rank sum of both proxies: "
+            f"{result.combined_kendall_tau:.3f}"
+        )
 
 
 def _csv(rows: list[dict]) -> str:
-    keys = [k for k in rows[0] if k != "complexity_repeats"]
+    keys = [k for k in rows[0] if k not in ("complexity_repeats", "ntk_cond_repeats")]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
