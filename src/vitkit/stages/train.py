@@ -25,6 +25,7 @@ from vitkit.stages.common import build_model_for, data_splits_for, model_img_siz
 from vitkit.tasks import get_task
 from vitkit.train import Callback, TrainConfig, build_config, fit
 from vitkit.train.checkpoint import clean_stale_temps
+from vitkit.train.distributed import launched_rank
 from vitkit.train.loop import task_for_config
 from vitkit.train.objectives import Objective
 
@@ -63,7 +64,7 @@ def train_model(
     # Resolved first, so a bad transform option fails before anything is written.
     transforms = [get_train_transform(spec) for spec in cfg.transforms]
     out = Path(output)
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = launched_rank() == 0
     if resume:
         if not (out / "checkpoint.pt").is_file():
             raise VitkitError(f"cannot resume '{out}': no checkpoint.pt there")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +27,32 @@ class DistInfo:
         return self.rank == 0
 
 
+#: set by :func:`process_local`: training in this context ignores torchrun's other processes
+_LOCAL = contextvars.ContextVar("vitkit_process_local", default=False)
+
+
+@contextlib.contextmanager
+def process_local() -> Iterator[None]:
+    """Train on this process alone inside a torchrun launch (no DDP, this process writes its run):
+    what a stage needs that shares independent trainings out over the processes (Deep Model
+    Assembling's modules)."""
+    token = _LOCAL.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL.reset(token)
+
+
+def launched_rank() -> int:
+    """This process's rank in the torchrun launch (0 without one, or inside :func:`process_local`)."""
+    return 0 if _LOCAL.get() else int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group torchrun set up (RANK/WORLD_SIZE in the environment)."""
+    """Join the process group torchrun set up (RANK/WORLD_SIZE in the environment); a single-process
+    DistInfo inside :func:`process_local`."""
+    if _LOCAL.get():
+        return DistInfo()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
