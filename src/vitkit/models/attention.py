@@ -208,8 +208,15 @@ def attention_modules(model: nn.Module) -> list[VitkitAttention]:
 def _select(model: nn.Module, layers: int | Sequence[int] | None) -> dict[int, VitkitAttention]:
     mods = attention_modules(model)
     if not mods:
+        from timm.models.vision_transformer import Attention
+
         from vitkit.errors import VitkitError
 
+        if not any(type(m) is Attention for m in model.modules()):  # e.g. TiC's window mixer, Hyena
+            raise VitkitError(
+                f"{type(model).__name__} has no token-to-token softmax attention that vitkit can hook "
+                "(its token mixer is not timm's Attention)"
+            )
         raise VitkitError(
             f"{type(model).__name__} has no vitkit attention modules: create it with vitkit.create_model "
             "or call vitkit.models.use_vitkit_attention(model) first"

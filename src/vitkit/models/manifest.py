@@ -37,6 +37,8 @@ ALLOWED_KWARGS = frozenset(
         "sope", "daff", "head_tokens",
         # vitkit_hyena_* (models/hyena.py)
         "order", "filter_width", "filter", "direction",
+        # vitkit_tic_* (models/tic.py) and vitkit_dualtoken_* (models/dualtoken.py)
+        "window", "dilation", "tail", "grid_dilation", "global_grid",
         # CNN teachers / students (timm ResNet family)
         "drop_block_rate", "output_stride",
         # only the keys in ALLOWED_CFG_OVERLAY (input size and normalization), never a file or URL

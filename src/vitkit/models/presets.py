@@ -102,5 +102,7 @@ def vitkit_tiny_distilled_p4_32(pretrained: bool = False, **kwargs) -> VisionTra
 # Model families registered into timm's registry alongside the presets (models/dhvt.py imports nothing
 # of vitkit but vitkit.errors, so no cycle): the DHVT family of issue 9.
 from vitkit.models import dhvt as _dhvt  # noqa: E402, F401
+from vitkit.models import dualtoken as _dualtoken  # noqa: E402, F401  (DualToken-ViT, issue 23 part 2)
 from vitkit.models import hyena as _hyena  # noqa: E402, F401  (Hyena N-D, issue 23)
+from vitkit.models import tic as _tic  # noqa: E402, F401  (TiC / MSA-Conv, issue 23 part 1)
 from vitkit.models import vitamin as _vitamin  # noqa: E402, F401  (ViTamin, small-image presets)
