@@ -198,6 +198,11 @@ SUITES: tuple[Suite, ...] = (
         "bench.arch_families:run",
     ),
     Suite(
+        "arch-assemble",
+        "Deep Model Assembling vs end-to-end training of a depth-8 micro ViT at the same epoch budget",
+        "bench.arch_assemble:run",
+    ),
+    Suite(
         "imagetext-datacomp",
         "DataComp's filters on a generated noisy pool: zero-shot Fashion-MNIST top-1 at equal samples seen",
         "bench.imagetext:datacomp",
