@@ -239,6 +239,7 @@ def splits_from_config(cfg: Any, img_size: int | None) -> Any:
         val_size=cfg.val_size,
         img_size=img_size,
         strict=cfg.strict_data,
+        train_samples=getattr(cfg, "train_samples", None),
     )
 
 

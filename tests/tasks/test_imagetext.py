@@ -431,3 +431,20 @@ def test_ddp_on_shards_ends_with_identical_weights(pool, tmp_path):
     assert metrics["world_size"] == 2
     a, b = metrics["weight_checksums"]
     assert a == b
+
+
+def test_train_samples_fixes_the_samples_seen(pool):
+    """DataComp's fixed recipe: --train-samples resamples any training split to that many per epoch."""
+    from vitkit.data import load_splits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = load_splits(f"imagetext:{pool}", val_fraction=0.5, img_size=16, train_samples=1000)
+        streamed = load_splits(
+            f"shards:{pool.parent}/shards/pool-{{00000..00002}}.tar", img_size=16, train_samples=1000
+        )
+    assert len(small.train) == 1000 and small.description["train_unique"] == 600
+    counts = torch.bincount(small.train.targets)
+    assert set(counts[counts > 0].tolist()) <= {1, 2}  # every pair once, 400 of them twice
+    assert len(set(small.train.targets.tolist())) == 600
+    assert len(streamed.train) == 1000 and streamed.description["train_samples"] == 1000

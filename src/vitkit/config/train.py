@@ -68,6 +68,12 @@ class TrainConfig(BaseModel):
     val_size: int | None = Field(
         None, gt=0, description="use only this many validation images (a seeded subset)"
     )
+    train_samples: int | None = Field(
+        None,
+        gt=0,
+        description="samples per epoch, whatever the data's size: the training split is shuffled and cycled "
+        "(or cut) to this many (DataComp's fixed recipe: epochs x train_samples samples seen for every subset)",
+    )
     strict_data: bool = Field(False, description="fail on the first unreadable image instead of skipping it")
 
     # augmentation

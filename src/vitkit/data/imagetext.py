@@ -249,9 +249,10 @@ class ShardStream:
     info: dict = field(default_factory=dict)
     skipped: int = 0
     classes: list[str] = field(default_factory=list)
+    epoch_samples: int | None = None  # --train-samples: the samples an epoch reads (the stream cycles)
 
     def __len__(self) -> int:
-        return sum(self.counts)
+        return self.epoch_samples or sum(self.counts)
 
     @property
     def num_classes(self) -> int:

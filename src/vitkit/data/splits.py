@@ -82,6 +82,7 @@ def load_splits(
     val_size: int | None = None,
     img_size: int | None = None,
     strict: bool = False,
+    train_samples: int | None = None,
 ) -> DataSplits:
     """Train and validation splits of a dataset URI.
 
@@ -91,7 +92,46 @@ def load_splits(
     * ``longtail=ρ`` subsamples the training split only (validation stays balanced, as in DeiT-LT).
     * ``train_size`` / ``val_size`` take class-stratified subsets (for quick runs on large sets).
     * ``mosaic:URI`` splits URI first, then builds 2x2 multi-label mosaics of each split.
+    * ``train_samples`` resamples the training split to exactly that many samples per epoch (a
+      seeded shuffle, cycled when the split is smaller): DataComp's fixed number of samples seen
+      whatever the (filtered) data's size; a streamed split simply reads that many per epoch.
     """
+    splits = _load_splits(
+        uri, val_fraction=val_fraction, seed=seed, longtail=longtail, train_size=train_size,
+        val_size=val_size, img_size=img_size, strict=strict,
+    )  # fmt: skip
+    if train_samples is not None:
+        splits = resample_train(splits, train_samples, seed)
+    return splits
+
+
+def resample_train(splits: DataSplits, samples: int, seed: int) -> DataSplits:
+    """The training split shuffled (seeded) and cycled or cut to ``samples`` items; the data
+    description records the original size and the resampling."""
+    train = splits.train
+    n = len(train)
+    if n == 0:
+        raise VitkitError(f"{train.name}: --train-samples {samples}: the training split is empty")
+    if hasattr(train, "stream_batches"):  # a stream is endless: it reads `samples` per epoch
+        train.epoch_samples = samples
+    else:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        train = train.subset(order[torch.arange(samples) % n])
+    desc = {**splits.description, "train_size": samples, "train_unique": n, "train_samples": samples}
+    return DataSplits(train, splits.val, splits.test, desc)
+
+
+def _load_splits(
+    uri: str,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    longtail: float | None = None,
+    train_size: int | None = None,
+    val_size: int | None = None,
+    img_size: int | None = None,
+    strict: bool = False,
+) -> DataSplits:
     scheme, arg = parse_uri(uri)
     if scheme in ("imagetext", "shards"):  # image-caption pairs: no classes to stratify by
         from vitkit.data.imagetext import imagetext_splits
