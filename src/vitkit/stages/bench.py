@@ -5,7 +5,8 @@ plain ``timm.create_model`` of the run's base architecture (the baseline, fp32 e
 under bf16 autocast, "timm bf16 eager"), the run in PyTorch eager fp32, optionally eager bf16
 (autocast) and ``torch.compile``, and onnxruntime on
 ``RUN/model.onnx`` and ``RUN/model.int8.onnx`` when ``vitkit export`` wrote them (and the static
-INT8 QDQ graph ``RUN/model_int8.onnx`` of ``vitkit quantize --deploy onnx``).
+INT8 QDQ graph ``RUN/model_int8.onnx`` of ``vitkit quantize --deploy onnx``), and OpenVINO on
+``model.onnx`` (fp32) and the QDQ graph (INT8 kernels on vitkit's scales) when it is installed.
 
 Peak memory: :func:`vitkit.deploy.runtimes.peak_memory_mb` (how, and why that way, is written there).
 """
@@ -21,6 +22,7 @@ from torch import nn
 
 from vitkit.deploy.export import INT8_NAME, ONNX_NAME, prepare_for_export
 from vitkit.deploy.onnx import OnnxModel
+from vitkit.deploy.openvino import OpenVinoModel, openvino_available
 from vitkit.deploy.qdq import QDQ_FILE as QDQ_NAME
 from vitkit.deploy.runtimes import Autocast, Runtime, for_memory, peak_memory_mb
 from vitkit.deploy.timing import BenchConfig, compare, count_flops, resolve_threads, timm_baseline
@@ -49,6 +51,12 @@ def runtime_variants(
         for name, label in files:
             if (run_dir / name).is_file():
                 variants[label] = Runtime(OnnxModel(run_dir / name, threads=threads))
+        if (
+            openvino_available()
+        ):  # the same graphs compiled by OpenVINO (fp32 pinned; INT8 on vitkit's scales)
+            for name, label in ((ONNX_NAME, "openvino fp32"), (QDQ_NAME, "openvino int8 qdq")):
+                if (run_dir / name).is_file():
+                    variants[label] = Runtime(OpenVinoModel(run_dir / name, threads=threads))
     return variants
 
 
