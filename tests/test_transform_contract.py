@@ -84,6 +84,12 @@ def _evit(m, data):
     return apply_evit(m, {"keep": 0.5})
 
 
+def _pvc(m, data):
+    from vitkit.compress.tokens import apply_pvc
+
+    return apply_pvc(m, {"patch": 2, "at": [0], "mode": "mlp"})
+
+
 def _exits(m, data):
     from vitkit.compress.exits import apply_exits
 
@@ -153,6 +159,7 @@ RECIPES: dict[str, Callable[[nn.Module, object], nn.Module]] = {
     "explora": _adapt("apply_explora", {}),
     "tome": _tome,
     "evit": _evit,
+    "pvc": _pvc,
     "exits": _exits,
     "repavit": _repavit,
     "repavit_reparam": _repavit_reparam,

@@ -176,10 +176,13 @@ def reduce_tokens_run(
     finetune: int = 0,
     lr: float | None = None,
     keep_warmup: float | None = None,
+    patch: int | None = None,
+    merge: str = "avg",
     force: bool = False,
     quiet: bool = True,
 ) -> StageResult:
-    """EViT (``keep``, ``at``) or ToMe (``r``, ``prop_attn``) on a run; see :func:`derive_run`."""
+    """EViT (``keep``, ``at``), ToMe (``r``, ``prop_attn``) or PVC (``patch``, ``at``, ``merge``) on a
+    run; see :func:`derive_run`."""
 
     if method == "evit":
         check_keep_rate(keep)
@@ -213,7 +216,20 @@ def reduce_tokens_run(
         return derive_run(
             source, output, transform, stage, finetune=finetune, lr=lr, force=force, quiet=quiet
         )
-    raise VitkitError(f"--method: expected evit or tome, got '{method}'")
+    if method == "pvc":
+        from vitkit.compress.tokens.pvc import PVCConfig, apply_pvc, pvc_tokens
+
+        pcfg = PVCConfig(patch=patch, at=list(at or []), mode=merge)
+
+        def transform(model: nn.Module, data: DataSplits) -> dict:
+            apply_pvc(model, pcfg)
+            return {"method": "pvc", **pcfg.model_dump(), "final_patch_tokens": pvc_tokens(model)}
+
+        stage = {"stage": "reduce-tokens", "method": "pvc", **pcfg.model_dump()}
+        return derive_run(
+            source, output, transform, stage, finetune=finetune, lr=lr, force=force, quiet=quiet
+        )
+    raise VitkitError(f"--method: expected evit, tome or pvc, got '{method}'")
 
 
 # -- pruning --------------------------------------------------------------------------------------

@@ -36,13 +36,18 @@ class ReduceTokensOptions(VerbOptions):
 
     run: Path = argument(help="run directory to reduce")
     output: Path | None = option(None, help="new run directory")
-    method: Literal["evit", "tome"] = option(
-        "evit", help="evit (keep the attended tokens) | tome (merge similar tokens)"
+    method: Literal["evit", "tome", "pvc"] = option(
+        "evit",
+        help="evit (keep the attended tokens) | tome (merge similar tokens) | pvc (finer patches, window merges)",
     )
     keep: float = option(0.7, help="EViT: fraction of tokens kept at each reducing block, in (0, 1]")
     at: str | None = option(
-        None, help="EViT: 0-based reducing blocks, e.g. 3,6,9 [default: quarters of the depth]"
+        None,
+        help="EViT: 0-based reducing blocks, e.g. 3,6,9 [default: quarters of the depth]; PVC: blocks after "
+        "which 2x2 windows merge",
     )
+    patch: int | None = option(None, help="PVC: run the patch embedding at this patch size (RPE)")
+    merge: Literal["avg", "mlp"] = option("avg", help="PVC: window mean | content-aware MLP weights")
     r: str = option("8", help="ToMe: token pairs merged per block (one int, or one per block: 4,4,2,2)")
     prop_attn: bool = option(True, "--prop-attn/--no-prop-attn", help="ToMe: proportional attention")
     finetune: int = option(0, help="fine-tune this many epochs after the transform (0: off the shelf)")
@@ -55,13 +60,13 @@ class ReduceTokensOptions(VerbOptions):
     @field_validator("method", mode="before")
     @classmethod
     def _method(cls, v: object) -> object:
-        if v not in ("evit", "tome"):  # the one-line text the command has always given
-            raise ValueError("expected evit or tome")
+        if v not in ("evit", "tome", "pvc"):  # the one-line text the command has always given
+            raise ValueError("expected evit, tome or pvc")
         return v
 
 
 def reduce_tokens(o: ReduceTokensOptions) -> None:
-    """Token reduction: EViT (top-k by class attention + fused token) or ToMe (bipartite merging)."""
+    """Token reduction: EViT (top-k by class attention + fused token), ToMe (bipartite merging) or PVC (window merges)."""
     # Before any loading or computing: a bad -o must not cost minutes of work first.
     if o.output is not None:
         check_output(o.output, "dir", force=o.force)
@@ -75,7 +80,7 @@ def reduce_tokens(o: ReduceTokensOptions) -> None:
     res = reduce_tokens_run(
         o.run, o.output, method=o.method, keep=o.keep, at=parse_int_list(o.at, "--at"),
         r=rs[0] if len(rs) == 1 else rs, prop_attn=o.prop_attn, finetune=o.finetune, lr=o.lr,
-        keep_warmup=o.keep_warmup, force=o.force,
+        keep_warmup=o.keep_warmup, patch=o.patch, merge=o.merge, force=o.force,
     )  # fmt: skip
     _summary(res.path, res.metrics, ("top1", "off_the_shelf_top1", "source_top1", "parameters"))
 
