@@ -90,6 +90,12 @@ def _pvc(m, data):
     return apply_pvc(m, {"patch": 2, "at": [0], "mode": "mlp"})
 
 
+def _retokenize(m, data):
+    from vitkit.architecture.retokenize import apply_retokenize
+
+    return apply_retokenize(m, {"stride": 2})
+
+
 def _exits(m, data):
     from vitkit.compress.exits import apply_exits
 
@@ -160,6 +166,7 @@ RECIPES: dict[str, Callable[[nn.Module, object], nn.Module]] = {
     "tome": _tome,
     "evit": _evit,
     "pvc": _pvc,
+    "retokenize": _retokenize,
     "exits": _exits,
     "repavit": _repavit,
     "repavit_reparam": _repavit_reparam,
