@@ -96,6 +96,12 @@ def _retokenize(m, data):
     return apply_retokenize(m, {"stride": 2})
 
 
+def _edge_approx(m, data):
+    from vitkit.compress.approx import apply_edge_approx
+
+    return apply_edge_approx(m)
+
+
 def _exits(m, data):
     from vitkit.compress.exits import apply_exits
 
@@ -167,6 +173,7 @@ RECIPES: dict[str, Callable[[nn.Module, object], nn.Module]] = {
     "evit": _evit,
     "pvc": _pvc,
     "retokenize": _retokenize,
+    "edge_approx": _edge_approx,
     "exits": _exits,
     "repavit": _repavit,
     "repavit_reparam": _repavit_reparam,
@@ -187,6 +194,7 @@ QUANTIZE_THEN_EXPORT_REFUSED = {
         "cannot quantize a model with transform 'linear_attention': its attention",
     ),
     "vit-comer": ("quantize", "cannot quantize a model with transform 'vit-comer': its deformable"),
+    "edge_approx": ("quantize", "cannot quantize a model with transform 'edge_approx': its single-pass"),
     # their export step merges weights: on a quantized model it would rewrite calibrated weights
     "lora": ("export", "transform 'lora' " + _AFTER_QUANTIZATION),
     "lora-qv": ("export", "transform 'lora-qv' " + _AFTER_QUANTIZATION),
