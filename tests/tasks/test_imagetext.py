@@ -448,3 +448,17 @@ def test_train_samples_fixes_the_samples_seen(pool):
     assert set(counts[counts > 0].tolist()) <= {1, 2}  # every pair once, 400 of them twice
     assert len(set(small.train.targets.tolist())) == 600
     assert len(streamed.train) == 1000 and streamed.description["train_samples"] == 1000
+
+
+def test_a_tampered_text_tower_is_refused_in_one_line(clip_run, tmp_path):
+    import shutil
+
+    import vitkit
+
+    run = tmp_path / "run"
+    shutil.copytree(clip_run.path, run)
+    doc = json.loads((run / "model.json").read_text())
+    doc["head"]["layers"] = 1000
+    (run / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(VitkitError, match=r"model.json 'head': option 'layers'"):
+        vitkit.load(run)

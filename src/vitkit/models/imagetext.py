@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vitkit.errors import VitkitError
@@ -48,15 +48,11 @@ class ClipHeadConfig(BaseModel):
 
 
 def validated_clip_config(config: dict[str, Any] | ClipHeadConfig, where: str) -> ClipHeadConfig:
-    if isinstance(config, ClipHeadConfig):
-        return config
-    try:
-        return ClipHeadConfig(**config)
-    except (ValidationError, TypeError) as e:
-        from vitkit.registry import format_validation_error
+    from vitkit.registry import parse_config
 
-        reason = format_validation_error(e, where) if isinstance(e, ValidationError) else f"{where}: {e}"
-        raise VitkitError(reason) from e
+    if not isinstance(config, dict | ClipHeadConfig):
+        raise VitkitError(f"{where}: expected an object, got {type(config).__name__}")
+    return parse_config(ClipHeadConfig, config, where)
 
 
 def build_text_tower(config: ClipHeadConfig) -> nn.Module:
