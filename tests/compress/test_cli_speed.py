@@ -53,7 +53,7 @@ def test_reduce_prune_reparam_compare(trained_run, tmp_path):
         (["reduce-tokens", "RUN", "--keep", "1.5", "-o", "OUT"], "keep rate must be in (0, 1]"),
         (["prune", "RUN", "--heads", "0.9", "-o", "OUT"], "would keep none"),
         (["prune", "RUN", "--heads", "1.0", "-o", "OUT"], "must be in [0, 1)"),
-        (["reduce-tokens", "RUN", "--method", "foo", "-o", "OUT"], "expected evit or tome"),
+        (["reduce-tokens", "RUN", "--method", "foo", "-o", "OUT"], "expected evit, tome or pvc"),
         (["evaluate", "RUN", "--exit-threshold", "0.9"], "has no exit heads"),
     ],
 )

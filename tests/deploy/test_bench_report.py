@@ -34,7 +34,7 @@ def test_bench_run_times_every_runtime_against_timm(benched_run):
     run, doc = benched_run
     res = doc["results"]
     assert list(res) == ["vitkit fp32 eager", "vitkit bf16 eager", "onnxruntime fp32",
-                         "onnxruntime int8", BASELINE, BF16_BASELINE]  # fmt: skip
+                         "onnxruntime int8", "openvino fp32", BASELINE, BF16_BASELINE]  # fmt: skip
     model = load(run)
     flops = count_flops(model, torch.zeros(1, *model_input_size(model)))
     for r in res.values():

@@ -202,7 +202,10 @@ def test_gradients_match_timm_in_training_mode():
 
 def test_errors_for_models_without_vitkit_attention():
     cnn = create_model("test_resnet", num_classes=3)
-    with pytest.raises(VitkitError, match="no vitkit attention"), attention_maps(cnn):
+    with pytest.raises(VitkitError, match="no token-to-token softmax attention"), attention_maps(cnn):
+        pass
+    timm_vit = create_model("vitkit_nano_p4_16", unfused_attention=False)  # timm's own Attention kept
+    with pytest.raises(VitkitError, match="no vitkit attention modules"), attention_maps(timm_vit):
         pass
     vit = create_model("vitkit_nano_p4_16")
     with pytest.raises(VitkitError, match="layer 7 does not exist"), attention_maps(vit, layers=[7]):
