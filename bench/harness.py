@@ -203,6 +203,11 @@ SUITES: tuple[Suite, ...] = (
         "bench.arch_assemble:run",
     ),
     Suite(
+        "edge-split",
+        "ED-ViT: 2- and 5-way class-wise split + fusion vs the source ViT; the 2-way split served by 2 processes",
+        "bench.edge_split:run",
+    ),
+    Suite(
         "imagetext-datacomp",
         "DataComp's filters on a generated noisy pool: zero-shot Fashion-MNIST top-1 at equal samples seen",
         "bench.imagetext:datacomp",
