@@ -21,7 +21,6 @@ Tar members are read with webdataset's own iterators (``tar_file_iterator``, ``g
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import random
@@ -40,12 +39,10 @@ from vitkit.data.sources import (
     _DECODE_ERRORS,
     _PATH_COLUMNS,
     VitkitDataWarning,
-    _is_file,
     _one_line,
     _read_csv_rows,
-    _read_images,
     _show,
-    _stack,
+    read_listed_images,
 )
 from vitkit.errors import VitkitError
 
@@ -129,17 +126,9 @@ def load_imagetext_csv(path: str, img_size: int | None = None, strict: bool = Fa
         )
     if not paths:
         raise VitkitError(f"{source}: no row has a caption")
-    missing = [p for p in paths if not _is_file(p)]
-    if missing:
-        raise VitkitError(
-            f"{source}: image '{_show(missing[0])}' not found ({len(missing)} missing in all; paths are relative to {base})"
-        )
-    arrays, _ = _read_images(paths, img_size, strict, source)
-    keep = [i for i, a in enumerate(arrays) if a is not None]
-    if not keep:
-        raise VitkitError(f"{source}: none of the {len(paths)} images could be read")
+    images, keep = read_listed_images(paths, img_size, strict, source, base)
     return pairs_dataset(
-        _stack([arrays[i] for i in keep], source),
+        images,
         [captions[i] for i in keep],
         source,
         {
@@ -428,13 +417,3 @@ def imagetext_splits(
             **({"streamed": True, "shards": len(train.urls)} if scheme == "shards" else {}),
         },
     )
-
-
-def write_pairs_csv(path: Path, rows: list[tuple[str, str]]) -> None:
-    """``path,caption`` rows, atomically (used by the pool generator and ``vitkit filter``)."""
-    from vitkit.io import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "caption"])
-        w.writerows(rows)

@@ -341,18 +341,9 @@ def load_csv(path: str, img_size: int | None = None, strict: bool = False) -> Im
         if not name:
             raise VitkitError(f"{source} line {n}: empty '{_show(path_col)}' (expected an image path)")
         paths.append(Path(name) if os.path.isabs(name) else base / name)
-    missing = [(n, p) for n, p in zip(lines, paths) if not _is_file(p)]
-    if missing:
-        n, p = missing[0]
-        raise VitkitError(
-            f"{source} line {n}: image '{_show(p)}' not found ({len(missing)} missing in all; paths are relative to {base})"
-        )
-    arrays, _ = _read_images(paths, img_size, strict, source)
-    keep = [i for i, a in enumerate(arrays) if a is not None]
-    if not keep:
-        raise VitkitError(f"{source}: none of the {len(paths)} images could be read")
+    images, keep = read_listed_images(paths, img_size, strict, source, base, lines)
     return ImageDataset(
-        _stack([arrays[i] for i in keep], source),
+        images,
         targets[keep],
         classes,
         source,
@@ -370,6 +361,30 @@ _NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, Me
 # Unnamed integer labels above this are taken for ids, not class indices: each index up to the
 # largest becomes a class (and an output of the head).
 _MAX_UNNAMED_CLASSES = 100_000
+
+
+def read_listed_images(
+    paths: list[Path],
+    img_size: int | None,
+    strict: bool,
+    source: str,
+    base: Path,
+    lines: list[int] | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """The images a CSV lists, stacked, and the indices of those that could be read (unreadable ones
+    are skipped with a counted warning unless ``strict``); a missing file is refused in one line,
+    naming its CSV line when ``lines`` are given."""
+    missing = [i for i, p in enumerate(paths) if not _is_file(p)]
+    if missing:
+        where = f"{source} line {lines[missing[0]]}" if lines is not None else source
+        raise VitkitError(
+            f"{where}: image '{_show(paths[missing[0]])}' not found ({len(missing)} missing in all; paths are relative to {base})"
+        )
+    arrays, _ = _read_images(paths, img_size, strict, source)
+    keep = [i for i, a in enumerate(arrays) if a is not None]
+    if not keep:
+        raise VitkitError(f"{source}: none of the {len(paths)} images could be read")
+    return _stack([arrays[i] for i in keep], source), keep
 
 
 def load_npz(path: str) -> ImageDataset:

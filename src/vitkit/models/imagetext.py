@@ -136,10 +136,3 @@ def attach_clip_head(model: nn.Module, config: ClipHeadConfig | dict[str, Any]) 
             out, Manifest(manifest.name, manifest.kwargs, manifest.transforms, head=config.model_dump())
         )
     return out
-
-
-def image_tower(model: nn.Module) -> nn.Module:
-    """The ViT inside a task wrapper (image-text, dense, detection), or the model itself."""
-    if isinstance(model, ImageTextModel):
-        return model.visual
-    return getattr(model, "backbone", model)

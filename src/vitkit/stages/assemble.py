@@ -158,6 +158,7 @@ def assemble(
     from vitkit.models import model_input_size
     from vitkit.runs import load
     from vitkit.train.distributed import barrier, init_distributed, process_local
+    from vitkit.train.loop import resolve_device
 
     base = build_config(**train)
     out = Path(output)
@@ -175,7 +176,7 @@ def assemble(
     depth = _check_vit(probe, base.model)
     target = Split(split_depth(depth, modules))
     phases = out / "phases"
-    dist = init_distributed(torch.device(base.device if base.device != "auto" else "cpu"))
+    dist = init_distributed(resolve_device(base.device))
     if dist.is_main and not resume and out.exists() and force:
         shutil.rmtree(out)
     barrier(dist)

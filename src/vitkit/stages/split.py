@@ -37,7 +37,7 @@ from torch import nn
 from vitkit.data import DataSplits, ImageDataset
 from vitkit.errors import VitkitError
 from vitkit.io import write_json
-from vitkit.models import count_parameters
+from vitkit.models import count_parameters, get_manifest
 from vitkit.progress import console
 from vitkit.runs import Run, check_run_dir
 
@@ -210,8 +210,6 @@ def split_run(
         sub_train, sub_val = relabel(train, subset, classes), relabel(val, subset, classes)
         sub = copy.deepcopy(model)
         sub.reset_classifier(len(subset) + 1)
-        from vitkit.models import get_manifest
-
         get_manifest(sub).kwargs["num_classes"] = len(subset) + 1
         sub, ratio = fit_budget(sub, sub_train, memory_mb, prune)
         tcfg = {
