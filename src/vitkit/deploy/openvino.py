@@ -40,6 +40,7 @@ class OpenVinoModel:
         threads: int | None = None,
         precision: str = "f32",
         hint: str = "LATENCY",
+        fresh_requests: bool = False,
     ):
         try:
             import openvino as ov
@@ -60,11 +61,15 @@ class OpenVinoModel:
         except Exception as e:  # OpenVINO's refusals (unsupported op, broken graph): one line
             raise VitkitError(f"OpenVINO cannot compile '{path}': {str(e).splitlines()[0][:200]}") from None
         self.request = self.compiled.create_infer_request()
+        # an infer request keeps its working memory between calls (like onnxruntime's arena): a fresh
+        # request per call makes each call allocate it again, so peak memory can see it
+        self.fresh_requests = fresh_requests
         self.path, self.threads, self.precision = Path(path), threads, precision
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        out = self.request.infer({0: arr})
+        request = self.compiled.create_infer_request() if self.fresh_requests else self.request
+        out = request.infer({0: arr})
         return torch.from_numpy(np.array(out[self.compiled.output(0)]))
 
     def eval(self) -> OpenVinoModel:  # benchmark helpers treat it like a module

@@ -121,9 +121,16 @@ def peak_memory_mb(model: nn.Module, x: torch.Tensor) -> float | None:
 
 
 def for_memory(model: nn.Module) -> nn.Module:
-    """The model to measure: an onnxruntime session is replaced by a fresh one without its arena
-    (an arena keeps the memory of earlier calls, so a call would add nothing)."""
+    """The model to measure: an onnxruntime session is replaced by a fresh one without its arena,
+    an OpenVINO model by one that makes a new infer request per call (an arena or a kept request
+    holds the memory of earlier calls, so a call would add nothing)."""
+    from vitkit.deploy.openvino import OpenVinoModel
+
     fn = getattr(model, "fn", None)
     if isinstance(model, Runtime) and isinstance(fn, OnnxModel):
         return Runtime(OnnxModel(fn.path, threads=fn.threads, optimization=fn.optimization, arena=False))
+    if isinstance(model, Runtime) and isinstance(fn, OpenVinoModel):
+        return Runtime(
+            OpenVinoModel(fn.path, threads=fn.threads, precision=fn.precision, fresh_requests=True)
+        )
     return model
